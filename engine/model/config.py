@@ -1,0 +1,208 @@
+"""RS-MoE configuration: one JSON file (``config.json``) in every model directory.
+
+Variants (``lite``, ``1b``, ``7b``) are configs, not code: see ``engine/model/variants/*.json``.
+Paths to pretrained parts are *model references*: ``base:<name>`` for a provisioned base model
+(:mod:`engine.base_models`) or a local directory in transformers' format (relative paths are resolved
+against the model directory).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelDirError
+from engine.model.image_processing import ImageProcessorConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ADAPTERS_DIR = "adapters"
+ROUTER_ADAPTER = "router"
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a clear message."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ModelDirError(f"unknown {cls.__name__} keys in config: {sorted(unknown)}")
+    return cls(**data)
+
+
+@dataclass
+class VisionConfig:
+    """Frozen image encoder. ``type``: ``efficientnet_lite0`` | ``hf`` (any transformers vision model,
+    e.g. a CLIP/SigLIP vision tower) | ``instructblip`` (the vision tower of an InstructBLIP checkpoint)."""
+
+    type: str = "efficientnet_lite0"
+    path: str = "base:efficientnet-lite0"
+
+
+@dataclass
+class QFormerConfig:
+    """Instruction-aware Q-Former. ``init``: ``minilm`` (BERT weights at ``path``, cross-attention new),
+    ``instructblip`` (the Q-Former of the InstructBLIP checkpoint at ``path``) or ``random`` (sizes below)."""
+
+    init: str = "minilm"
+    path: str | None = "base:minilm-l6"
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 1
+    max_instruction_tokens: int = 64
+    # used only when init == "random" (tests); otherwise taken from the checkpoint at ``path``
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+
+
+@dataclass
+class LLMConfig:
+    """Shared base causal LM of the experts and the router. ``type``: ``causal_lm`` (a transformers
+    checkpoint) or ``instructblip`` (the language model inside an InstructBLIP checkpoint)."""
+
+    type: str = "causal_lm"
+    path: str = "base:smollm2-135m-instruct"
+    use_chat_template: bool = True
+
+
+@dataclass
+class LoRASettings:
+    """LoRA adapter shape shared by the router and every expert."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ExpertConfig:
+    """One expert: a named LoRA adapter on the base LM with a role and a prompt template.
+
+    ``prompt`` may use ``{scene}`` (the scene the router recognised, or a neutral phrase) and
+    ``{instruction}`` (the user's question)."""
+
+    name: str
+    role: str
+    prompt: str
+
+
+@dataclass
+class RouterConfig:
+    """Instruction Router. ``type``: ``generative`` (base LM + the ``router`` adapter writes a plan from the
+    image and the instruction) or ``template`` (fixed prompts and keyword routing; fallback and ablation)."""
+
+    type: str = "generative"
+    caption_instruction: str = "Describe this remote sensing image."
+    concise_instruction: str = "Describe this remote sensing image in one sentence."
+    prompt: str = "Plan the answer to: {instruction}"
+    answer_prompt: str = "This is a {scene} image. {instruction} Answer briefly."
+    max_new_tokens: int = 24
+    unknown_scene: str = "remote sensing"
+    concise_experts: list[str] = field(default_factory=lambda: ["theme"])
+
+
+@dataclass
+class GenerationSettings:
+    """Greedy decoding limits (deterministic)."""
+
+    max_new_tokens: int = 40
+    max_new_tokens_answer: int = 16
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class RSMoEConfig:
+    """Everything needed to build an RS-MoE model (weights come from the model dir and base models)."""
+
+    variant: str = "lite"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    experts: list[ExpertConfig] = field(default_factory=list)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    image: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    seed: int = 0
+    model_id: str = "rsmoe"
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.experts]
+        if len(set(names)) != len(names):
+            raise ModelDirError(f"expert names must be unique, got {names}")
+        if "router" in names or "__base__" in names:
+            raise ModelDirError("'router' and '__base__' are reserved adapter names")
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def expert(self, name: str) -> ExpertConfig:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    # -- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RSMoEConfig":
+        data = dict(data)
+        try:
+            nested = {
+                "vision": VisionConfig,
+                "qformer": QFormerConfig,
+                "llm": LLMConfig,
+                "lora": LoRASettings,
+                "router": RouterConfig,
+                "generation": GenerationSettings,
+            }
+            for key, sub in nested.items():
+                if key in data:
+                    data[key] = _from_dict(sub, data[key])
+            if "image" in data:
+                data["image"] = _from_dict(ImageProcessorConfig, data["image"])
+            data["experts"] = [_from_dict(ExpertConfig, e) for e in data.get("experts", [])]
+            return _from_dict(cls, data)
+        except TypeError as exc:
+            raise ModelDirError(f"invalid RS-MoE config: {exc}") from exc
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "RSMoEConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not Path(directory).is_dir():
+            raise ModelDirError(f"model directory not found: {directory}")
+        if not path.is_file():
+            raise ModelDirError(f"{directory} is not an RS-MoE model directory (no {CONFIG_NAME})")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelDirError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ModelDirError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def variant(cls, name: str) -> "RSMoEConfig":
+        """The packaged config of a variant (``lite``, ``1b``, ``7b``)."""
+        try:
+            text = resources.files("engine.model").joinpath("variants", f"{name}.json").read_text()
+        except FileNotFoundError as exc:
+            raise ModelDirError(f"unknown variant {name!r}; known: {', '.join(list_variants())}") from exc
+        return cls.from_dict(json.loads(text))
+
+
+def list_variants() -> list[str]:
+    folder = resources.files("engine.model").joinpath("variants")
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))

@@ -1,0 +1,52 @@
+"""Choosing and loading a model for inference: model directory, backend and device."""
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch",)
+DEFAULT_MODEL_ENV = "RSMOE_MODEL"
+
+
+def default_model_dir() -> Path:
+    """The embedded default model (``engine/models/rsmoe-lite``), unless ``RSMOE_MODEL`` names another."""
+    override = os.environ.get(DEFAULT_MODEL_ENV)
+    if override:
+        return Path(override)
+    return Path(str(resources.files("engine").joinpath("models", "rsmoe-lite")))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when available; an explicit ``cuda`` without a GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UserInputError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
+
+
+def load_model(model_dir: str | Path | None = None, backend: str = "torch", device: str = "auto",
+               dtype: str | None = None):
+    """Load the model of ``model_dir`` (default: the embedded model) for the chosen backend."""
+    from engine.model import RSMoEModel
+
+    if backend not in BACKENDS:
+        raise UserInputError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UserInputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    path = Path(model_dir) if model_dir else default_model_dir()
+    torch_device = pick_device(device)
+    log.info("loading %s on %s (%s backend)", path, torch_device, backend)
+    return RSMoEModel.from_pretrained(path, device=torch_device, dtype=dtypes[dtype])

@@ -1,0 +1,200 @@
+"""RS-MoE model core on tiny random checkpoints: persistence, mixed-adapter decoding, routing, variants."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import CorruptWeightsError, ModelDirError, UserInputError
+from engine.model import RSMoEConfig, RSMoEModel
+from engine.model.router_plan import RouterPlan
+from tests.tiny_models import (randomize_adapters, tiny_config_dict, write_tiny_instructblip, write_tiny_model_dir)
+
+
+def _images(n: int, size: int = 40, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def tiny_model(tiny_dir: Path) -> RSMoEModel:
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    randomize_adapters(model)
+    return model
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_dir: Path, tmp_path: Path) -> None:
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    randomize_adapters(model)
+    with torch.no_grad():
+        for p in model.bridge.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    out = tiny_dir.parent / "roundtrip"
+    model.save_pretrained(out)
+    again = RSMoEModel.from_pretrained(out)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    images = _images(2)
+    assert [r.to_dict() for r in model.caption(images)] == [r.to_dict() for r in again.caption(images)]
+
+
+def test_fp16_save_is_compact_and_loads(tiny_model: RSMoEModel, tiny_dir: Path) -> None:
+    out = tiny_dir.parent / "fp16"
+    tiny_model.save_pretrained(out, dtype=torch.float16)
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(str(out / "model.safetensors")).values())
+    again = RSMoEModel.from_pretrained(out)
+    assert again.dtype == torch.float32
+    diff = max((x - y).abs().max().item() for x, y in zip(tiny_model.bridge.parameters(), again.bridge.parameters()))
+    assert diff < 1e-2
+
+
+def test_mixed_adapter_batch_equals_each_expert_alone(tiny_model: RSMoEModel) -> None:
+    model = tiny_model
+    images = _images(2)
+    visual = model.encode_images(model.preprocess(images))
+    experts = model.config.expert_names
+    prompts = [f"describe the {e} of this image" for e in experts for _ in range(2)]
+    adapters = [e for e in experts for _ in range(2)]
+    rows = visual.repeat(len(experts), 1, 1)
+    # logits of one forward pass
+    with torch.no_grad():
+        prefix = model.query_embeddings(rows, prompts)
+        batch = model.language_inputs(prefix, prompts)
+        mixed = model.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                     adapter_names=adapters).logits
+        for i, name in enumerate(adapters):
+            with model.use_adapter(name):
+                alone = model.language_model(inputs_embeds=batch.inputs_embeds[i:i + 1],
+                                             attention_mask=batch.attention_mask[i:i + 1]).logits
+            valid = batch.attention_mask[i].bool()
+            assert (mixed[i, valid] - alone[0, valid]).abs().max().item() < 1e-5
+    # the adapters really differ, so the test above can fail
+    assert (mixed[0] - mixed[2]).abs().max().item() > 1e-3
+    # tokens of greedy decoding with KV cache
+    together = model.generate_texts(rows, prompts, adapters, max_new_tokens=8)
+    for i, name in enumerate(adapters):
+        alone = model.generate_texts(rows[i:i + 1], prompts[i:i + 1], [name], max_new_tokens=8)
+        assert alone[0] == together[i]
+
+
+def test_generation_is_deterministic(tiny_model: RSMoEModel) -> None:
+    images = _images(3, seed=4)
+    first = [r.text for r in tiny_model.caption(images, style="detailed")]
+    second = [r.text for r in tiny_model.caption(images, style="detailed")]
+    assert first == second
+    assert all(isinstance(t, str) for t in first)
+
+
+def test_detailed_caption_has_one_segment_per_expert_in_order(tiny_model: RSMoEModel) -> None:
+    result = tiny_model.caption(_images(1))[0]
+    assert [s.expert for s in result.segments] == ["theme", "objects", "relations"]
+    assert result.router == "template"  # the router adapter is untrained (not saved)
+    concise = tiny_model.caption(_images(1), style="concise")[0]
+    assert [s.expert for s in concise.segments] == ["theme"]
+
+
+def test_generative_router_prompts_reach_the_right_experts(tiny_model: RSMoEModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model
+    model.trained_adapters.add("router")  # pretend the router adapter is trained
+    calls: list[tuple[list[str], list[str]]] = []
+    real = model.generate_texts
+
+    def spy(visual, prompts, adapters, max_new_tokens):
+        calls.append((list(prompts), list(adapters)))
+        if adapters[0] == "router":
+            return ["scene: beach | experts: relations", "garbage that is no plan"]
+        return real(visual, prompts, adapters, max_new_tokens)
+
+    monkeypatch.setattr(model, "generate_texts", spy)
+    results = model.ask(_images(2), "How many cars are there?")
+    router_call, expert_call = calls
+    assert router_call[1] == ["router", "router"]
+    assert "How many cars are there?" in router_call[0][0]
+    # image 0: the router chose relations and recognised a beach; image 1: garbage -> template (objects)
+    assert expert_call[1] == ["relations", "objects"]
+    assert "beach" in expert_call[0][0] and "How many cars are there?" in expert_call[0][0]
+    assert results[0].plan == RouterPlan(scene="beach", experts=["relations"])
+    assert results[1].plan.experts == ["objects"] and results[1].router == "generative"
+
+
+def test_template_router_routes_questions_by_kind(tiny_model: RSMoEModel) -> None:
+    image = _images(1)
+    assert tiny_model.ask(image, "How many tennis courts are there?")[0].plan.experts == ["objects"]
+    assert tiny_model.ask(image, "What is next to the river?")[0].plan.experts == ["relations"]
+    assert tiny_model.ask(image, "Is this area rural or urban?")[0].plan.experts == ["theme"]
+
+
+def test_bad_questions_and_styles_are_user_errors(tiny_model: RSMoEModel) -> None:
+    with pytest.raises(UserInputError):
+        tiny_model.ask(_images(1), "x" * 10_000)
+    with pytest.raises(UserInputError):
+        tiny_model.ask(_images(1), "   ")
+    with pytest.raises(UserInputError):
+        tiny_model.caption(_images(1), style="poetic")
+
+
+def test_training_loss_is_finite_and_differentiable(tiny_model: RSMoEModel) -> None:
+    model = tiny_model
+    model.bridge.requires_grad_(True)
+    visual = model.encode_images(model.preprocess(_images(2)))
+    loss = model.loss(visual, ["describe", "describe"], ["many houses", "a river"], adapter="theme")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.bridge.projection.weight.grad is not None
+
+
+def test_instructblip_variant_from_a_local_checkpoint(tmp_path: Path) -> None:
+    ckpt = write_tiny_instructblip(tmp_path / "instructblip")
+    config = tiny_config_dict(str(ckpt), str(ckpt), str(ckpt), variant="7b", vision_type="instructblip",
+                              qformer_init="instructblip", llm_type="instructblip")
+    model_dir = tmp_path / "rsmoe-7b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model = RSMoEModel.from_pretrained(model_dir)
+    from safetensors.torch import load_file
+
+    source = load_file(str(ckpt / "model.safetensors"))
+    assert torch.equal(model.bridge.query_tokens.data, source["query_tokens"])
+    assert torch.equal(model.bridge.projection.weight.data, source["language_projection.weight"])
+    vision_key = next(k for k in source if k.startswith("vision_model.") and k.endswith("weight"))
+    assert torch.equal(model.vision.model.state_dict()[vision_key[len("vision_model."):]], source[vision_key])
+    results = model.caption(_images(2, size=32))
+    assert len(results) == 2 and [s.expert for s in results[0].segments] == ["theme", "objects", "relations"]
+
+
+def test_packaged_variant_configs_parse() -> None:
+    from engine.model import list_variants
+
+    assert {"lite", "1b", "7b"} <= set(list_variants())
+    lite = RSMoEConfig.variant("lite")
+    assert lite.expert_names == ["theme", "objects", "relations"]
+    assert lite.vision.type == "efficientnet_lite0" and lite.llm.path.startswith("base:")
+    with pytest.raises(ModelDirError):
+        RSMoEConfig.variant("13b")
+
+
+def test_model_dir_errors(tmp_path: Path, tiny_dir: Path) -> None:
+    with pytest.raises(ModelDirError):
+        RSMoEModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ModelDirError):
+        RSMoEModel.from_pretrained(tmp_path / "bad")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_dir / "config.json").read_text().replace('"../', f'"{tiny_dir.parent}/'))
+    (corrupt / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CorruptWeightsError):
+        RSMoEModel.from_pretrained(corrupt)
