@@ -135,8 +135,10 @@ def write_tiny_model_dir(root: Path, router: str = "generative") -> Path:
 
 
 def randomize_adapters(model, seed: int = 1, scale: float = 0.5) -> None:
-    """Give every LoRA adapter distinct non-zero weights (fresh LoRA B matrices are zero)."""
+    """Give every LoRA adapter (router included) distinct non-zero weights, as if trained
+    (fresh LoRA B matrices are zero)."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.language_model.named_parameters():
         if "lora_" in name:
             param.data.copy_(torch.randn(param.shape, generator=gen) * scale)
+    model.trained_adapters.update(model.language_model.peft_config)

@@ -124,12 +124,11 @@ class RSMoEModel(nn.Module):
         if "instructblip" in (config.vision.type, config.qformer.init, config.llm.type):
             instructblip = cls._load_instructblip(config, model_dir)
 
-        vision = build_vision_encoder(config.vision, _resolve(config.vision.path, model_dir)
-                                      if config.vision.type != "instructblip" else Path("."), instructblip)
-        language_model, tokenizer = cls._load_language_model(config, model_dir, instructblip)
-        llm_width = language_model.get_input_embeddings().embedding_dim
-
-        with _seeded(config.seed):
+        with _seeded(config.seed):  # anything a checkpoint leaves uninitialised is deterministic too
+            vision = build_vision_encoder(config.vision, _resolve(config.vision.path, model_dir)
+                                          if config.vision.type != "instructblip" else Path("."), instructblip)
+            language_model, tokenizer = cls._load_language_model(config, model_dir, instructblip)
+            llm_width = language_model.get_input_embeddings().embedding_dim
             bridge, qformer_tokenizer = cls._build_bridge(config, model_dir, instructblip, vision.num_features, llm_width)
             peft_model, trained = cls._attach_adapters(config, model_dir, language_model)
         del instructblip
@@ -148,7 +147,7 @@ class RSMoEModel(nn.Module):
                    if getattr(c, "type", getattr(c, "init", "")) == "instructblip")
         path = _resolve(ref, model_dir)
         try:
-            return InstructBlipForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32)
+            return InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise ModelDirError(f"cannot load the InstructBLIP checkpoint at {path}: {exc}") from exc
 
@@ -164,7 +163,7 @@ class RSMoEModel(nn.Module):
                 assert instructblip is not None
                 language_model = instructblip.language_model
             elif config.llm.type == "causal_lm":
-                language_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+                language_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             else:
                 raise ModelDirError(f"unknown llm type {config.llm.type!r} (causal_lm | instructblip)")
         except (OSError, ValueError) as exc:
@@ -254,7 +253,7 @@ class RSMoEModel(nn.Module):
 
     def save_pretrained(self, model_dir: str | Path, dtype: torch.dtype | None = None,
                         adapters: Sequence[str] | None = None) -> None:
-        """Write config, trained weights (optionally cast, e.g. fp16), adapters and tokenizers.
+        """Write config, trained weights (optionally cast, e.g. fp16), trained adapters and tokenizers.
 
         The directory is written next to the target and swapped in, so a failure never leaves a
         half-written model directory."""
@@ -268,7 +267,8 @@ class RSMoEModel(nn.Module):
             state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
                      for k, v in self.trained_state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_id": self.config.model_id})
-            names = list(adapters) if adapters is not None else list(self.language_model.peft_config)
+            # by default only adapters that were loaded trained or trained since (fresh ones rebuild the same)
+            names = list(adapters) if adapters is not None else sorted(self.trained_adapters)
             for name in names:
                 self.language_model.save_pretrained(tmp / ADAPTERS_DIR, selected_adapters=[name],
                                                     safe_serialization=True)
