@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from engine.errors import CorruptWeightsError, ModelDirError, UserInputError
+from engine.errors import CorruptWeightsError, ModelDirError
 from engine.model.config import ADAPTERS_DIR, ROUTER_ADAPTER, WEIGHTS_NAME, RSMoEConfig
 from engine.model.image_processing import ImageProcessor
 from engine.model.qformer import (
@@ -30,21 +30,11 @@ from engine.model.qformer import (
     build_random_qformer,
     load_qformer_tokenizer,
 )
-from engine.model.router_plan import RouterPlan, parse_router_plan
-from engine.model.routing import (
-    CAPTION_STYLES,
-    ExpertOutput,
-    ModelResult,
-    expert_prompt,
-    fuse,
-    sanitize_plan,
-    template_plan,
-)
+from engine.model.routing import MoEInference
 from engine.model.vision import VisionEncoder, build_vision_encoder
 
 log = logging.getLogger(__name__)
 
-MAX_QUESTION_CHARS = 1000
 TOKENIZER_DIR = "tokenizer"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 
@@ -72,7 +62,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-class RSMoEModel(nn.Module):
+class RSMoEModel(MoEInference, nn.Module):
     """RS-MoE. Build with :meth:`from_pretrained` (a model directory) or :meth:`from_config`."""
 
     def __init__(self, config: RSMoEConfig, vision: VisionEncoder, bridge: InstructionAwareQFormer,
@@ -392,72 +382,6 @@ class RSMoEModel(nn.Module):
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    # ------------------------------------------------------------------------------------ the MoE block
-    @property
-    def router_kind(self) -> str:
-        """``generative`` when a trained router adapter is present, else ``template``."""
-        if self.config.router.type == "generative" and ROUTER_ADAPTER in self.trained_adapters:
-            return "generative"
-        return "template"
-
-    def route(self, visual: torch.Tensor, task: str, style: str | None, instructions: Sequence[str]) -> tuple[list[RouterPlan], str]:
-        """One routing plan per image (generative router, with the template router as fallback)."""
-        fallbacks = [template_plan(self.config, task, style, q if task == "ask" else None) for q in instructions]
-        if self.router_kind != "generative":
-            return fallbacks, "template"
-        prompts = [self.config.router.prompt.format(instruction=q) for q in instructions]
-        texts = self.generate_texts(visual, prompts, [ROUTER_ADAPTER] * len(prompts), self.config.router.max_new_tokens)
-        plans = []
-        for text, fallback in zip(texts, fallbacks):
-            parsed = parse_router_plan(text, self.config.expert_names)
-            if parsed is None:
-                log.debug("router output %r not a plan; using the template plan", text)
-            plans.append(sanitize_plan(self.config, parsed, fallback, task, style))
-        return plans, "generative"
-
-    def run_experts(self, visual: torch.Tensor, task: str, style: str | None, instructions: Sequence[str]) -> list[ModelResult]:
-        """Route, then decode every (image, expert) pair in one mixed-adapter batch, then fuse."""
-        plans, router = self.route(visual, task, style, instructions)
-        rows: list[tuple[int, str, str]] = []
-        for i, plan in enumerate(plans):
-            for expert in plan.experts:
-                rows.append((i, expert, expert_prompt(self.config, expert, plan, task, instructions[i])))
-        max_new = self.config.generation.max_new_tokens if task == "caption" else self.config.generation.max_new_tokens_answer
-        texts = self.generate_texts(visual[[r[0] for r in rows]], [r[2] for r in rows], [r[1] for r in rows], max_new)
-        results = []
-        for i, plan in enumerate(plans):
-            segments = [ExpertOutput(r[1], r[2], t) for r, t in zip(rows, texts) if r[0] == i]
-            text = fuse(segments, task, style, self.config.expert_names)
-            results.append(ModelResult(text, task, style, plan, router, segments))
-        return results
-
-    @torch.no_grad()
-    def caption_features(self, visual: torch.Tensor, style: str = "detailed") -> list[ModelResult]:
-        """Captions for already-encoded images (B, N, D)."""
-        if style not in CAPTION_STYLES:
-            raise UserInputError(f"unknown caption style {style!r}; use one of {', '.join(CAPTION_STYLES)}")
-        instruction = self.config.router.concise_instruction if style == "concise" else self.config.router.caption_instruction
-        return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0])
-
-    @torch.no_grad()
-    def ask_features(self, visual: torch.Tensor, questions: Sequence[str]) -> list[ModelResult]:
-        """Answers for already-encoded images, one question per image."""
-        for q in questions:
-            if not q or not q.strip():
-                raise UserInputError("the question is empty")
-            if len(q) > MAX_QUESTION_CHARS:
-                raise UserInputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
-        return self.run_experts(visual, "ask", None, list(questions))
-
-    def caption(self, images: Sequence[Any], style: str = "detailed") -> list[ModelResult]:
-        """Caption a batch of images (arrays, PIL images or paths)."""
-        return self.caption_features(self.encode_images(self.preprocess(images)), style)
-
-    def ask(self, images: Sequence[Any], question: str) -> list[ModelResult]:
-        """Ask the same question about each image."""
-        return self.ask_features(self.encode_images(self.preprocess(images)), [question] * len(images))
-
 
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
     from safetensors.torch import load_file, save_file

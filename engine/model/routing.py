@@ -6,12 +6,19 @@ both the fallback (untrained or unparseable router output) and the ablation base
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
-from engine.model.config import RSMoEConfig
-from engine.model.router_plan import RouterPlan
+from engine.errors import UserInputError
+from engine.model.config import ROUTER_ADAPTER, RSMoEConfig
+from engine.model.image_processing import ImageProcessor
+from engine.model.router_plan import RouterPlan, parse_router_plan
+
+log = logging.getLogger(__name__)
+
+MAX_QUESTION_CHARS = 1000
 
 CAPTION_STYLES = ("concise", "detailed")
 
@@ -119,3 +126,90 @@ def fuse(outputs: list[ExpertOutput], task: str, style: str | None, order: list[
     if task == "caption":
         return " ".join(_sentence_case(t) for t in texts)
     return " ".join(texts)
+
+
+class MoEInference:
+    """The MoE block's inference flow, shared by every backend (torch, ONNX Runtime).
+
+    A backend provides ``config``, ``trained_adapters``, ``image_processor`` and three primitives:
+    ``encode_images(pixels) -> visual tokens``, ``generate_texts(visual, prompts, adapters, max_new_tokens)``
+    (one mixed-adapter batch) and ``preprocess(images) -> pixels``. Everything else lives here once.
+    """
+
+    config: RSMoEConfig
+    trained_adapters: set[str]
+    image_processor: ImageProcessor
+
+    def preprocess(self, images: Sequence[Any]) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def generate_texts(self, visual: Any, prompts: Sequence[str], adapters: Sequence[str],
+                       max_new_tokens: int) -> list[str]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def router_kind(self) -> str:
+        """``generative`` when a trained router adapter is present, else ``template``."""
+        if self.config.router.type == "generative" and ROUTER_ADAPTER in self.trained_adapters:
+            return "generative"
+        return "template"
+
+    def route(self, visual: Any, task: str, style: str | None, instructions: Sequence[str]) -> tuple[list[RouterPlan], str]:
+        """One routing plan per image (generative router, with the template router as fallback)."""
+        fallbacks = [template_plan(self.config, task, style, q if task == "ask" else None) for q in instructions]
+        if self.router_kind != "generative":
+            return fallbacks, "template"
+        prompts = [self.config.router.prompt.format(instruction=q) for q in instructions]
+        texts = self.generate_texts(visual, prompts, [ROUTER_ADAPTER] * len(prompts), self.config.router.max_new_tokens)
+        plans = []
+        for text, fallback in zip(texts, fallbacks):
+            parsed = parse_router_plan(text, self.config.expert_names)
+            if parsed is None:
+                log.debug("router output %r not a plan; using the template plan", text)
+            plans.append(sanitize_plan(self.config, parsed, fallback, task, style))
+        return plans, "generative"
+
+    def run_experts(self, visual: Any, task: str, style: str | None, instructions: Sequence[str]) -> list[ModelResult]:
+        """Route, then decode every (image, expert) pair in one mixed-adapter batch, then fuse."""
+        plans, router = self.route(visual, task, style, instructions)
+        rows: list[tuple[int, str, str]] = []
+        for i, plan in enumerate(plans):
+            for expert in plan.experts:
+                rows.append((i, expert, expert_prompt(self.config, expert, plan, task, instructions[i])))
+        max_new = self.config.generation.max_new_tokens if task == "caption" else self.config.generation.max_new_tokens_answer
+        texts = self.generate_texts(visual[[r[0] for r in rows]], [r[2] for r in rows], [r[1] for r in rows], max_new)
+        results = []
+        for i, plan in enumerate(plans):
+            segments = [ExpertOutput(r[1], r[2], t) for r, t in zip(rows, texts) if r[0] == i]
+            text = fuse(segments, task, style, self.config.expert_names)
+            results.append(ModelResult(text, task, style, plan, router, segments))
+        return results
+
+    def caption_features(self, visual: Any, style: str = "detailed") -> list[ModelResult]:
+        """Captions for already-encoded images (B, N, D)."""
+        if style not in CAPTION_STYLES:
+            raise UserInputError(f"unknown caption style {style!r}; use one of {', '.join(CAPTION_STYLES)}")
+        instruction = self.config.router.concise_instruction if style == "concise" else self.config.router.caption_instruction
+        return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0])
+
+    def ask_features(self, visual: Any, questions: Sequence[str]) -> list[ModelResult]:
+        """Answers for already-encoded images, one question per image."""
+        for q in questions:
+            if not q or not q.strip():
+                raise UserInputError("the question is empty")
+            if len(q) > MAX_QUESTION_CHARS:
+                raise UserInputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
+        return self.run_experts(visual, "ask", None, list(questions))
+
+    def caption(self, images: Sequence[Any], style: str = "detailed") -> list[ModelResult]:
+        """Caption a batch of images (arrays, PIL images or paths)."""
+        return self.caption_features(self.encode_images(self.preprocess(images)), style)
+
+    def ask(self, images: Sequence[Any], question: str) -> list[ModelResult]:
+        """Ask the same question about each image."""
+        return self.ask_features(self.encode_images(self.preprocess(images)), [question] * len(images))
+
+
