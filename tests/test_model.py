@@ -202,3 +202,16 @@ def test_model_dir_errors(tmp_path: Path, tiny_dir: Path) -> None:
     (corrupt / "model.safetensors").write_bytes(b"\x00\x01garbage")
     with pytest.raises(CorruptWeightsError):
         RSMoEModel.from_pretrained(corrupt)
+
+
+def test_target_only_loss_equals_the_full_forward_loss(tiny_model: RSMoEModel) -> None:
+    model = tiny_model
+    visual = model.encode_images(model.preprocess(_images(2)))
+    prompts, targets = ["describe", "what objects"], ["many houses near the road", "a river"]
+    with torch.no_grad():
+        fast = model.loss(visual, prompts, targets, adapter="objects")
+        batch = model.language_inputs(model.query_embeddings(visual, prompts), prompts, targets)
+        with model.use_adapter("objects"):
+            full = model.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                        labels=batch.labels).loss
+    assert abs(fast.item() - full.item()) < 1e-5

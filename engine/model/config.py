@@ -100,6 +100,7 @@ class RouterConfig:
     caption_instruction: str = "Describe this remote sensing image."
     concise_instruction: str = "Describe this remote sensing image in one sentence."
     prompt: str = "Plan the answer to: {instruction}"
+    concise_prompt: str = "Describe this {scene} image in one sentence."
     answer_prompt: str = "This is a {scene} image. {instruction} Answer briefly."
     max_new_tokens: int = 24
     unknown_scene: str = "remote sensing"

@@ -348,14 +348,21 @@ class RSMoEModel(MoEInference, nn.Module):
 
     def loss(self, visual: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
              adapter: str | None = None) -> torch.Tensor:
-        """Teacher-forced LM loss on ``targets`` for one adapter (training)."""
+        """Teacher-forced LM loss on ``targets`` for one adapter (training).
+
+        The LM head runs only on target positions (the vocabulary projection is a fifth of a small
+        LM's compute), which gives the same loss as the full forward pass."""
         prefix = self.query_embeddings(visual, prompts)
         batch = self.language_inputs(prefix, prompts, targets)
+        base = self.language_model.get_base_model()
         context = self.use_adapter(adapter) if adapter else contextlib.nullcontext()
         with context:
-            out = self.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                      labels=batch.labels)
-        return out.loss
+            hidden = base.get_decoder()(inputs_embeds=batch.inputs_embeds,
+                                        attention_mask=batch.attention_mask).last_hidden_state
+        labels = batch.labels[:, 1:]  # type: ignore[index]
+        selected = labels != -100
+        logits = base.get_output_embeddings()(hidden[:, :-1][selected])
+        return nn.functional.cross_entropy(logits.float(), labels[selected])
 
     @contextlib.contextmanager
     def use_adapter(self, name: str) -> Iterator[None]:

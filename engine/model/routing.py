@@ -96,10 +96,16 @@ def sanitize_plan(config: RSMoEConfig, plan: RouterPlan | None, fallback: Router
     return RouterPlan(scene=plan.scene, experts=known)
 
 
-def expert_prompt(config: RSMoEConfig, expert: str, plan: RouterPlan, task: str, instruction: str) -> str:
-    """The tailored prompt one expert receives."""
+def expert_prompt(config: RSMoEConfig, expert: str, plan: RouterPlan, task: str, instruction: str,
+                  style: str | None = None) -> str:
+    """The tailored prompt one expert receives (the recognised scene filled in)."""
     scene = plan.scene or config.router.unknown_scene
-    template = config.expert(expert).prompt if task == "caption" else config.router.answer_prompt
+    if task != "caption":
+        template = config.router.answer_prompt
+    elif style == "concise":
+        template = config.router.concise_prompt
+    else:
+        template = config.expert(expert).prompt
     return template.format(scene=scene, instruction=instruction.strip())
 
 
@@ -178,7 +184,7 @@ class MoEInference:
         rows: list[tuple[int, str, str]] = []
         for i, plan in enumerate(plans):
             for expert in plan.experts:
-                rows.append((i, expert, expert_prompt(self.config, expert, plan, task, instructions[i])))
+                rows.append((i, expert, expert_prompt(self.config, expert, plan, task, instructions[i], style)))
         max_new = self.config.generation.max_new_tokens if task == "caption" else self.config.generation.max_new_tokens_answer
         texts = self.generate_texts(visual[[r[0] for r in rows]], [r[2] for r in rows], [r[1] for r in rows], max_new)
         results = []
