@@ -62,13 +62,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import shapely
-from shapely import affinity
 from pyproj import CRS
+from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, box, mapping
 from shapely.geometry.polygon import orient
 
 from engine.errors import JobError, RSMoEError, UserInputError
-from engine.raster import GeoReference, RasterSource, TileRead, Window, _transformer, apply_transform
+from engine.raster import GeoReference, RasterSource, TileRead, Window, apply_transform, cached_transformer
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,9 @@ def plan_tiles(
     full = Window.full(georef.width, georef.height)
     extent = extent or full
     if not full.contains(extent):
-        raise UserInputError(f"extent window {extent.to_list()} lies outside the raster ({georef.width} x {georef.height})")
+        raise UserInputError(
+            f"extent window {extent.to_list()} lies outside the raster ({georef.width} x {georef.height})"
+        )
     size = parse_tile_size(tile_size)
     res = None
     if size.unit == "m" and georef.georeferenced:
@@ -272,7 +274,7 @@ def extent_to_window(
             raise UserInputError(f"the raster has no georeferencing; an extent in {extent_crs} cannot be placed on it")
         assert georef.crs is not None
         if not crs.equals(georef.crs):
-            tr = _transformer(crs.to_wkt(), georef.crs.to_wkt())
+            tr = cached_transformer(crs.to_wkt(), georef.crs.to_wkt())
             try:
                 minx, miny, maxx, maxy = tr.transform_bounds(minx, miny, maxx, maxy, densify_pts=21)
             except Exception:
@@ -337,7 +339,7 @@ def _lonlat(georef: GeoReference, cols: np.ndarray, rows: np.ndarray) -> tuple[n
     xs, ys = apply_transform(georef.transform, cols, rows)
     if georef.crs.equals(WGS84):
         return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    tr = _transformer(georef.crs.to_wkt(), WGS84.to_wkt())
+    tr = cached_transformer(georef.crs.to_wkt(), WGS84.to_wkt())
     lon, lat = tr.transform(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float))
     return np.asarray(lon), np.asarray(lat)
 

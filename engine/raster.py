@@ -277,7 +277,7 @@ class GeoReference:
             return None
         try:
             geodetic = self.crs.geodetic_crs or CRS.from_epsg(4326)
-            to_geo = _transformer(self.crs.to_wkt(), geodetic.to_wkt())
+            to_geo = cached_transformer(self.crs.to_wkt(), geodetic.to_wkt())
             t = self.transform
             xs, ys = apply_transform(t, np.array([col, col + 1.0, col]), np.array([row, row, row + 1.0]))
             lon, lat = to_geo.transform(xs, ys)
@@ -317,7 +317,7 @@ def window_bounds(transform: Affine, window: Window) -> tuple[float, float, floa
 _TRANSFORMERS: dict[tuple[str, str], Transformer] = {}
 
 
-def _transformer(src_wkt: str, dst_wkt: str) -> Transformer:
+def cached_transformer(src_wkt: str, dst_wkt: str) -> Transformer:
     """A cached always_xy Transformer (x = easting / longitude first)."""
     key = (src_wkt, dst_wkt)
     if key not in _TRANSFORMERS:

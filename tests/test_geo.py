@@ -182,8 +182,8 @@ def test_reprojected_footprints_are_densified() -> None:
 
 def test_antimeridian_footprint_is_cut() -> None:
     # a 300 km scene across 180 degrees: UTM zone 60 N (central meridian 177 E) at 63 N
-    from pyproj import CRS
     from affine import Affine
+    from pyproj import CRS
 
     georef = GeoReference(1000, 1000, Affine(300.0, 0, 600_000.0, 0, -300.0, 7_000_000.0), CRS.from_epsg(32660))
     geom = footprint_wgs84(georef, Window(0, 0, 1000, 1000))
@@ -262,7 +262,8 @@ def _records(src: RasterSource, tile_px: int = 256) -> list[TileRecord]:
     out = []
     for t in plan_tiles(src, tile_px):
         read = src.read_tile(t.window, 224)
-        caption = None if read.skipped else f"mean rgb {np.round(read.image.reshape(-1, 3).mean(0)).astype(int).tolist()}"
+        mean = None if read.skipped else np.round(read.image.reshape(-1, 3).mean(0)).astype(int).tolist()
+        caption = None if read.skipped else f"mean rgb {mean}"
         out.append(TileRecord.from_read(t.index, read, caption, src.ground_resolution_of(t.window),
                                         experts={"theme": "a scene"}, model_id="test", seconds=0.25))
     return out

@@ -250,7 +250,7 @@ def test_float32_with_nan_nodata() -> None:
     with RasterSource(S2_F32) as src:
         assert src.dtype == "float32"
         s = src.stretch
-        assert all(np.isfinite(s.lo)) and all(np.isfinite(s.hi)) and all(h > l for l, h in zip(s.lo, s.hi))
+        assert all(np.isfinite(s.lo)) and all(np.isfinite(s.hi)) and all(hi > lo for lo, hi in zip(s.lo, s.hi))
         corner = src.read_tile(Window(0, 0, 128, 128), None)  # 96x96 of 128x128 is NaN: 44% valid
         assert not corner.ok and corner.image is None
         assert corner.valid_fraction == pytest.approx(1 - 96 * 96 / 128**2)
