@@ -215,3 +215,26 @@ def test_target_only_loss_equals_the_full_forward_loss(tiny_model: RSMoEModel) -
             full = model.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                         labels=batch.labels).loss
     assert abs(fast.item() - full.item()) < 1e-5
+
+
+def test_frozen_base_layers_are_not_stored_and_reload_from_the_base(tiny_dir: Path) -> None:
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["qformer"]["train_base_layers"] = False
+    frozen_dir = tiny_dir.parent / "frozen"
+    frozen_dir.mkdir(exist_ok=True)
+    (frozen_dir / "config.json").write_text(json.dumps(config))
+    model = RSMoEModel.from_pretrained(frozen_dir)
+    trainable = model.trainable_bridge_parameters()
+    assert 0 < len(trainable) < len(list(model.bridge.parameters()))
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.01)
+    model.save_pretrained(frozen_dir)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(frozen_dir / "model.safetensors"))
+    assert not any(k.startswith("bridge.qformer.") and ".crossattention." not in k for k in stored)
+    assert any(".crossattention." in k for k in stored)
+    again = RSMoEModel.from_pretrained(frozen_dir)
+    for (key, a), b in zip(model.bridge.state_dict().items(), again.bridge.state_dict().values()):
+        assert torch.equal(a, b), key

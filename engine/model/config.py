@@ -50,6 +50,9 @@ class QFormerConfig:
     num_query_tokens: int = 32
     cross_attention_frequency: int = 1
     max_instruction_tokens: int = 64
+    # False: the weights initialised from the BERT checkpoint stay frozen (and are not stored in the model
+    # directory); only query tokens, cross-attention, visual norm and projection are trained
+    train_base_layers: bool = True
     # used only when init == "random" (tests); otherwise taken from the checkpoint at ``path``
     hidden_size: int = 384
     num_hidden_layers: int = 6

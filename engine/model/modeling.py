@@ -124,7 +124,7 @@ class RSMoEModel(MoEInference, nn.Module):
         del instructblip
 
         if weights is not None:
-            cls._load_bridge_weights(bridge, weights, model_dir)
+            cls._load_bridge_weights(bridge, weights, model_dir, frozen_base_keys(config, bridge))
         model = cls(config, vision, bridge, qformer_tokenizer, peft_model, tokenizer, trained)
         model.eval()
         return model
@@ -224,9 +224,10 @@ class RSMoEModel(MoEInference, nn.Module):
         return peft_model, saved
 
     @staticmethod
-    def _load_bridge_weights(bridge: nn.Module, weights: dict[str, torch.Tensor], model_dir: Path | None) -> None:
+    def _load_bridge_weights(bridge: nn.Module, weights: dict[str, torch.Tensor], model_dir: Path | None,
+                             from_base: set[str]) -> None:
         state = {k[len("bridge."):]: v for k, v in weights.items() if k.startswith("bridge.")}
-        expected = bridge.state_dict()
+        expected = {k: v for k, v in bridge.state_dict().items() if k not in from_base}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
@@ -234,12 +235,21 @@ class RSMoEModel(MoEInference, nn.Module):
             raise CorruptWeightsError(
                 f"{model_dir}/{WEIGHTS_NAME} does not match its config.json "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
-        bridge.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+        bridge.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 
     # ------------------------------------------------------------------------------------ saving
+    def frozen_base_bridge_keys(self) -> set[str]:
+        """Bridge weights that stay as initialised from the BERT checkpoint (``train_base_layers=False``)."""
+        return frozen_base_keys(self.config, self.bridge)
+
+    def trainable_bridge_parameters(self) -> list[nn.Parameter]:
+        frozen = self.frozen_base_bridge_keys()
+        return [p for k, p in self.bridge.named_parameters() if k not in frozen]
+
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a model directory stores in ``model.safetensors`` (not held by any base model)."""
-        return {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
+        frozen = self.frozen_base_bridge_keys()
+        return {f"bridge.{k}": v for k, v in self.bridge.state_dict().items() if k not in frozen}
 
     def save_pretrained(self, model_dir: str | Path, dtype: torch.dtype | None = None,
                         adapters: Sequence[str] | None = None) -> None:
@@ -389,6 +399,13 @@ class RSMoEModel(MoEInference, nn.Module):
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+def frozen_base_keys(config: RSMoEConfig, bridge: nn.Module) -> set[str]:
+    """Bridge state keys initialised from the BERT checkpoint and kept frozen (empty when trained)."""
+    if config.qformer.init != "minilm" or config.qformer.train_base_layers:
+        return set()
+    return {k for k in bridge.state_dict() if k.startswith("qformer.") and ".crossattention." not in k}
+
 
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
     from safetensors.torch import load_file, save_file
