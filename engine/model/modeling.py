@@ -30,7 +30,7 @@ from engine.model.qformer import (
     build_random_qformer,
     load_qformer_tokenizer,
 )
-from engine.model.routing import MoEInference
+from engine.model.routing import MoEInference, ensure_pad_token
 from engine.model.vision import VisionEncoder, build_vision_encoder
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ class RSMoEModel(MoEInference, nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = ImageProcessor(config.image)
         self.trained_adapters = set(trained_adapters or ())
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer)
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
@@ -300,6 +299,11 @@ class RSMoEModel(MoEInference, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.bridge.query_tokens.dtype
 
+    def describe(self) -> dict[str, Any]:
+        """Backend, device and precision (the service's health endpoint)."""
+        return {"backend": "torch", "providers": [f"torch-{self.device.type}"], "device": str(self.device),
+                "precision": str(self.dtype).removeprefix("torch.")}
+
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         """Images (HxWx3 uint8 arrays, PIL images or paths) -> pixel tensor on the model's device."""
         return self.image_processor(images).to(self.device, self.dtype)
@@ -311,17 +315,9 @@ class RSMoEModel(MoEInference, nn.Module):
 
     def query_embeddings(self, visual: torch.Tensor, instructions: Sequence[str]) -> torch.Tensor:
         """Q-Former + projection: visual tokens and instruction texts -> LLM prefix embeddings (B, Q, W)."""
-        enc = self.qformer_tokenizer(list(instructions), padding=True, truncation=True,
-                                     max_length=self.config.qformer.max_instruction_tokens, return_tensors="pt")
+        enc = self.tokenize_instructions(instructions, return_tensors="pt")
         return self.bridge(visual.to(self.device, self.dtype), enc["input_ids"].to(self.device),
                            enc["attention_mask"].to(self.device))
-
-    def format_prompt(self, prompt: str) -> str:
-        """The text that follows the visual prefix (chat-formatted where the tokenizer has a template)."""
-        if self.config.llm.use_chat_template and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      tokenize=False, add_generation_prompt=True)
-        return f"{prompt}\n"
 
     def language_inputs(self, prefix: torch.Tensor, prompts: Sequence[str],
                         targets: Sequence[str] | None = None) -> LanguageInputs:
@@ -331,7 +327,7 @@ class RSMoEModel(MoEInference, nn.Module):
         rows: list[torch.Tensor] = []
         label_rows: list[torch.Tensor] = []
         for i, prompt in enumerate(prompts):
-            prompt_ids = self.tokenizer(self.format_prompt(prompt), add_special_tokens=False)["input_ids"]
+            prompt_ids = self.prompt_ids(prompt)
             target_ids: list[int] = []
             if targets is not None:
                 target_ids = self.tokenizer(targets[i], add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
@@ -398,7 +394,7 @@ class RSMoEModel(MoEInference, nn.Module):
             repetition_penalty=self.config.generation.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self.decode_texts(out)
 
 def frozen_base_keys(config: RSMoEConfig, bridge: nn.Module) -> set[str]:
     """Bridge state keys initialised from the BERT checkpoint and kept frozen (empty when trained)."""

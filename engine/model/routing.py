@@ -145,6 +145,12 @@ class MoEInference:
     config: RSMoEConfig
     trained_adapters: set[str]
     image_processor: ImageProcessor
+    tokenizer: Any  # the LM tokenizer (with a pad token: see ensure_pad_token)
+    qformer_tokenizer: Any
+
+    def describe(self) -> dict[str, Any]:  # pragma: no cover - interface
+        """What runs the model: ``backend``, ``providers``, ``device``, ``precision`` (health endpoint)."""
+        raise NotImplementedError
 
     def preprocess(self, images: Sequence[Any]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -155,6 +161,30 @@ class MoEInference:
     def generate_texts(self, visual: Any, prompts: Sequence[str], adapters: Sequence[str],
                        max_new_tokens: int) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    # -- text in and out of the models: one implementation for every backend ---------------------------
+    def format_prompt(self, prompt: str) -> str:
+        """The text that follows the visual prefix (chat-formatted where the tokenizer has a template)."""
+        if self.config.llm.use_chat_template and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      tokenize=False, add_generation_prompt=True)
+        return f"{prompt}\n"
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the formatted prompt (no special tokens added)."""
+        return self.tokenizer(self.format_prompt(prompt), add_special_tokens=False)["input_ids"]
+
+    def tokenize_instructions(self, instructions: Sequence[str], return_tensors: str = "pt",
+                              pad_to_max: bool = False) -> Any:
+        """Q-Former tokenizer output (``input_ids``, ``attention_mask``) for the instruction texts, padded to
+        the longest (or, for fixed-shape graphs, to ``qformer.max_instruction_tokens``)."""
+        return self.qformer_tokenizer(list(instructions), padding="max_length" if pad_to_max else True,
+                                      truncation=True, max_length=self.config.qformer.max_instruction_tokens,
+                                      return_tensors=return_tensors)
+
+    def decode_texts(self, token_rows: Any) -> list[str]:
+        """Generated token ids (rows) -> stripped texts, special tokens dropped."""
+        return [t.strip() for t in self.tokenizer.batch_decode(token_rows, skip_special_tokens=True)]
 
     @property
     def router_kind(self) -> str:
@@ -219,3 +249,8 @@ class MoEInference:
         return self.ask_features(self.encode_images(self.preprocess(images)), [question] * len(images))
 
 
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """Left-padded batches need a pad token; LMs without one pad with EOS."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
