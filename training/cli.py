@@ -1,0 +1,53 @@
+"""``rsmoe train`` and ``rsmoe evaluate`` (registered through the ``rsmoe.commands`` entry point)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="two-stage RS-MoE training from a YAML config (resumable)")
+    p.add_argument("--config", type=Path, required=True, help="training config (see training/configs/)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (overrides the config's)")
+    p.add_argument("--one-stage", action="store_true",
+                   help="ablation: train the experts from scratch in one stage (no dense initialisation)")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("evaluate", help="caption a data split and score it (BLEU, METEOR, ROUGE-L, CIDEr)")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--data", type=Path, required=True, help="a folder with dataset.json + images/ (Karpathy format)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--style", default="concise", choices=["concise", "detailed"])
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    p.add_argument("--vqa", action="store_true", help="also score the UCM-derived VQA questions of the split")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a JVM)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
+    from training.train import train
+
+    config = TrainConfig.load(args.config)
+    if args.out is not None:
+        config.out = str(args.out)
+    if args.one_stage:
+        config.one_stage = True
+    final = train(config)
+    sys.stdout.write(f"trained model: {final}\n")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import EvaluateArgs, evaluate
+
+    metrics = evaluate(EvaluateArgs(args.model, args.data, args.split, args.out, args.style, args.backend,
+                                    args.device, args.batch_size, args.limit, args.vqa, not args.no_meteor))
+    sys.stdout.write(json.dumps(metrics["captions"]) + "\n")
+    return 0

@@ -1,0 +1,85 @@
+"""Training configuration (YAML), in the spirit of the LAVIS configs: model, data, two stages, precision."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserInputError
+
+
+@dataclass
+class StageConfig:
+    """One training stage: optimiser and schedule."""
+
+    epochs: int = 3
+    lr: float = 2e-4
+    batch_size: int = 16
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    max_steps_per_epoch: int | None = None  # caps an epoch (smoke tests, quick runs)
+    vqa_per_epoch: int = 0  # derived-VQA samples mixed into each epoch
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how much of it to use."""
+
+    ucm: str = "../shared/data/ucm_captions"
+    augment_variants: int = 8  # dihedral variants of each train image with cached features (1 = none)
+    max_train_images: int | None = None
+    max_val_images: int | None = 60  # val images captioned after each epoch for model selection
+
+
+@dataclass
+class TrainConfig:
+    """The whole two-stage run. ``one_stage`` is the ablation: experts from scratch, no dense stage."""
+
+    init: str = "engine/models/rsmoe-lite"  # a model directory (config.json at least) to start from
+    out: str = "runs/rsmoe-lite"
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    one_stage: bool = False
+    precision: str = "bf16"  # bf16 | fp32 (bf16 autocast about halves CPU time on AVX-512-bf16)
+    seed: int = 0
+    cache_dir: str = "runs/cache"
+    checkpoint_every_steps: int = 50
+    save_dtype: str = "float16"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UserInputError(f"unknown training config keys: {sorted(unknown)}")
+        data = dict(data)
+        try:
+            data["data"] = DataConfig(**data.get("data", {}))
+            data["stage1"] = StageConfig(**data.get("stage1", {}))
+            data["stage2"] = StageConfig(**data.get("stage2", {}))
+            config = cls(**data)
+        except TypeError as exc:
+            raise UserInputError(f"invalid training config: {exc}") from exc
+        if config.precision not in ("bf16", "fp32"):
+            raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"training config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise UserInputError(f"{path} must hold a mapping")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

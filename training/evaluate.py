@@ -1,0 +1,92 @@
+"""``rsmoe evaluate``: caption (and question) a data split with any model directory and score it.
+
+Writes ``OUT/captions.json`` in the COCO results format (``[{"image_id": <imgid>, "caption": "..."}]``),
+``OUT/metrics.json`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr after lowercasing and stripping punctuation;
+VQA accuracy per question type on the UCM-derived VQA set when asked) and ``OUT/segments.json`` (what
+each expert wrote). SPICE is left out: it downloads Stanford CoreNLP at run time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.errors import InputNotFoundError, UserInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateArgs:
+    model: Path | None
+    data: Path
+    split: str
+    out: Path
+    style: str = "concise"
+    backend: str = "torch"
+    device: str = "auto"
+    batch_size: int = 16
+    limit: int | None = None
+    vqa: bool = False
+    meteor: bool = True
+
+
+def _dataset_paths(data: Path) -> tuple[Path, Path]:
+    """``data`` is a folder holding ``dataset.json`` (+ ``images/``) or a Karpathy json file."""
+    if data.is_dir():
+        return data / "dataset.json", data / "images"
+    if data.is_file():
+        return data, data.parent / "images"
+    raise InputNotFoundError(f"data not found: {data}")
+
+
+def evaluate(args: EvaluateArgs) -> dict:
+    """Run the evaluation and write the three files; returns the metrics."""
+    from engine.runtime import load_model
+    from training.data import derive_ucm_vqa, load_karpathy
+    from training.metrics import caption_metrics, vqa_accuracy
+
+    dataset_json, images = _dataset_paths(args.data)
+    all_records = load_karpathy(dataset_json, images_dir=images)
+    records = [r for r in all_records if r.split == args.split][: args.limit or None]
+    if not records:
+        raise UserInputError(f"split {args.split!r} of {dataset_json} has no images")
+    model = load_model(args.model, args.backend, args.device)
+    started = time.perf_counter()
+    predictions: dict[int, str] = {}
+    segments: dict[int, list[dict]] = {}
+    for start in tqdm(range(0, len(records), args.batch_size), desc=f"captioning {args.split}", unit="batch"):
+        chunk = records[start:start + args.batch_size]
+        for record, result in zip(chunk, model.caption([r.image_path for r in chunk], style=args.style)):
+            predictions[record.image_id] = result.text
+            segments[record.image_id] = result.to_dict()["segments"]
+    caption_seconds = time.perf_counter() - started
+    metrics: dict = {
+        "model": str(args.model or "embedded rsmoe-lite"), "model_id": model.config.model_id,
+        "data": str(dataset_json), "split": args.split, "style": args.style, "backend": args.backend,
+        "images": len(records), "router": model.router_kind,
+        "captions": caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=args.meteor),
+        "caption_seconds": round(caption_seconds, 1),
+    }
+    if args.vqa:
+        wanted = {r.image_id for r in records}
+        paths = {str(r.image_path): r.image_id for r in all_records}
+        questions = [q for q in derive_ucm_vqa(all_records) if paths.get(str(q.image_path)) in wanted]
+        answers: dict = {}
+        for start in tqdm(range(0, len(questions), args.batch_size), desc="answering", unit="batch"):
+            chunk = questions[start:start + args.batch_size]
+            visual = model.encode_images(model.preprocess([q.image_path for q in chunk]))
+            for q, result in zip(chunk, model.ask_features(visual, [q.question for q in chunk])):
+                answers[q.question_id] = result.text
+        metrics["vqa"] = {"set": "UCM-derived VQA (from class labels and captions)", **vqa_accuracy(questions, answers)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "captions.json").write_text(json.dumps(
+        [{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))
+    (args.out / "segments.json").write_text(json.dumps({str(k): v for k, v in segments.items()}, indent=1))
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log.info("wrote %s", args.out / "metrics.json")
+    return metrics

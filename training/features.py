@@ -1,0 +1,82 @@
+"""Frozen vision features cached to disk, so CPU training skips the encoder after the first pass.
+
+The encoder is frozen, so its output for an image never changes: each train image is encoded once per
+augmentation variant (the 8 symmetries of a square nadir image: rotations by 90 degrees, with and
+without a flip) and stored as fp16 safetensors keyed by everything that affects the features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.model import RSMoEModel
+from training.data.records import CaptionRecord
+
+log = logging.getLogger(__name__)
+
+VARIANTS = 8
+
+
+def dihedral(array: np.ndarray, variant: int) -> np.ndarray:
+    """Variant 0 is the image itself; 1-3 rotate by 90/180/270 degrees; 4-7 do the same after a flip."""
+    out = array[:, ::-1] if variant >= 4 else array
+    return np.ascontiguousarray(np.rot90(out, k=variant % 4, axes=(0, 1)))
+
+
+@dataclass
+class FeatureStore:
+    """Visual tokens ``features[row, variant]`` (fp16) for the images ``image_ids[row]``."""
+
+    features: torch.Tensor  # (N, V, T, D)
+    image_ids: list[int]
+
+    def __post_init__(self) -> None:
+        self.row = {image_id: i for i, image_id in enumerate(self.image_ids)}
+
+    @property
+    def variants(self) -> int:
+        return self.features.shape[1]
+
+    def get(self, image_ids: Sequence[int], variants: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        rows = torch.tensor([self.row[i] for i in image_ids])
+        return self.features[rows, torch.tensor(list(variants))].to(dtype)
+
+
+def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> str:
+    spec = {"vision": model.config.vision.__dict__, "image": model.config.image.to_dict(), "variants": variants,
+            "images": hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_feature_store(model: RSMoEModel, records: Sequence[CaptionRecord], cache_dir: Path, name: str,
+                        variants: int = 1, batch_size: int = 32) -> FeatureStore:
+    """Encode ``records``' images (``variants`` symmetries each) or load them from the cache."""
+    from safetensors.torch import load_file, save_file
+
+    image_ids = [r.image_id for r in records]
+    path = Path(cache_dir) / f"{name}-{_cache_key(model, image_ids, variants)}.safetensors"
+    if path.is_file():
+        log.info("vision features from cache %s", path)
+        return FeatureStore(load_file(str(path))["features"], image_ids)
+    chunks: list[torch.Tensor] = []
+    jobs = [(r, v) for r in records for v in range(variants)]
+    for start in tqdm(range(0, len(jobs), batch_size), desc=f"encoding {name} images", unit="batch"):
+        batch = jobs[start:start + batch_size]
+        arrays = [dihedral(model.image_processor.to_array(r.image_path), v) for r, v in batch]
+        chunks.append(model.encode_images(model.preprocess(arrays)).to(torch.float16).cpu())
+    feats = torch.cat(chunks)
+    feats = feats.view(len(records), variants, *feats.shape[1:]).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": feats}, str(tmp))
+    tmp.replace(path)
+    return FeatureStore(feats, image_ids)

@@ -1,0 +1,87 @@
+"""Training samples for the two stages: (image, prompt, target, adapter) rows built from the records.
+
+Prompts are made by the engine's own prompt code (:func:`engine.model.routing.expert_prompt` and the
+router config), so the model is trained on exactly the prompts it receives at inference:
+- stage 1 (dense): one adapter learns the concise-caption prompt -> a whole reference caption (scene
+  unknown, as the fixed-template router gives at inference) and derived-VQA questions -> answers;
+- stage 2 (MoE): the router learns instruction -> plan (``scene: ... | experts: ...``); each expert
+  learns its tailored prompt (with the true scene, as a trained router supplies it) -> its sub-task
+  target, the theme expert also the concise caption, and each expert the derived-VQA questions routed to it.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+from engine.model.config import ROUTER_ADAPTER, RSMoEConfig
+from engine.model.router_plan import RouterPlan
+from engine.model.routing import expert_prompt
+from training.data.records import CaptionRecord, VQARecord
+from training.data.subtasks import experts_for_question, infer_scene, router_target, targets_for_record
+
+
+@dataclass
+class Sample:
+    """One teacher-forced row."""
+
+    image_id: int
+    prompt: str
+    target: str
+    adapter: str
+
+
+def _caption_prompt(config: RSMoEConfig, expert: str, scene: str | None, style: str) -> str:
+    plan = RouterPlan(scene=scene, experts=[expert])
+    instruction = config.router.concise_instruction if style == "concise" else config.router.caption_instruction
+    return expert_prompt(config, expert, plan, "caption", instruction, style)
+
+
+def _answer_prompt(config: RSMoEConfig, expert: str, scene: str | None, question: str) -> str:
+    return expert_prompt(config, expert, RouterPlan(scene=scene, experts=[expert]), "ask", question)
+
+
+def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
+                   image_ids: dict[str, int], adapter: str, rng: random.Random, vqa_count: int) -> list[Sample]:
+    """One random reference caption per image, plus ``vqa_count`` random derived-VQA pairs."""
+    out = [Sample(r.image_id, _caption_prompt(config, adapter, None, "concise"), rng.choice(r.captions), adapter)
+           for r in records]
+    for q in rng.sample(list(vqa), min(vqa_count, len(vqa))):
+        out.append(Sample(image_ids[str(q.image_path)], _answer_prompt(config, adapter, None, q.question), q.answer, adapter))
+    rng.shuffle(out)
+    return out
+
+
+def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
+                   image_ids: dict[str, int], rng: random.Random, vqa_count: int,
+                   with_router: bool = True) -> list[Sample]:
+    """Router plans, expert sub-task targets, concise captions and routed VQA pairs."""
+    experts = config.expert_names
+    scenes = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
+    out: list[Sample] = []
+    for r in records:
+        scene = scenes[r.image_id]
+        targets = targets_for_record(r).as_dict()
+        for expert in experts:
+            if expert in targets:
+                out.append(Sample(r.image_id, _caption_prompt(config, expert, scene, "detailed"), targets[expert], expert))
+        concise_expert = next((e for e in config.router.concise_experts if e in experts), experts[0])
+        out.append(Sample(r.image_id, _caption_prompt(config, concise_expert, scene, "concise"),
+                          rng.choice(r.captions), concise_expert))
+        if with_router:
+            instruction = rng.choice([config.router.caption_instruction, config.router.concise_instruction])
+            out.append(Sample(r.image_id, config.router.prompt.format(instruction=instruction),
+                              router_target(scene, experts=experts), ROUTER_ADAPTER))
+    by_image = {r.image_id: r for r in records}
+    for q in rng.sample(list(vqa), min(vqa_count, len(vqa))):
+        image_id = image_ids[str(q.image_path)]
+        if image_id not in by_image:
+            continue
+        scene = scenes[image_id]
+        chosen = [e for e in experts_for_question(q.question, q.question_type) if e in experts] or experts[:1]
+        out.append(Sample(image_id, _answer_prompt(config, chosen[0], scene, q.question), q.answer, chosen[0]))
+        if with_router:
+            out.append(Sample(image_id, config.router.prompt.format(instruction=q.question),
+                              router_target(scene, q.question, q.question_type, experts=experts), ROUTER_ADAPTER))
+    rng.shuffle(out)
+    return out

@@ -1,0 +1,374 @@
+"""The two-stage RS-MoE training loop (readable in one sitting, nanoGPT-style).
+
+Stage 1 (dense): vision frozen (features cached); query tokens, Q-Former cross-attention, projection and
+ONE LoRA adapter on the LLM learn whole captions and VQA pairs. Its result is saved as a model directory
+whose experts are all copies of that adapter (the dense baseline, with the fixed-template router).
+Stage 2 (MoE): the router and every expert adapter start from the stage-1 adapter and learn their
+sub-task targets; the stage-1 parts stay frozen. ``one_stage`` is the ablation: no stage 1, the experts
+start from fresh LoRA and the bridge trains together with them.
+
+Every ``checkpoint_every_steps`` the trainable tensors, the optimiser state and the position in the run
+are written (safetensors + JSON, atomically); re-running the same command resumes from there.
+After each epoch a val subset is captioned (concise) and scored; the best epoch (val CIDEr) is kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine.errors import UserInputError
+from engine.model import RSMoEConfig, RSMoEModel
+from engine.model.config import ROUTER_ADAPTER
+from training.config import StageConfig, TrainConfig
+from training.data import derive_ucm_vqa, load_ucm_captions
+from training.data.records import CaptionRecord, VQARecord
+from training.features import FeatureStore, build_feature_store
+from training.samples import Sample, stage1_samples, stage2_samples
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.json"
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def build_initial_model(config: TrainConfig) -> RSMoEModel:
+    """The untrained model of ``config.init`` with ``model_overrides`` applied to its config."""
+    init = Path(config.init)
+    model_config = RSMoEConfig.load(init).to_dict()
+    for section, values in config.model_overrides.items():
+        if section not in model_config or not isinstance(model_config[section], dict):
+            raise UserInputError(f"model_overrides: unknown section {section!r}")
+        model_config[section].update(values)
+    return RSMoEModel.from_config(RSMoEConfig.from_dict(model_config), model_dir=init)
+
+
+def lora_parameters(model: RSMoEModel, adapter: str) -> dict[str, nn.Parameter]:
+    """The LoRA tensors of one adapter, by name."""
+    return {n: p for n, p in model.language_model.named_parameters()
+            if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n}
+
+
+def copy_adapter(model: RSMoEModel, source: str, targets: Sequence[str]) -> None:
+    """Initialise adapters ``targets`` with the weights of ``source`` (stage 2 starts from stage 1)."""
+    params = dict(model.language_model.named_parameters())
+    with torch.no_grad():
+        for name, value in lora_parameters(model, source).items():
+            for target in targets:
+                params[name.replace(f".{source}.", f".{target}.")].copy_(value)
+
+
+class LossModule(nn.Module):
+    """``forward`` = the model's teacher-forced loss, so accelerate/DDP can wrap it."""
+
+    def __init__(self, model: RSMoEModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, visual: torch.Tensor, prompts: list[str], targets: list[str], adapter: str) -> torch.Tensor:
+        return self.model.loss(visual, prompts, targets, adapter=adapter)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class StagePosition:
+    """Where a stage is: the next epoch/step to run, and the best val score so far."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    done: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    samples: int = 0
+
+
+def _atomic_dir(target: Path) -> Path:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                    position: StagePosition, best: dict[str, torch.Tensor] | None) -> None:
+    """Trainable tensors, optimiser moments and position: safetensors + JSON, swapped in atomically."""
+    from safetensors.torch import save_file
+
+    tmp = _atomic_dir(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "params.safetensors"))
+    if best is not None:
+        save_file(best, str(tmp / "best.safetensors"))
+    opt_state = optimizer.state_dict()
+    names = list(params)
+    tensors, scalars = {}, {}
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{names[idx]}::{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{names[idx]}::{key}"] = value
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"position": position.__dict__, "optimizer_scalars": scalars, "param_groups": opt_state["param_groups"]}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    _swap_in(tmp, path)
+
+
+def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
+                    ) -> tuple[StagePosition, dict[str, torch.Tensor] | None]:
+    from engine.base_models import load_safetensors_checked
+
+    meta = json.loads((path / "state.json").read_text())
+    saved = load_safetensors_checked(path / "params.safetensors")
+    if set(saved) != set(params):
+        raise UserInputError(f"checkpoint {path} does not match this configuration; delete it to start over")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    moments = load_safetensors_checked(path / "optimizer.safetensors")
+    names = list(params)
+    state: dict[int, dict[str, Any]] = defaultdict(dict)
+    for key, value in moments.items():
+        name, _, field_name = key.partition("::")
+        state[names.index(name)][field_name] = value
+    for key, value in meta["optimizer_scalars"].items():
+        name, _, field_name = key.partition("::")
+        state[names.index(name)][field_name] = value
+    optimizer.load_state_dict({"state": dict(state), "param_groups": meta["param_groups"]})
+    best_path = path / "best.safetensors"
+    best = load_safetensors_checked(best_path) if best_path.exists() else None
+    return StagePosition(**meta["position"]), best
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def validate(model: RSMoEModel, store: FeatureStore, records: Sequence[CaptionRecord], style: str = "concise",
+             batch_size: int = 16) -> dict[str, float]:
+    """Caption the val images from cached features and score them (BLEU, ROUGE-L, CIDEr; no METEOR)."""
+    from training.metrics import caption_metrics
+
+    model.eval()
+    predictions: dict[int, str] = {}
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        visual = store.get([r.image_id for r in chunk], [0] * len(chunk), model.dtype).to(model.device)
+        for r, result in zip(chunk, model.caption_features(visual, style)):
+            predictions[r.image_id] = result.text
+    scores = caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=False)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------- one stage
+@dataclass
+class StageData:
+    train: list[CaptionRecord]
+    val: list[CaptionRecord]
+    vqa_train: list[VQARecord]
+    image_ids: dict[str, int]
+    train_store: FeatureStore
+    val_store: FeatureStore
+
+
+def _lr_at(step: int, total: int, stage: StageConfig) -> float:
+    if step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(1, total - stage.warmup_steps)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], make_samples: Any,
+              stage: StageConfig, data: StageData, config: TrainConfig, out: Path) -> StagePosition:
+    """Train ``params`` on the samples ``make_samples(epoch)`` gives, with checkpoints and val selection."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=stage.lr, weight_decay=stage.weight_decay)
+    module, optimizer = accelerator.prepare(LossModule(model), optimizer)
+    checkpoint_dir = out / "checkpoints" / name
+    position, best = StagePosition(), None
+    if (checkpoint_dir / "state.json").is_file():
+        position, best = load_checkpoint(checkpoint_dir, params, optimizer)
+        log.info("%s: resuming at epoch %d step %d", name, position.epoch, position.step_in_epoch)
+    steps_per_epoch = math.ceil(len(make_samples(0)) / stage.batch_size)
+    if stage.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, stage.max_steps_per_epoch)
+    total_steps = steps_per_epoch * stage.epochs
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    while position.epoch < stage.epochs:
+        samples = make_samples(position.epoch)[rank::world]
+        bar = tqdm(range(position.step_in_epoch, steps_per_epoch), desc=f"{name} epoch {position.epoch + 1}/{stage.epochs}",
+                   unit="step", disable=not accelerator.is_main_process)
+        started = time.perf_counter()
+        model.train()
+        for step in bar:
+            batch = samples[step * stage.batch_size:(step + 1) * stage.batch_size]
+            if not batch:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(position.global_step, total_steps, stage)
+            loss_value = _train_step(module, model, optimizer, accelerator, batch, data.train_store, position)
+            position.step_in_epoch = step + 1
+            position.global_step += 1
+            position.samples += len(batch)
+            elapsed = time.perf_counter() - started
+            position.seconds += elapsed
+            bar.set_postfix(loss=f"{loss_value:.3f}", samples_per_s=f"{len(batch) / max(elapsed, 1e-9):.1f}")
+            started = time.perf_counter()
+            if position.global_step % config.checkpoint_every_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(checkpoint_dir, params, optimizer, position, best)
+        scores = validate(model, data.val_store, data.val) if accelerator.is_main_process else {}
+        entry = {"epoch": position.epoch + 1, **scores, "train_seconds": round(position.seconds, 1)}
+        position.history.append(entry)
+        log.info("%s epoch %d: %s", name, position.epoch + 1, json.dumps(entry))
+        if scores.get("CIDEr", -1.0) > position.best_score:
+            position.best_score, position.best_epoch = scores["CIDEr"], position.epoch + 1
+            best = {k: v.detach().cpu().clone() for k, v in params.items()}
+        position.epoch += 1
+        position.step_in_epoch = 0
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint_dir, params, optimizer, position, best)
+    if best is not None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(best[k])
+    for p in params.values():
+        p.requires_grad_(False)
+    position.done = True
+    model.eval()
+    return position
+
+
+def _train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Optimizer, accelerator: Any,
+                batch: list[Sample], store: FeatureStore, position: StagePosition) -> float:
+    """One optimiser step; rows are grouped by adapter (one forward/backward per adapter)."""
+    rng = random.Random(position.global_step)
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in batch:
+        groups[s.adapter].append(s)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for adapter, rows in groups.items():
+        variants = [rng.randrange(store.variants) for _ in rows]
+        visual = store.get([s.image_id for s in rows], variants, torch.float32).to(model.device)
+        with accelerator.autocast():
+            loss = module(visual, [s.prompt for s in rows], [s.target for s in rows], adapter)
+        accelerator.backward(loss * len(rows) / len(batch))
+        total += loss.item() * len(rows) / len(batch)
+    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
+    records = load_ucm_captions(config.data.ucm)
+    train = [r for r in records if r.split == "train"][: config.data.max_train_images or None]
+    val = [r for r in records if r.split == "val"][: config.data.max_val_images or None]
+    vqa = derive_ucm_vqa(records)
+    train_ids = {r.image_id for r in train}
+    image_ids = {str(r.image_path): r.image_id for r in records}
+    vqa_train = [q for q in vqa if q.split == "train" and image_ids.get(str(q.image_path)) in train_ids]
+    cache = Path(config.cache_dir)
+    train_store = build_feature_store(model, train, cache, "train", variants=config.data.augment_variants)
+    val_store = build_feature_store(model, val, cache, "val", variants=1)
+    return StageData(train, val, vqa_train, image_ids, train_store, val_store)
+
+
+def save_stage_model(model: RSMoEModel, out_dir: Path, position: StagePosition, config: TrainConfig,
+                     stage_name: str) -> None:
+    dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[config.save_dtype]
+    model.save_pretrained(out_dir, dtype=dtype)
+    state = {"stage": stage_name, "config": config.to_dict(), **position.__dict__}
+    (out_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def stage_done(out_dir: Path) -> bool:
+    path = out_dir / STATE_FILE
+    return path.is_file() and json.loads(path.read_text()).get("done", False)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) the configured stages; returns the final model directory."""
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    model = build_initial_model(config)
+    data = load_data(model, config)
+    experts = model.config.expert_names
+    dense = experts[0]
+    stage1_dir, stage2_dir = out / "stage1", out / "stage2"
+
+    if not config.one_stage:
+        if stage_done(stage1_dir):
+            log.info("stage 1 already done: %s", stage1_dir)
+            model = RSMoEModel.from_pretrained(stage1_dir)
+        else:
+            params = {f"bridge.{n}": p for n, p in model.bridge.named_parameters()
+                      if p in set(model.trainable_bridge_parameters())}
+            params.update(lora_parameters(model, dense))
+
+            def stage1_epoch(epoch: int) -> list[Sample]:
+                rng = random.Random(config.seed * 1000 + epoch)
+                return stage1_samples(model.config, data.train, data.vqa_train, data.image_ids, dense, rng,
+                                      config.stage1.vqa_per_epoch)
+
+            position = run_stage("stage1", model, params, stage1_epoch, config.stage1, data, config, out)
+            copy_adapter(model, dense, experts[1:])
+            model.trained_adapters = set(experts)  # the dense baseline: identical experts, template router
+            save_stage_model(model, stage1_dir, position, config, "stage1")
+        copy_adapter(model, dense, [ROUTER_ADAPTER])
+
+    if stage_done(stage2_dir):
+        log.info("stage 2 already done: %s", stage2_dir)
+        return stage2_dir
+    params = {}
+    if config.one_stage:
+        params.update({f"bridge.{n}": p for n, p in model.bridge.named_parameters()
+                       if p in set(model.trainable_bridge_parameters())})
+    for adapter in [*experts, ROUTER_ADAPTER]:
+        params.update(lora_parameters(model, adapter))
+    with_router = model.config.router.type == "generative"
+
+    def stage2_epoch(epoch: int) -> list[Sample]:
+        rng = random.Random(config.seed * 1000 + 500 + epoch)
+        return stage2_samples(model.config, data.train, data.vqa_train, data.image_ids, rng,
+                              config.stage2.vqa_per_epoch, with_router=with_router)
+
+    model.trained_adapters = set(experts) | ({ROUTER_ADAPTER} if with_router else set())
+    position = run_stage("stage2", model, params, stage2_epoch, config.stage2, data, config, out)
+    save_stage_model(model, stage2_dir, position, config, "stage2")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info("done: %s (peak RSS %.0f MB)", stage2_dir, peak_mb)
+    return stage2_dir
