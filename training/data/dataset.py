@@ -1,0 +1,98 @@
+"""A torch ``Dataset`` over caption / VQA records that preprocesses images exactly as the engine does.
+
+Pixels go through :class:`engine.model.image_processing.ImageProcessor` (the one implementation shared with
+the engine). Optional augmentation works on the HxWx3 uint8 array BEFORE that processor and uses only the
+symmetries of nadir imagery: horizontal / vertical flips and 90-degree rotations (no crops, scale or colour
+changes, so a caption stays true). It is off by default; random draws come from torch's generator, which
+``DataLoader`` seeds per worker, so runs are reproducible under ``torch.manual_seed``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from engine.model.image_processing import ImageProcessor, ImageProcessorConfig
+from training.data.records import CaptionRecord, VQARecord
+
+Record = Union[CaptionRecord, VQARecord]
+
+
+@dataclass
+class AugmentConfig:
+    """Rotation-safe augmentation of nadir imagery; every switch off by default."""
+
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.hflip or self.vflip or self.rot90
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "AugmentConfig":
+        data = data or {}
+        return cls(**{k: bool(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def augment_array(array: np.ndarray, config: AugmentConfig, generator: torch.Generator | None = None) -> np.ndarray:
+    """Randomly flip / rotate an HxWx3 uint8 array by multiples of 90 degrees (a contiguous copy)."""
+    if not config.enabled:
+        return array
+    draws = torch.randint(0, 4, (3,), generator=generator).tolist()
+    out = array
+    if config.hflip and draws[0] % 2:
+        out = out[:, ::-1]
+    if config.vflip and draws[1] % 2:
+        out = out[::-1, :]
+    if config.rot90 and draws[2]:
+        out = np.rot90(out, k=draws[2], axes=(0, 1))
+    return np.ascontiguousarray(out)
+
+
+class ImageRecordDataset(Dataset):
+    """Items ``{"pixel_values": (3, S, S) float tensor, "record": record, "index": int}``.
+
+    The text side (prompts, targets, tokenisation) is left to the training code: it reads the record.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        processor: ImageProcessor | ImageProcessorConfig | None = None,
+        augment: AugmentConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.records = list(records)
+        if isinstance(processor, ImageProcessorConfig) or processor is None:
+            processor = ImageProcessor(processor)
+        self.processor = processor
+        self.augment = augment or AugmentConfig()
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_array(self, index: int) -> np.ndarray:
+        """The record's image as an HxWx3 uint8 array, augmented if enabled."""
+        array = self.processor.to_array(self.records[index].image_path)
+        if not array.flags.writeable:  # PIL-backed arrays are read-only; torch warns on those
+            array = array.copy()
+        return augment_array(array, self.augment, self.generator)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pixel_values = self.processor([self.load_array(index)])[0]
+        return {"pixel_values": pixel_values, "record": self.records[index], "index": index}
+
+
+def collate_records(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack ``pixel_values``; keep records and indices as lists."""
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        "records": [item["record"] for item in batch],
+        "indices": [item["index"] for item in batch],
+    }
