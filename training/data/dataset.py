@@ -57,6 +57,8 @@ def augment_array(array: np.ndarray, config: AugmentConfig, generator: torch.Gen
 class ImageRecordDataset(Dataset):
     """Items ``{"pixel_values": (3, S, S) float tensor, "record": record, "index": int}``.
 
+    Pass the model's own processor (``model.image_processor`` or ``ImageProcessorConfig`` from the model
+    config): variants differ in size and normalisation, and the default is ``ImageProcessorConfig()``.
     The text side (prompts, targets, tokenisation) is left to the training code: it reads the record.
     """
 
