@@ -17,7 +17,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--backend``, ``--device``, ``--dtype``: shared by every command that runs the model."""
     parser.add_argument("--model", type=Path, default=None,
                         help="model directory (default: the embedded rsmoe-lite, or $RSMOE_MODEL)")
-    parser.add_argument("--backend", default="torch", choices=["torch"], help="inference backend")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                        help="inference backend: torch, or onnx (graphs written by `rsmoe export`)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="compute precision (default: float32)")

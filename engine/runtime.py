@@ -12,7 +12,10 @@ from engine.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx")
+#: ``--dtype`` -> exported ONNX variant (``int8`` and ``static`` can be asked for by name through the API)
+ONNX_VARIANTS = {None: "fp32", "float32": "fp32", "float16": "fp16", "fp32": "fp32", "fp16": "fp16",
+                 "int8": "int8", "static": "static"}
 DEFAULT_MODEL_ENV = "RSMOE_MODEL"
 
 
@@ -39,14 +42,26 @@ def pick_device(device: str = "auto") -> torch.device:
 def load_model(model_dir: str | Path | None = None, backend: str = "torch", device: str = "auto",
                dtype: str | None = None):
     """Load the model of ``model_dir`` (default: the embedded model) for the chosen backend."""
-    from engine.model import RSMoEModel
-
     if backend not in BACKENDS:
         raise UserInputError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    path = Path(model_dir) if model_dir else default_model_dir()
+    if backend == "onnx":
+        return _load_onnx(path, device, dtype)
+    from engine.model import RSMoEModel
+
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise UserInputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    path = Path(model_dir) if model_dir else default_model_dir()
     torch_device = pick_device(device)
     log.info("loading %s on %s (%s backend)", path, torch_device, backend)
     return RSMoEModel.from_pretrained(path, device=torch_device, dtype=dtypes[dtype])
+
+
+def _load_onnx(path: Path, device: str, dtype: str | None):
+    """The ONNX Runtime backend over ``path/onnx`` (providers chosen from what onnxruntime offers)."""
+    from engine.backends.onnx import OnnxRSMoE
+
+    if dtype not in ONNX_VARIANTS:
+        raise UserInputError(f"the onnx backend has no {dtype} graphs; use float32, float16, int8 or static")
+    log.info("loading %s (onnx backend, %s variant, device %s)", path, ONNX_VARIANTS[dtype], device)
+    return OnnxRSMoE.from_model_dir(path, device=device, variant=ONNX_VARIANTS[dtype])
