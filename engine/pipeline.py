@@ -1,0 +1,530 @@
+"""Caption, ask and annotate over a loaded model (any :class:`~engine.model.routing.MoEInference` backend).
+
+Inputs (:class:`ImageInput`)
+    A local raster path (anything :class:`engine.raster.RasterSource` opens) or encoded image bytes
+    (PNG, JPEG, GeoTIFF, ... opened from memory through GDAL's ``/vsimem``), for layers the engine
+    cannot open itself (the QGIS plugin renders web layers to PNG). Optionally a part of it: a pixel
+    ``window`` or an ``extent`` (minx, miny, maxx, maxy) in the raster CRS or in ``extent_crs``;
+    and a band choice.
+
+Caption / ask
+    A region is read once, downsampled (:meth:`RasterSource.read_overview`, longer side at most the
+    model input size), encoded by the vision encoder and then captioned or questioned.
+
+Feature cache (:class:`FeatureCache`)
+    The vision encoder's output for every image read is kept in an LRU bounded in entries and
+    bytes, keyed by raster identity (path + size + mtime, or a hash of the bytes) + window + read
+    size + resolved bands + model. A follow-up question about the same region, or about a tile a
+    batch job has just captioned, skips the vision encoder.
+
+Batching and threads
+    Images go through the model ``batch_size`` at a time. Every model call holds
+    :attr:`Pipeline.lock`, so one model may be shared by several threads (the service's request
+    threads and its job worker): calls are serialised, raster reads are not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Hashable, Iterator, Sequence
+
+import numpy as np
+
+from engine import __version__
+from engine.errors import RasterError, UserInputError
+from engine.geo import extent_to_window, raster_identity
+from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference
+from engine.raster import BandSelection, RasterSource, TileRead, Window
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.jobs import AnnotateParams, AnnotateResult, CancelFlag, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 4
+#: Default bounds of the feature cache (the lite model's 49 x 1280 float32 tokens are 250 KB per image).
+CACHE_MAX_ENTRIES = 512
+CACHE_MAX_BYTES = 128 * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageInput:
+    """What to look at: a raster path or image bytes, optionally a window or an extent of it.
+
+    Parameters
+    ----------
+    path
+        A local raster (GeoTIFF, PNG, JPEG, VRT, ... anything GDAL opens).
+    data
+        Encoded image bytes (PNG, JPEG, GeoTIFF, ...), instead of ``path``.
+    window
+        Pixel window ``[col_off, row_off, width, height]`` to look at (default: everything).
+    extent
+        ``(minx, miny, maxx, maxy)`` in the raster CRS, or in ``extent_crs``; instead of ``window``.
+    extent_crs
+        CRS of ``extent`` (``"EPSG:4326"``, WKT, ...).
+    bands
+        Band choice (see :class:`engine.raster.BandSelection`).
+    """
+
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    window: Window | None = None
+    extent: tuple[float, float, float, float] | None = None
+    extent_crs: str | None = None
+    bands: BandSelection = field(default_factory=BandSelection)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise UserInputError("give either a raster path or image bytes (exactly one of them)")
+        if self.data is not None and len(self.data) == 0:
+            raise UserInputError("the image bytes are empty")
+        if self.path is not None and not str(self.path).strip():
+            raise UserInputError("the raster path is empty")
+        if self.window is not None and self.extent is not None:
+            raise UserInputError("give either a window or an extent, not both")
+        if self.extent_crs is not None and self.extent is None:
+            raise UserInputError("extent_crs was given without an extent")
+        if self.window is not None and not isinstance(self.window, Window):
+            object.__setattr__(self, "window", Window.from_list(self.window))
+        if self.extent is not None:
+            try:
+                values = tuple(float(v) for v in self.extent)
+            except (TypeError, ValueError):
+                raise UserInputError(f"an extent is minx,miny,maxx,maxy; got {self.extent!r}") from None
+            if len(values) != 4:
+                raise UserInputError(f"an extent is minx,miny,maxx,maxy; got {list(self.extent)!r}")
+            object.__setattr__(self, "extent", values)
+        if not isinstance(self.bands, BandSelection):
+            object.__setattr__(self, "bands", BandSelection.parse(self.bands))
+        if self.path is not None:
+            object.__setattr__(self, "path", str(self.path))
+
+    @classmethod
+    def of(cls, item: ImageInput | str | Path | bytes, **region: Any) -> ImageInput:
+        """An :class:`ImageInput` from a path, bytes or an ImageInput (``region``: window, extent, ...)."""
+        if isinstance(item, ImageInput):
+            if region:
+                raise UserInputError("give the window / extent / bands inside the ImageInput")
+            return item
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            return cls(data=bytes(item), **region)
+        return cls(path=str(item), **region)
+
+    @property
+    def label(self) -> str:
+        """How messages name the input."""
+        return self.path if self.path is not None else f"the image bytes ({len(self.data or b'')} bytes)"
+
+
+@contextmanager
+def open_input(inp: ImageInput, min_valid_fraction: float = 0.5) -> Iterator[tuple[RasterSource, str]]:
+    """Open an input as a :class:`RasterSource`; yields ``(source, identity)``.
+
+    ``identity`` names the data (path, size, mtime; or a hash of the bytes) for cache keys.
+    Errors about in-memory data name "the image bytes", not GDAL's temporary path.
+    """
+    if inp.path is not None:
+        identity = json.dumps(raster_identity(inp.path), sort_keys=True)
+        with RasterSource(inp.path, inp.bands, min_valid_fraction) as source:
+            yield source, identity
+        return
+    from rasterio.io import MemoryFile
+
+    assert inp.data is not None
+    identity = "sha256:" + hashlib.sha256(inp.data).hexdigest()
+    memfile = MemoryFile(inp.data)
+    try:
+        try:
+            source = RasterSource(memfile.name, inp.bands, min_valid_fraction)
+        except RasterError as exc:
+            raise RasterError(_rename(str(exc), memfile.name, inp.label)) from None
+        with source:
+            try:
+                yield source, identity
+            except RasterError as exc:
+                raise RasterError(_rename(str(exc), memfile.name, "the image bytes")) from None
+    finally:
+        memfile.close()
+
+
+def _rename(message: str, vsi_path: str, label: str) -> str:
+    name = vsi_path.rsplit("/", 1)[-1]
+    message = message.replace(f"'{vsi_path}'", label).replace(vsi_path, label).replace(name, "image")
+    if "cannot open" in message and "image bytes" in label:
+        message += " (send PNG, JPEG or GeoTIFF bytes)"
+    return message
+
+
+def resolve_window(source: RasterSource, inp: ImageInput) -> Window:
+    """The pixel window an input asks for: its window, its extent, or the whole raster."""
+    if inp.window is not None:
+        if not source.full_window.contains(inp.window):
+            raise RasterError(f"window {inp.window.to_list()} lies outside {inp.label} "
+                              f"({source.width} x {source.height} pixels)")
+        return inp.window
+    if inp.extent is not None:
+        return extent_to_window(source, inp.extent, inp.extent_crs)
+    return source.full_window
+
+
+def check_input(inp: ImageInput) -> Window:
+    """Open an input and resolve its region without reading pixels: fail fast on bad input."""
+    with open_input(inp) as (source, _):
+        return resolve_window(source, inp)
+
+
+def check_question(question: str) -> None:
+    """The model's question rules (non-empty, at most ``MAX_QUESTION_CHARS``), checked before any work."""
+    if not isinstance(question, str) or not question.strip():
+        raise UserInputError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise UserInputError(f"the question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Feature cache
+# --------------------------------------------------------------------------------------------
+def _nbytes(value: Any) -> int:
+    if hasattr(value, "nbytes") and not callable(value.nbytes):
+        return int(value.nbytes)
+    return int(value.element_size() * value.nelement())  # torch.Tensor
+
+
+class FeatureCache:
+    """A thread-safe LRU of visual features, bounded in entries and bytes."""
+
+    def __init__(self, max_entries: int = CACHE_MAX_ENTRIES, max_bytes: int = CACHE_MAX_BYTES) -> None:
+        self.max_entries = int(max_entries)
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        size = _nbytes(value)
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key)[1]
+            if self.max_entries <= 0 or size > self.max_bytes:
+                return
+            self._items[key] = (value, size)
+            self._bytes += size
+            while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached (does not count as a hit or refresh the entry)."""
+        with self._lock:
+            return key in self._items
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self._items), "bytes": self._bytes, "max_entries": self.max_entries,
+                "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses}
+
+
+# --------------------------------------------------------------------------------------------
+# Model facts
+# --------------------------------------------------------------------------------------------
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@dataclass
+class ModelInfo:
+    """What runs: model id, variant, trained or not, backend, device, providers, engine version."""
+
+    model_id: str
+    variant: str
+    trained: bool
+    backend: str
+    device: str
+    providers: list[str]
+    gpu: bool
+    dtype: str
+    model_dir: str | None
+    fingerprint: str
+    version: str = __version__
+    gpu_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, model: MoEInference, backend: str | None = None, model_dir: str | Path | None = None) -> ModelInfo:
+        """Facts about a loaded model (torch or ONNX Runtime backend)."""
+        providers = [str(p) for p in getattr(model, "providers", None) or []]
+        backend = backend or ("onnx" if providers else "torch")
+        device_obj = getattr(model, "device", "cpu")
+        dev_type = getattr(device_obj, "type", str(device_obj))
+        dev_index = getattr(device_obj, "index", getattr(device_obj, "id", None))
+        device = f"{dev_type}:{dev_index or 0}" if dev_type == "cuda" else str(dev_type)
+        if not providers:
+            providers = [device]
+        gpu = dev_type == "cuda" or any(p in _GPU_PROVIDERS for p in providers[:1])
+        gpu_name = None
+        if gpu:
+            try:
+                import torch
+
+                gpu_name = torch.cuda.get_device_name(int(dev_index or 0)) if torch.cuda.is_available() else None
+            except Exception:  # pragma: no cover - depends on the machine
+                gpu_name = None
+        raw = getattr(model, "dtype", None) or getattr(model, "float_type", np.float32)
+        dtype = str(raw).replace("torch.", "") if hasattr(raw, "is_floating_point") else np.dtype(raw).name
+        where = model_dir or getattr(model, "model_dir", None)
+        directory = Path(where) if where else None
+        trained = bool(model.trained_adapters) or bool(directory and (directory / "model.safetensors").exists())
+        config = model.config
+        return cls(model_id=config.model_id, variant=config.variant, trained=trained, backend=backend,
+                   device=device, providers=providers, gpu=gpu, dtype=dtype,
+                   model_dir=str(directory) if directory else None,
+                   fingerprint=_fingerprint(config, directory, backend, dtype), gpu_name=gpu_name)
+
+
+def _fingerprint(config: Any, directory: Path | None, backend: str, dtype: str) -> str:
+    """A short hash that changes when the model's config or weight files change."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"{backend}:{dtype}".encode())
+    if directory is not None and directory.is_dir():
+        for p in sorted(directory.rglob("*.safetensors")) + sorted(directory.rglob("*.onnx")):
+            st = p.stat()
+            h.update(f"{p.relative_to(directory)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RegionResult:
+    """A caption or an answer about one region, with where it came from."""
+
+    result: ModelResult
+    window: Window
+    source: dict[str, Any]
+    cached: bool
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.result.text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.result.to_dict(), "window": self.window.to_list(), "source": self.source,
+                "cached": self.cached, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class PipelineStats:
+    """Counters for tests and benchmarks."""
+
+    encoder_calls: int = 0
+    encoded_images: int = 0
+    language_calls: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+def _concat(parts: Sequence[Any]) -> Any:
+    if hasattr(parts[0], "detach"):  # torch
+        import torch
+
+        return torch.cat(list(parts), dim=0)
+    return np.concatenate(list(parts), axis=0)
+
+
+def _row(visual: Any, i: int) -> Any:
+    part = visual[i:i + 1]
+    return part.clone() if hasattr(part, "clone") else np.array(part, copy=True)
+
+
+class Pipeline:
+    """Caption / ask / annotate over one loaded model, with batching and a visual feature cache.
+
+    Parameters
+    ----------
+    model
+        A loaded model (torch ``RSMoEModel`` or the ONNX Runtime backend).
+    info
+        Facts about the model (default: :meth:`ModelInfo.of`).
+    batch_size
+        Images per model call.
+    cache
+        The feature cache (default: a fresh :class:`FeatureCache`).
+    """
+
+    def __init__(self, model: MoEInference, info: ModelInfo | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 cache: FeatureCache | None = None) -> None:
+        if int(batch_size) < 1:
+            raise UserInputError(f"batch size must be >= 1, got {batch_size}")
+        self.model = model
+        self.info = info or ModelInfo.of(model)
+        self.batch_size = int(batch_size)
+        self.cache = cache if cache is not None else FeatureCache()
+        self.lock = threading.RLock()
+        self.stats = PipelineStats()
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, backend: str = "torch", device: str = "auto",
+             dtype: str | None = None, **options: Any) -> Pipeline:
+        """Load a model through :func:`engine.runtime.load_model` and wrap it."""
+        from engine.runtime import default_model_dir, load_model
+
+        model = load_model(model_dir, backend, device, dtype)
+        info = ModelInfo.of(model, backend, model_dir or default_model_dir())
+        log.info("model %s (%s, %s) on %s via %s", info.model_id, info.variant,
+                 "trained" if info.trained else "UNTRAINED", info.device, info.backend)
+        return cls(model, info, **options)
+
+    @property
+    def image_size(self) -> int:
+        """The model's square input size in pixels."""
+        return int(self.model.image_processor.config.image_size)
+
+    # -- model calls -------------------------------------------------------------------------
+    def encode(self, images: Sequence[np.ndarray], keys: Sequence[Hashable | None] | None = None) -> Any:
+        """Visual tokens for images (B, N, D), from the cache where ``keys`` hit it."""
+        keys = list(keys) if keys is not None else [None] * len(images)
+        if len(keys) != len(images):
+            raise ValueError("one cache key per image (or None)")
+        found: list[Any] = [self.cache.get(self._key(k)) if k is not None else None for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            with self.lock:
+                visual = self.model.encode_images(self.model.preprocess([images[i] for i in chunk]))
+                self.stats.encoder_calls += 1
+                self.stats.encoded_images += len(chunk)
+            for j, i in enumerate(chunk):
+                found[i] = _row(visual, j)
+                if keys[i] is not None:
+                    self.cache.put(self._key(keys[i]), found[i])
+        return _concat(found)
+
+    def _key(self, key: Hashable) -> Hashable:
+        return (self.info.fingerprint, key)
+
+    def caption_images(self, images: Sequence[np.ndarray], style: str = "concise",
+                       keys: Sequence[Hashable | None] | None = None) -> list[ModelResult]:
+        """Caption HxWx3 uint8 images, ``batch_size`` at a time."""
+        _check_style(style)
+        return self._run(images, keys, lambda visual, rows: self.model.caption_features(visual, style))
+
+    def ask_images(self, images: Sequence[np.ndarray], questions: Sequence[str],
+                   keys: Sequence[Hashable | None] | None = None) -> list[ModelResult]:
+        """Answer one question per image, ``batch_size`` at a time."""
+        if len(questions) != len(images):
+            raise ValueError("one question per image")
+        return self._run(images, keys, lambda visual, rows: self.model.ask_features(visual, [questions[i] for i in rows]))
+
+    def _run(self, images: Sequence[np.ndarray], keys: Sequence[Hashable | None] | None, call: Any) -> list[ModelResult]:
+        keys = list(keys) if keys is not None else [None] * len(images)
+        results: list[ModelResult] = []
+        for start in range(0, len(images), self.batch_size):
+            rows = list(range(start, min(start + self.batch_size, len(images))))
+            visual = self.encode([images[i] for i in rows], [keys[i] for i in rows])
+            with self.lock:
+                results.extend(call(visual, rows))
+                self.stats.language_calls += 1
+        return results
+
+    # -- regions -----------------------------------------------------------------------------
+    def read_region(self, inp: ImageInput) -> tuple[TileRead, tuple[Hashable, ...], dict[str, Any]]:
+        """Read an input's region downsampled to the model input: (read, cache key, source facts)."""
+        with open_input(inp) as (source, identity):
+            window = resolve_window(source, inp)
+            read = source.read_overview(window, max_size=self.image_size)
+            facts = source.describe()
+            if inp.data is not None:
+                facts["path"] = None
+            key = (identity, tuple(window.to_list()), tuple(source.band_indices),
+                   None if read.image is None else read.image.shape[:2])
+        if read.image is None:
+            raise RasterError(f"window {window.to_list()} of {inp.label} holds no valid pixels (all nodata)")
+        return read, key, facts
+
+    def caption(self, item: ImageInput | str | Path | bytes, style: str = "concise", **region: Any) -> RegionResult:
+        """Caption a raster, an image, or a window / extent of it (a downsampled read)."""
+        return self.caption_batch([ImageInput.of(item, **region)], style)[0]
+
+    def caption_batch(self, items: Sequence[ImageInput | str | Path | bytes], style: str = "concise") -> list[RegionResult]:
+        """Caption several inputs (one downsampled read each), batched through the model."""
+        _check_style(style)
+        start = time.perf_counter()
+        inputs = [ImageInput.of(item) for item in items]
+        reads = [self.read_region(inp) for inp in inputs]
+        hits = [self._key(key) in self.cache for _, key, _ in reads]
+        results = self.caption_images([r.image for r, _, _ in reads], style, [key for _, key, _ in reads])
+        seconds = (time.perf_counter() - start) / max(1, len(inputs))
+        return [RegionResult(res, read.window, facts, hit, seconds)
+                for res, (read, _, facts), hit in zip(results, reads, hits)]
+
+    def ask(self, item: ImageInput | str | Path | bytes, question: str, **region: Any) -> RegionResult:
+        """Answer a question about a raster, an image, or a window / extent of it."""
+        check_question(question)
+        start = time.perf_counter()
+        read, key, facts = self.read_region(ImageInput.of(item, **region))
+        hit = self._key(key) in self.cache
+        (result,) = self.ask_images([read.image], [question], [key])
+        return RegionResult(result, read.window, facts, hit, time.perf_counter() - start)
+
+    # -- batch annotation --------------------------------------------------------------------
+    def annotate(self, raster: str | Path, tiling: Any = "512", out: str | Path = "annotations.geojson",
+                 progress: ProgressCallback | None = None, cancel: CancelFlag | None = None,
+                 **options: Any) -> AnnotateResult:
+        """Caption every tile of a raster into a GeoJSON file (see :func:`engine.jobs.run_annotation`).
+
+        ``tiling`` is a tile size (``512``, ``"500m"``) or an :class:`engine.geo.TilingParams`;
+        ``options`` are further :class:`engine.jobs.AnnotateParams` fields.
+        """
+        from engine.geo import TilingParams
+        from engine.jobs import AnnotateParams, run_annotation
+
+        if isinstance(tiling, TilingParams):
+            options.setdefault("overlap", tiling.overlap)
+            if tiling.extent is not None:
+                options.setdefault("window", tiling.extent)
+            tiling = str(tiling.tile_size)
+        params = AnnotateParams(raster=str(raster), out=str(out), tile_size=tiling, **options)
+        return run_annotation(self, params, progress=progress, cancel=cancel)
+
+
+def _check_style(style: str) -> None:
+    if style not in CAPTION_STYLES:
+        raise UserInputError(f"unknown caption style {style!r}; use one of {', '.join(CAPTION_STYLES)}")
