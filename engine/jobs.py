@@ -1,0 +1,509 @@
+"""Batch annotation jobs: caption every tile of a raster into GeoJSON, with progress, cancel and resume.
+
+One run (:func:`run_annotation`)
+    The raster (or a window / extent of it) is cut into tiles (:func:`engine.geo.plan_tiles`).
+    Tiles go through the model in fixed groups of ``batch_size`` consecutive tile indices (the
+    same groups on every run, so a resumed run feeds the model exactly the batches an
+    uninterrupted run does). Tiles with too little valid data are not captioned: their
+    features have ``caption: null`` and a ``skipped`` reason.
+
+Resume
+    Every finished tile is appended to the job's journal (``OUT.geojson.journal``,
+    :class:`engine.geo.TileJournal`) as its batch completes, durably. Run the same job again after a
+    crash, a kill (even SIGKILL) or a cancel and it continues where it stopped; the final GeoJSON is
+    built from the journal's records only, so it is byte-identical to an uninterrupted run's. A job
+    with other parameters refuses an existing journal unless ``restart`` is given.
+
+Output
+    Written only when every tile is done, atomically (:func:`engine.geo.write_geojson_atomic`): a
+    failed or cancelled run leaves any earlier OUT.geojson as it was and never a half-written one.
+    Feature properties: ``tile_index``, ``window``, ``caption``, ``skipped``, ``valid_fraction``,
+    ``ground_resolution_m``, ``row``, ``col``, ``segments`` (per expert: ``expert``, ``text``),
+    ``router``, ``scene``, ``model_id``, ``backend`` and, with ``timing``, ``seconds`` (the tile's
+    share of its batch's wall time: journalled with the tile, but left out by default because it
+    differs between runs). The journal is deleted after a successful run unless ``keep_journal``.
+
+Service (:class:`JobManager`)
+    Jobs queue and run one at a time in a worker thread over the service's one pipeline; interactive
+    caption / ask requests interleave with a job between its batches (the pipeline's lock).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from engine.errors import CancelledError, JobError, JobNotFoundError, RSMoEError, UserInputError
+from engine.geo import (TileJournal, TileRecord, TilingParams, feature_collection, journal_path, parse_tile_size,
+                        plan_tiles, raster_identity, write_geojson_atomic, write_gpkg)
+from engine import __version__
+from engine.pipeline import ImageInput, ModelInfo, Pipeline, open_input, resolve_window
+from engine.raster import BandSelection, RasterSource, Window
+
+log = logging.getLogger(__name__)
+
+#: Properties journalled with each tile but written to the GeoJSON only on request (they vary run to run).
+VOLATILE_PROPERTIES = ("seconds",)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters, progress, results
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AnnotateParams:
+    """One batch annotation job.
+
+    Parameters
+    ----------
+    raster
+        Path of the raster to annotate.
+    out
+        The GeoJSON to write (its folder is created; its journal lies beside it).
+    tile_size
+        Pixels (``512``, ``"512px"``) or ground metres (``"500m"``, ``"2km"``).
+    overlap
+        Pixels shared by neighbouring tiles.
+    window, extent, extent_crs
+        Annotate only a pixel window, or an extent (minx, miny, maxx, maxy) in the raster CRS or
+        ``extent_crs``; default: the whole raster.
+    bands
+        Band choice (``"4,3,2"``, ``"B04,B03,B02"``; default: RGB by colour interpretation, else 1,2,3).
+    style
+        ``concise`` (one sentence per tile) or ``detailed`` (every expert).
+    batch_size
+        Tiles per model call (default: the pipeline's).
+    gpkg
+        Also write a GeoPackage (raster CRS) here.
+    restart
+        Ignore (and replace) an existing journal instead of resuming it.
+    min_valid_fraction
+        Tiles with less valid (not nodata) data are skipped.
+    timing
+        Write each tile's ``seconds`` into the GeoJSON (makes runs differ byte-wise).
+    keep_journal
+        Keep the journal after success (a re-run then only rewrites the output).
+    """
+
+    raster: str
+    out: str
+    tile_size: str | int = 512
+    overlap: int = 0
+    window: Window | None = None
+    extent: tuple[float, float, float, float] | None = None
+    extent_crs: str | None = None
+    bands: BandSelection | str | None = None
+    style: str = "concise"
+    batch_size: int | None = None
+    gpkg: str | None = None
+    restart: bool = False
+    min_valid_fraction: float = 0.5
+    timing: bool = False
+    keep_journal: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raster", str(self.raster))
+        object.__setattr__(self, "out", str(self.out))
+        if self.gpkg is not None:
+            object.__setattr__(self, "gpkg", str(self.gpkg))
+        if not isinstance(self.bands, BandSelection):
+            object.__setattr__(self, "bands", BandSelection.parse(self.bands))
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
+        parse_tile_size(self.tile_size)  # fail early on a malformed size
+
+    def image_input(self) -> ImageInput:
+        assert isinstance(self.bands, BandSelection)
+        return ImageInput(path=self.raster, window=self.window, extent=self.extent, extent_crs=self.extent_crs,
+                          bands=self.bands)
+
+
+@dataclass
+class JobProgress:
+    """Tiles done (captioned + skipped, resumed ones included) out of ``total``."""
+
+    done: int
+    total: int
+    skipped: int
+    resumed: int = 0
+
+
+@dataclass
+class AnnotateResult:
+    """What a finished annotation wrote."""
+
+    out: Path
+    gpkg: Path | None
+    total: int
+    captioned: int
+    skipped: int
+    resumed: int
+    seconds: float
+    journal: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "gpkg": str(self.gpkg) if self.gpkg else None, "total": self.total,
+                "captioned": self.captioned, "skipped": self.skipped, "resumed": self.resumed,
+                "seconds": round(self.seconds, 3), "journal": str(self.journal) if self.journal else None}
+
+
+ProgressCallback = Callable[[JobProgress], None]
+
+
+class CancelFlag(Protocol):
+    """Anything with ``is_set()`` (a ``threading.Event``)."""
+
+    def is_set(self) -> bool: ...  # pragma: no cover
+
+
+@dataclass
+class AnnotationPlan:
+    """A validated job: its tiles, the region, the journal header and the output metadata."""
+
+    params: AnnotateParams
+    tiles: list[Any]
+    region: Window
+    header: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Running one job
+# --------------------------------------------------------------------------------------------
+def _check_params(params: AnnotateParams) -> None:
+    if params.style not in ("concise", "detailed"):
+        raise UserInputError(f"unknown caption style {params.style!r}; use concise or detailed")
+    for label, value in (("--out", params.out), ("--gpkg", params.gpkg)):
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.name or path.is_dir():
+            raise UserInputError(f"{label} '{value}' is a folder; give a file name such as tiles.geojson")
+    if params.gpkg is not None and Path(params.gpkg).resolve() == Path(params.out).resolve():
+        raise UserInputError("--gpkg and --out name the same file")
+    if Path(params.raster).resolve() in (Path(params.out).resolve(), journal_path(params.out).resolve()):
+        raise UserInputError("--out would overwrite the raster itself; choose another output file")
+
+
+def _plan(source: RasterSource, params: AnnotateParams, info: ModelInfo | None) -> AnnotationPlan:
+    region = resolve_window(source, params.image_input())
+    tiles = plan_tiles(source, params.tile_size, params.overlap, region)
+    tiling = TilingParams(parse_tile_size(params.tile_size), params.overlap, region)
+    model = {"id": info.model_id, "fingerprint": info.fingerprint, "backend": info.backend} if info else None
+    header = {
+        "raster": raster_identity(params.raster),
+        "size": [source.width, source.height],
+        "bands": list(source.band_indices),
+        "tiling": tiling.to_dict(),
+        "tiles": len(tiles),
+        "style": params.style,
+        "min_valid_fraction": params.min_valid_fraction,
+        "model": model,
+    }
+    metadata = {
+        "raster": params.raster,
+        "bands": list(source.band_indices),
+        "tiling": tiling.to_dict(),
+        "style": params.style,
+        "model_id": info.model_id if info else None,
+        "model_variant": info.variant if info else None,
+        "model_trained": info.trained if info else None,
+        "backend": info.backend if info else None,
+        "engine_version": __version__,
+    }
+    return AnnotationPlan(params, tiles, region, header, metadata)
+
+
+def check_annotation(params: AnnotateParams, info: ModelInfo | None = None) -> AnnotationPlan:
+    """Validate a job without running it (no model needed): the raster opens, region and tiling are
+    valid, the outputs are file names. Raises the error the run would raise."""
+    _check_params(params)
+    geo_log = logging.getLogger("engine.geo")
+    level = geo_log.level
+    geo_log.setLevel(max(logging.WARNING, geo_log.getEffectiveLevel()))  # the run logs the plan itself
+    try:
+        with open_input(params.image_input(), params.min_valid_fraction) as (source, _):
+            return _plan(source, params, info)
+    finally:
+        geo_log.setLevel(level)
+
+
+def _groups(tiles: list[Any], size: int) -> list[list[Any]]:
+    return [tiles[i:i + size] for i in range(0, len(tiles), size)]
+
+
+def run_annotation(pipeline: Pipeline, params: AnnotateParams, progress: ProgressCallback | None = None,
+                   cancel: CancelFlag | None = None) -> AnnotateResult:
+    """Run (or resume) one annotation job and write its GeoJSON (see the module docstring).
+
+    Raises
+    ------
+    CancelledError
+        ``cancel`` was set; finished tiles stay in the journal, no output is written.
+    RSMoEError
+        Bad input (raster, extent, tiling, output path) or a journal of another job.
+    """
+    start = time.perf_counter()
+    _check_params(params)
+    out = Path(params.out)
+    batch_size = int(params.batch_size or pipeline.batch_size)
+    with open_input(params.image_input(), params.min_valid_fraction) as (source, identity):
+        plan = _plan(source, params, pipeline.info)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserInputError(f"cannot create the folder of '{out}': {exc.strerror or exc}") from None
+        journal = TileJournal.for_output(out, plan.header)
+        try:
+            done = journal.open(resume=not params.restart)
+        except JobError as exc:
+            if journal.path.exists() and not _journal_has_tiles(journal):
+                log.info("replacing journal %s of another job that finished no tile", journal.path)
+                done = journal.open(resume=False)
+            else:
+                raise JobError(f"{exc} (or run with --restart / \"restart\": true)") from None
+        resumed = len(done)
+        total = len(plan.tiles)
+        state = JobProgress(len(done), total, sum(1 for r in done.values() if r.skipped), resumed)
+        try:
+            if progress:
+                progress(replace(state))
+            finished = set(done)
+            for group in _groups(plan.tiles, batch_size):
+                if all(t.index in finished for t in group):
+                    continue
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError(
+                        f"cancelled after {state.done} of {total} tiles; the journal '{journal.path}' keeps them: "
+                        f"run the same job again to resume")
+                for rec in _annotate_group(pipeline, source, identity, group, params.style):
+                    if rec.tile_index not in finished:
+                        journal.append(rec)
+                        finished.add(rec.tile_index)
+                        state.done += 1
+                        state.skipped += rec.skipped is not None
+                if progress:
+                    progress(replace(state))
+            records = list(journal.records().values())
+            if len(records) != total:  # pragma: no cover - guarded by the loop above
+                raise JobError(f"journal '{journal.path}' holds {len(records)} of {total} tiles")
+            written = [_for_output(r, params.timing) for r in records]
+            write_geojson_atomic(out, feature_collection(written, source.georef, plan.metadata))
+            gpkg = write_gpkg(params.gpkg, written, source.georef) if params.gpkg else None
+        finally:
+            journal.close()
+    if not params.keep_journal:
+        journal.remove()
+    skipped = sum(1 for r in records if r.skipped)
+    return AnnotateResult(out, Path(gpkg) if gpkg else None, total, total - skipped, skipped, resumed,
+                          time.perf_counter() - start, journal.path if params.keep_journal else None)
+
+
+def _journal_has_tiles(journal: TileJournal) -> bool:
+    try:
+        return bool(journal.load()[1])
+    except JobError:  # unreadable or corrupt: keep it, let the user decide
+        return True
+
+
+def _for_output(record: TileRecord, timing: bool) -> TileRecord:
+    """The record as the output shows it: extra keys sorted (records loaded from a journal and records
+    appended in this run agree), volatile ones only with ``timing``."""
+    keep = {k: record.extra[k] for k in sorted(record.extra) if timing or k not in VOLATILE_PROPERTIES}
+    return replace(record, extra=keep)
+
+
+def _annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, group: list[Any],
+                    style: str) -> list[TileRecord]:
+    """Read a group of tiles, caption the valid ones in one batch, return one record per tile."""
+    start = time.perf_counter()
+    size = pipeline.image_size
+    reads = [source.read_tile(tile.window, size) for tile in group]
+    valid = [i for i, r in enumerate(reads) if r.image is not None]
+    bands = tuple(source.band_indices)
+    results = {}
+    if valid:
+        keys = [(identity, tuple(reads[i].window.to_list()), bands, (size, size)) for i in valid]
+        captions = pipeline.caption_images([reads[i].image for i in valid], style, keys)
+        results = dict(zip(valid, captions))
+    seconds = round((time.perf_counter() - start) / max(1, len(valid)), 3)
+    info = pipeline.info
+    records = []
+    for i, (tile, read) in enumerate(zip(group, reads)):
+        extra: dict[str, Any] = {"row": tile.row, "col": tile.col}
+        res = results.get(i)
+        if res is not None:
+            extra.update(segments=[{"expert": s.expert, "text": s.text} for s in res.segments],
+                         router=res.router, scene=res.plan.scene)
+        else:
+            extra.update(segments=None, router=None, scene=None)
+        extra.update(model_id=info.model_id, backend=info.backend)
+        if res is not None:
+            extra["seconds"] = seconds
+        records.append(TileRecord.from_read(tile.index, read, res.text if res is not None else None,
+                                            source.ground_resolution_of(tile.window), **extra))
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# The service's job manager
+# --------------------------------------------------------------------------------------------
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+@dataclass
+class Job:
+    """One annotation job of the service, as its status reports it."""
+
+    id: str
+    params: AnnotateParams
+    total: int
+    state: str = "queued"
+    done: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    message: str = "queued"
+    error: str | None = None
+    result: AnnotateResult | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+    def status(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "id": self.id, "state": self.state, "done": self.done, "total": self.total, "skipped": self.skipped,
+            "resumed": self.resumed, "message": self.message, "error": self.error,
+            "cancel_requested": self.cancel_event.is_set(),
+            "out": p.out, "gpkg": p.gpkg, "raster": p.raster,
+            "created": self.created, "started": self.started, "finished": self.finished,
+            "result": self.result.to_dict() if self.result else None,
+        }
+
+
+class JobManager:
+    """Create, watch, cancel and collect annotation jobs; one worker thread runs them in order."""
+
+    def __init__(self, pipeline: Pipeline, max_kept: int = 200) -> None:
+        self.pipeline = pipeline
+        self.max_kept = max_kept
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._counter = itertools.count(1)
+        self._worker = threading.Thread(target=self._work, name="rsmoe-jobs", daemon=True)
+        self._worker.start()
+
+    def submit(self, params: AnnotateParams) -> Job:
+        """Validate and queue a job; bad parameters raise at once (nothing is queued)."""
+        plan = check_annotation(params, self.pipeline.info)
+        out = Path(params.out).resolve()
+        with self._lock:
+            for other in self._jobs.values():
+                if other.active and Path(other.params.out).resolve() == out:
+                    raise JobError(f"job {other.id} is already writing '{params.out}'; wait for it or cancel it")
+            job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", params=params, total=len(plan.tiles))
+            self._jobs[job.id] = job
+            self._prune()
+        self._queue.put(job)
+        log.info("job %s queued: %s -> %s (%d tiles)", job.id, params.raster, params.out, job.total)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job with id {job_id!r} (the service keeps jobs of this session only)")
+        return job
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def cancel(self, job_id: str) -> Job:
+        """Ask a job to stop after its current batch (a queued job never starts)."""
+        job = self.get(job_id)
+        with self._lock:
+            if job.active:
+                job.cancel_event.set()
+                job.message = "cancelling after the current batch" if job.state == "running" else "cancelled"
+                if job.state == "queued":
+                    job.state, job.finished = "cancelled", time.time()
+        return job
+
+    def result(self, job_id: str) -> AnnotateResult:
+        job = self.get(job_id)
+        if job.state == "done" and job.result is not None:
+            return job.result
+        if job.state == "failed":
+            raise JobError(f"job {job_id} failed: {job.error}")
+        if job.state == "cancelled":
+            raise JobError(f"job {job_id} was cancelled after {job.done} of {job.total} tiles; no output was "
+                           f"written (submit it again to resume from its journal)")
+        raise JobError(f"job {job_id} is {job.state} ({job.done} of {job.total} tiles); poll GET /jobs/{job_id}")
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until a job leaves the queued / running states (for tests and scripts)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.get(job_id)
+        while job.active:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state}")
+            time.sleep(0.05)
+        return job
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel every job and stop the worker (after its current batch)."""
+        for job in self.list():
+            if job.active:
+                self.cancel(job.id)
+        self._queue.put(None)
+        self._worker.join(timeout)
+
+    def _prune(self) -> None:
+        finished = [j for j in self._jobs.values() if not j.active]
+        for job in finished[: max(0, len(self._jobs) - self.max_kept)]:
+            del self._jobs[job.id]
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.state != "queued":
+                continue
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        with self._lock:
+            job.state, job.started, job.message = "running", time.time(), "running"
+
+        def progress(p: JobProgress) -> None:
+            with self._lock:
+                job.done, job.total, job.skipped, job.resumed = p.done, p.total, p.skipped, p.resumed
+                job.message = f"{p.done} of {p.total} tiles" + (f" ({p.skipped} skipped)" if p.skipped else "")
+
+        try:
+            result = run_annotation(self.pipeline, job.params, progress, job.cancel_event)
+        except CancelledError as exc:
+            state, message, error, result = "cancelled", str(exc), None, None
+        except RSMoEError as exc:
+            state, message, error, result = "failed", str(exc), str(exc), None
+        except Exception as exc:  # a bug: keep the service alive, report it
+            log.exception("job %s crashed", job.id)
+            state, message, error, result = "failed", f"internal error: {type(exc).__name__}: {exc}", str(exc), None
+        else:
+            state, message, error = "done", f"wrote {result.out}", None
+        with self._lock:
+            job.state, job.message, job.error, job.result, job.finished = state, message, error, result, time.time()
+        log.info("job %s %s: %s", job.id, state, message)
