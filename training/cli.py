@@ -11,6 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="two-stage RS-MoE training from a YAML config (resumable)")
     p.add_argument("--config", type=Path, required=True, help="training config (see training/configs/)")
     p.add_argument("--out", type=Path, default=None, help="output directory (overrides the config's)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="vision-feature cache (overrides the config's)")
     p.add_argument("--one-stage", action="store_true",
                    help="ablation: train the experts from scratch in one stage (no dense initialisation)")
     p.set_defaults(func=cmd_train)
@@ -37,6 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.load(args.config)
     if args.out is not None:
         config.out = str(args.out)
+    if args.cache_dir is not None:
+        config.cache_dir = str(args.cache_dir)
     if args.one_stage:
         config.one_stage = True
     final = train(config)

@@ -19,6 +19,7 @@ class StageConfig:
     weight_decay: float = 0.0
     max_steps_per_epoch: int | None = None  # caps an epoch (smoke tests, quick runs)
     vqa_per_epoch: int = 0  # derived-VQA samples mixed into each epoch
+    expert_targets_per_image: int = 3  # stage 2: sub-task targets drawn per image and epoch (of the experts)
 
 
 @dataclass

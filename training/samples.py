@@ -54,15 +54,16 @@ def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
 
 def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
                    image_ids: dict[str, int], rng: random.Random, vqa_count: int,
-                   with_router: bool = True) -> list[Sample]:
-    """Router plans, expert sub-task targets, concise captions and routed VQA pairs."""
+                   with_router: bool = True, targets_per_image: int = 3) -> list[Sample]:
+    """Router plans, expert sub-task targets (``targets_per_image`` experts drawn per image), concise
+    captions and routed VQA pairs."""
     experts = config.expert_names
     scenes = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
     out: list[Sample] = []
     for r in records:
         scene = scenes[r.image_id]
         targets = targets_for_record(r).as_dict()
-        for expert in experts:
+        for expert in rng.sample(experts, min(targets_per_image, len(experts))):
             if expert in targets:
                 out.append(Sample(r.image_id, _caption_prompt(config, expert, scene, "detailed"), targets[expert], expert))
         concise_expert = next((e for e in config.router.concise_experts if e in experts), experts[0])

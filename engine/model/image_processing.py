@@ -46,13 +46,13 @@ class ImageProcessor:
 
             try:
                 with Image.open(image) as im:
-                    return np.asarray(im.convert("RGB"))
+                    return np.array(im.convert("RGB"))
             except FileNotFoundError as exc:
                 raise UserInputError(f"image not found: {image}") from exc
             except (UnidentifiedImageError, OSError) as exc:
                 raise UserInputError(f"cannot read image {image}: {exc}") from exc
         if hasattr(image, "convert"):  # PIL image
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
         array = np.asarray(image)
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
