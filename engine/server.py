@@ -1,0 +1,439 @@
+"""The engine's local HTTP service (FastAPI + uvicorn) that the QGIS plugin talks to.
+
+Security
+    Bound to 127.0.0.1 unless told otherwise. Every start draws a random token
+    (``secrets.token_urlsafe``); every request, ``/openapi.json`` included, must carry it as
+    ``Authorization: Bearer <token>`` or ``X-RSMoE-Token: <token>`` (missing: 401, wrong: 403).
+    The URL, token and process id are written to a file only the user can read (mode 0600):
+    ``$RSMOE_HOME/engine.json`` or ``~/.cache/rsmoe/engine.json`` by default
+    (``{"url": ..., "token": ..., "pid": ..., "version": ...}``), removed again at shutdown.
+    Request bodies above ``max_body_bytes`` are refused with 413 before they are read in full.
+
+Errors
+    Every failure is JSON ``{"error": "<message a person can act on>"}``: engine errors with their
+    ``http_status`` (400 bad input, 404 missing file or job, 409 job state, 422 unreadable raster,
+    503 missing base weights), request validation 422, unknown route 404, bad token 401/403,
+    too large 413; anything unexpected is logged and answered 500 without a traceback. The
+    service keeps serving.
+
+Endpoints: see :func:`create_app` (and ``GET /openapi.json``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import __version__
+from engine.errors import RSMoEError, UserInputError
+from engine.jobs import AnnotateParams, JobManager
+from engine.pipeline import ImageInput, Pipeline
+from engine.raster import BandSelection, Window
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+TOKEN_HEADER = "x-rsmoe-token"
+ENGINE_FILE = "engine.json"
+
+
+def default_token_file() -> Path:
+    """``$RSMOE_HOME/engine.json`` or ``~/.cache/rsmoe/engine.json``."""
+    from engine.base_models import cache_root
+
+    return cache_root() / ENGINE_FILE
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies
+# --------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegionRequest(_Strict):
+    """An image: ``image_base64`` (PNG / JPEG / GeoTIFF bytes) or a local raster ``path``, and a part of it."""
+
+    image_base64: str | None = Field(None, description="base64 of PNG, JPEG or GeoTIFF bytes (instead of path)")
+    path: str | None = Field(None, description="a raster file on the engine's machine (instead of image_base64)")
+    window: list[int] | None = Field(None, min_length=4, max_length=4,
+                                     description="pixel window [col_off, row_off, width, height]")
+    extent: list[float] | None = Field(None, min_length=4, max_length=4,
+                                       description="[minx, miny, maxx, maxy] in the raster CRS or extent_crs")
+    extent_crs: str | None = Field(None, description="CRS of extent, e.g. EPSG:4326")
+    bands: str | list[int | str] | None = Field(None, description='band choice, e.g. "4,3,2" or ["B04","B03","B02"]')
+
+    def image_input(self) -> ImageInput:
+        data = None
+        if self.image_base64 is not None:
+            try:
+                data = base64.b64decode(self.image_base64, validate=True)
+            except (binascii.Error, ValueError):
+                raise UserInputError("image_base64 is not valid base64") from None
+        return ImageInput(path=self.path, data=data, window=Window.from_list(self.window) if self.window else None,
+                          extent=tuple(self.extent) if self.extent else None,  # type: ignore[arg-type]
+                          extent_crs=self.extent_crs, bands=BandSelection.parse(self.bands))
+
+
+class CaptionRequest(RegionRequest):
+    style: Literal["concise", "detailed"] = "concise"
+
+
+class AskRequest(RegionRequest):
+    question: str = Field(..., description="the question (at most 1000 characters)")
+
+
+class JobRequest(_Strict):
+    """A batch annotation job (see ``rsmoe annotate``)."""
+
+    path: str = Field(..., description="the raster to annotate (on the engine's machine)")
+    out: str = Field(..., description="the GeoJSON file to write")
+    tile_size: str | int = Field(512, description='pixels (512) or ground size ("500m")')
+    overlap: int = Field(0, ge=0)
+    window: list[int] | None = Field(None, min_length=4, max_length=4)
+    extent: list[float] | None = Field(None, min_length=4, max_length=4)
+    extent_crs: str | None = None
+    bands: str | list[int | str] | None = None
+    style: Literal["concise", "detailed"] = "concise"
+    batch_size: int | None = Field(None, ge=1, le=256)
+    gpkg: str | None = Field(None, description="also write a GeoPackage here")
+    restart: bool = Field(False, description="ignore an existing journal instead of resuming it")
+    min_valid_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    timing: bool = False
+
+    def params(self) -> AnnotateParams:
+        if self.window is not None and self.extent is not None:
+            raise UserInputError("give either a window or an extent, not both")
+        if self.extent_crs is not None and self.extent is None:
+            raise UserInputError("extent_crs was given without an extent")
+        return AnnotateParams(
+            raster=self.path, out=self.out, tile_size=self.tile_size, overlap=self.overlap,
+            window=Window.from_list(self.window) if self.window else None,
+            extent=tuple(self.extent) if self.extent else None,  # type: ignore[arg-type]
+            extent_crs=self.extent_crs, bands=BandSelection.parse(self.bands), style=self.style,
+            batch_size=self.batch_size, gpkg=self.gpkg, restart=self.restart,
+            min_valid_fraction=self.min_valid_fraction, timing=self.timing)
+
+
+# --------------------------------------------------------------------------------------------
+# ASGI guard: token and body size, before any body is read
+# --------------------------------------------------------------------------------------------
+async def _send_json(send: Callable[..., Any], status: int, payload: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Refuse requests without the token (401 / 403) and bodies over ``max_body_bytes`` (413)."""
+
+    def __init__(self, app: Any, token: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.max_body_bytes = max_body_bytes
+
+    def _token_of(self, headers: dict[bytes, bytes]) -> bytes | None:
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        return headers.get(TOKEN_HEADER.encode())
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        given = self._token_of(headers)
+        if not given:
+            await _send_json(send, 401, {"error": "missing token: send 'Authorization: Bearer <token>' with the "
+                                                  "token from the engine's engine.json"},
+                             [(b"www-authenticate", b"Bearer")])
+            return
+        if not secrets.compare_digest(given, self.token):
+            await _send_json(send, 403, {"error": "wrong token: the engine was restarted? read the token again "
+                                                  "from its engine.json"})
+            return
+        length = headers.get(b"content-length")
+        too_large = {"error": f"request body too large: the limit is {self.max_body_bytes // 2**20} MB"}
+        try:
+            if length is not None and int(length) > self.max_body_bytes:
+                await _send_json(send, 413, too_large)
+                return
+        except ValueError:
+            await _send_json(send, 400, {"error": "invalid Content-Length header"})
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:  # FastAPI passes HTTPException through its body parsing
+                    raise StarletteHTTPException(413, too_large["error"])
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except StarletteHTTPException as exc:
+            if started or exc.status_code != 413:
+                raise
+            await _send_json(send, 413, too_large)
+
+
+# --------------------------------------------------------------------------------------------
+# The application
+# --------------------------------------------------------------------------------------------
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if err.get("type") == "json_invalid":
+            parts.append("the request body is not valid JSON")
+            continue
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field '{where}'")
+            continue
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "invalid request: " + "; ".join(dict.fromkeys(parts))
+
+
+def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               lifespan: Callable[[FastAPI], Any] | None = None) -> FastAPI:
+    """The FastAPI application over one pipeline and its job manager.
+
+    Endpoints (all need the token; bodies and answers are JSON):
+
+    - ``GET /health``: model id, variant, trained, backend, device, providers, gpu, version, jobs.
+    - ``POST /caption``: :class:`CaptionRequest` -> caption with expert segments and the window read.
+    - ``POST /ask``: :class:`AskRequest` -> answer.
+    - ``POST /jobs``: :class:`JobRequest` -> 202 and the job's status.
+    - ``GET /jobs``: every job's status. ``GET /jobs/{id}``: one job's status.
+    - ``POST /jobs/{id}/cancel``: ask a job to stop after its current batch.
+    - ``GET /jobs/{id}/result[?content=false]``: where the GeoJSON is, and its content.
+    """
+    app = FastAPI(title="RS-MoE engine", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description="Local RS-MoE service for the QGIS plugin. Every request needs the token of "
+                              "engine.json: `Authorization: Bearer <token>` or `X-RSMoE-Token: <token>`.")
+    started = time.time()
+
+    @app.exception_handler(RSMoEError)
+    async def _engine_error(request: Request, exc: RSMoEError) -> JSONResponse:
+        if exc.http_status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}: {exc}); see the engine's log"},
+                            status_code=500)
+
+    @app.get("/health", summary="model, backend, device and whether a GPU is used")
+    def health() -> dict[str, Any]:
+        jobs_now = jobs.list()
+        return {"status": "ok", **pipeline.info.to_dict(), "batch_size": pipeline.batch_size,
+                "uptime_s": round(time.time() - started, 1), "pid": os.getpid(),
+                "cache": pipeline.cache.stats(),
+                "jobs": {"active": sum(j.active for j in jobs_now), "total": len(jobs_now)}}
+
+    @app.post("/caption", summary="caption an image or a raster region")
+    def caption(req: CaptionRequest) -> dict[str, Any]:
+        return pipeline.caption(req.image_input(), req.style).to_dict()
+
+    @app.post("/ask", summary="answer a question about an image or a raster region")
+    def ask(req: AskRequest) -> dict[str, Any]:
+        return pipeline.ask(req.image_input(), req.question).to_dict()
+
+    @app.post("/jobs", status_code=202, summary="start a batch annotation job")
+    def create_job(req: JobRequest) -> dict[str, Any]:
+        return jobs.submit(req.params()).status()
+
+    @app.get("/jobs", summary="every job of this session")
+    def list_jobs() -> dict[str, Any]:
+        return {"jobs": [j.status() for j in jobs.list()]}
+
+    @app.get("/jobs/{job_id}", summary="a job's state and progress")
+    def job_status(job_id: str) -> dict[str, Any]:
+        return jobs.get(job_id).status()
+
+    @app.post("/jobs/{job_id}/cancel", summary="stop a job after its current batch")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        return jobs.cancel(job_id).status()
+
+    @app.get("/jobs/{job_id}/result", summary="the finished job's GeoJSON (path and content)")
+    def job_result(job_id: str, content: bool = True) -> dict[str, Any]:
+        result = jobs.result(job_id)
+        body: dict[str, Any] = {"id": job_id, **result.to_dict()}
+        if content:
+            try:
+                body["geojson"] = json.loads(result.out.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise UserInputError(f"cannot read the job's output '{result.out}': {exc}") from None
+        return body
+
+    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=max_body_bytes)
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Running the service
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ServeOptions:
+    """Where and how the service listens."""
+
+    host: str = DEFAULT_HOST
+    port: int = 0
+    token_file: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    log_level: str = "warning"
+
+
+def write_engine_file(path: Path, info: dict[str, Any]) -> None:
+    """Write ``info`` as JSON readable by the user only (0600), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+            fh.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class EngineService:
+    """The service: a pipeline, its job manager, a token, a bound socket and uvicorn.
+
+    ``run()`` blocks (the CLI); ``start()`` / ``stop()`` run it in a thread (tests, embedding).
+    """
+
+    def __init__(self, pipeline: Pipeline, options: ServeOptions | None = None) -> None:
+        self.pipeline = pipeline
+        self.options = options or ServeOptions()
+        self.token = secrets.token_urlsafe(32)
+        self.token_file = Path(self.options.token_file) if self.options.token_file else default_token_file()
+        self.jobs = JobManager(pipeline)
+        self.socket = self._bind()
+        host, port = self.socket.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        self.app = create_app(pipeline, self.jobs, self.token, self.options.max_body_bytes, self._lifespan)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+
+    def _bind(self) -> socket.socket:
+        host, port = self.options.host, int(self.options.port)
+        if not 0 <= port <= 65535:
+            raise UserInputError(f"port must lie in 0..65535, got {port}")
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise UserInputError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sock.listen(128)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s: other machines may reach the engine (the token still guards it)", host)
+        return sock
+
+    @asynccontextmanager
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        write_engine_file(self.token_file, {"url": self.url, "token": self.token, "pid": os.getpid(),
+                                            "version": __version__, "model_id": self.pipeline.info.model_id})
+        log.info("token written to %s", self.token_file)
+        self.ready.set()
+        try:
+            yield
+        finally:
+            self.jobs.shutdown(timeout=5.0)
+            self._remove_engine_file()
+
+    def _remove_engine_file(self) -> None:
+        try:
+            if json.loads(self.token_file.read_text()).get("token") == self.token:
+                self.token_file.unlink()
+        except (OSError, ValueError):
+            pass
+
+    def _make_server(self) -> Any:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level=self.options.log_level, lifespan="on", access_log=False,
+                                timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        return self._server
+
+    def run(self) -> None:
+        """Serve until interrupted (Ctrl+C / SIGTERM)."""
+        self._make_server().run(sockets=[self.socket])
+
+    def start(self, timeout: float = 30.0) -> EngineService:
+        """Serve in a background thread; returns when requests are answered."""
+        server = self._make_server()
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self.socket]}, name="rsmoe-server",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the engine service did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.socket.close()

@@ -1,0 +1,223 @@
+"""engine.server over real HTTP (uvicorn in a thread, tiny random model): token, limits, errors, jobs."""
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from engine.pipeline import Pipeline
+from engine.server import EngineService, ServeOptions
+from tests.engine_helpers import DATA, S2, lite_ready, one_thread, tiny_dir  # noqa: F401 - fixtures
+
+MAX_BODY = 2 * 2**20
+
+
+@pytest.fixture(scope="module")
+def service(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineService]:  # noqa: F811
+    token_file = tmp_path_factory.mktemp("home") / "engine.json"
+    pipeline = Pipeline.load(tiny_dir, device="cpu", batch_size=4)
+    svc = EngineService(pipeline, ServeOptions(token_file=token_file, max_body_bytes=MAX_BODY)).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service: EngineService) -> Iterator[httpx.Client]:
+    info = json.loads(service.token_file.read_text())
+    with httpx.Client(base_url=info["url"], headers={"Authorization": f"Bearer {info['token']}"}, timeout=120) as c:
+        yield c
+
+
+def _error(response: httpx.Response, status: int | tuple[int, ...], *needles: str) -> str:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    assert "Traceback" not in body["error"] and "\n" not in body["error"]
+    for needle in needles:
+        assert needle in body["error"], (needle, body["error"])
+    return body["error"]
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+# ------------------------------------------------------------------------------------------- start-up, auth
+def test_token_file_and_loopback_bind(service: EngineService) -> None:
+    info = json.loads(service.token_file.read_text())
+    assert set(info) >= {"url", "token", "pid"} and info["token"] == service.token and len(info["token"]) >= 32
+    assert stat.S_IMODE(service.token_file.stat().st_mode) == 0o600
+    host, port = service.socket.getsockname()[:2]
+    assert host == "127.0.0.1" and info["url"] == f"http://127.0.0.1:{port}" and port > 0
+
+
+def test_requests_without_the_right_token_are_refused(service: EngineService, client: httpx.Client) -> None:
+    url = client.base_url
+    with httpx.Client(base_url=url, timeout=30) as anonymous:
+        for method, path in (("GET", "/health"), ("GET", "/openapi.json"), ("POST", "/caption"), ("GET", "/jobs")):
+            _error(anonymous.request(method, path), 401, "token")
+        _error(anonymous.get("/health", headers={"Authorization": "Bearer wrong"}), 403, "wrong token")
+        _error(anonymous.get("/health", headers={"X-RSMoE-Token": "wrong"}), 403)
+        _error(anonymous.get("/health", headers={"Authorization": f"Basic {service.token}"}), 401)
+        assert anonymous.get("/health", headers={"X-RSMoE-Token": service.token}).status_code == 200
+    assert client.get("/openapi.json").json()["info"]["title"] == "RS-MoE engine"
+
+
+def test_health_reports_model_backend_and_device(client: httpx.Client) -> None:
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["model_id"] == "rsmoe-tiny" and h["variant"] == "tiny"
+    assert h["trained"] is True and h["backend"] == "torch" and h["device"] == "cpu"
+    assert h["providers"] == ["cpu"] and h["gpu"] is False and h["version"]
+    assert {"entries", "bytes", "hits"} <= set(h["cache"]) and "jobs" in h
+
+
+# ------------------------------------------------------------------------------------------- caption / ask
+def test_caption_path_and_follow_up_question_reuses_features(client: httpx.Client) -> None:
+    r = client.post("/caption", json={"path": str(S2), "window": [0, 0, 256, 256], "style": "detailed"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["text"], str) and body["window"] == [0, 0, 256, 256] and body["cached"] is False
+    assert [s["expert"] for s in body["segments"]] == ["theme", "objects", "relations"]
+    a = client.post("/ask", json={"path": str(S2), "window": [0, 0, 256, 256], "question": "how many fields?"})
+    assert a.status_code == 200 and a.json()["cached"] is True and a.json()["task"] == "ask"
+
+
+def test_caption_image_bytes_and_extent(client: httpx.Client) -> None:
+    for name in ("s2_plain.png", "s2_plain.jpg", "s2_crop512.tif"):
+        r = client.post("/caption", json={"image_base64": _b64(DATA / name)})
+        assert r.status_code == 200, r.text
+        assert r.json()["source"]["path"] is None
+    r = client.post("/caption", json={"path": str(S2), "extent": [-75.69, 37.70, -75.66, 37.72],
+                                      "extent_crs": "EPSG:4326", "bands": "3,2,1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["source"]["bands"] == [3, 2, 1]
+
+
+def test_bad_requests_get_4xx_json_and_the_service_keeps_serving(client: httpx.Client) -> None:
+    cases = [
+        (client.post("/caption", json={"path": str(DATA / "missing.tif")}), 404, "not found"),
+        (client.post("/caption", json={"path": str(DATA / "not_a_raster.tif")}), 422, "cannot open"),
+        (client.post("/caption", json={"path": str(DATA / "truncated_header.tif")}), 422, "truncated"),
+        (client.post("/caption", json={"path": str(DATA / "truncated_data.tif")}), 422, "damaged"),
+        (client.post("/caption", json={"image_base64": "not base64!!"}), 400, "base64"),
+        (client.post("/caption", json={"image_base64": base64.b64encode(b"hello").decode()}), 422, "image bytes"),
+        (client.post("/caption", json={}), 400, "path"),
+        (client.post("/caption", json={"path": str(S2), "image_base64": _b64(DATA / "s2_plain.png")}), 400, "one"),
+        (client.post("/caption", json={"path": str(S2), "extent": [439300, 4172000, 439300, 4173000]}), 400, "zero"),
+        (client.post("/caption", json={"path": str(S2), "extent": [0, 0, 1, 1]}), 400, "does not overlap"),
+        (client.post("/caption", json={"path": str(S2), "window": [500, 500, 100, 100]}), 422, "outside"),
+        (client.post("/caption", json={"path": str(S2), "window": [0, 0, 10]}), 422, "window"),
+        (client.post("/caption", json={"path": str(S2), "style": "poetic"}), 422, "style"),
+        (client.post("/caption", json={"path": str(S2), "colour": "red"}), 422, "unknown field 'colour'"),
+        (client.post("/caption", json={"path": str(S2), "bands": "9,9,9"}), 422, "band"),
+        (client.post("/caption", content=b"{not json", headers={"content-type": "application/json"}), 422, "JSON"),
+        (client.post("/caption", json=[1, 2, 3]), 422, "invalid request"),
+        (client.post("/ask", json={"path": str(S2), "question": "x" * 10_000}), 400, "10000 characters"),
+        (client.post("/ask", json={"path": str(S2)}), 422, "question"),
+        (client.get("/nowhere"), 404, "no such endpoint"),
+        (client.get("/caption"), 405, ""),
+    ]
+    for response, status, needle in cases:
+        _error(response, status, needle)
+    assert client.get("/health").status_code == 200
+    assert client.post("/caption", json={"path": str(S2)}).status_code == 200
+
+
+def test_request_size_limits(client: httpx.Client) -> None:
+    big = b'{"image_base64": "' + b"A" * (MAX_BODY + 10) + b'"}'
+    _error(client.post("/caption", content=big, headers={"content-type": "application/json"}), 413, "too large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it streams in
+        yield b'{"image_base64": "'
+        for _ in range(5):
+            yield b"A" * (MAX_BODY // 4)
+        yield b'"}'
+
+    _error(client.post("/caption", content=chunks(), headers={"content-type": "application/json"}), 413, "too large")
+    assert client.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- jobs
+def _wait(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/jobs/{job_id}").json()
+        if status["state"] not in ("queued", "running") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_job_round_trip(client: httpx.Client, tmp_path: Path) -> None:
+    out = tmp_path / "job.geojson"
+    r = client.post("/jobs", json={"path": str(DATA / "rgb_byte_nodata.tif"), "out": str(out), "tile_size": 256,
+                                   "gpkg": str(tmp_path / "job.gpkg")})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] in ("queued", "running") and job["total"] == 12 and job["id"]
+    status = _wait(client, job["id"])
+    assert status["state"] == "done" and status["done"] == 12 and status["skipped"] > 0, status
+    assert status["message"].startswith("wrote")
+    result = client.get(f"/jobs/{job['id']}/result").json()
+    assert result["out"] == str(out) and result["gpkg"] == str(tmp_path / "job.gpkg")
+    assert len(result["geojson"]["features"]) == 12 and result["skipped"] == status["skipped"]
+    assert "geojson" not in client.get(f"/jobs/{job['id']}/result", params={"content": "false"}).json()
+    assert any(j["id"] == job["id"] for j in client.get("/jobs").json()["jobs"])
+
+
+def test_job_errors_and_cancel(client: httpx.Client, tmp_path: Path) -> None:
+    _error(client.post("/jobs", json={"path": str(DATA / "missing.tif"), "out": str(tmp_path / "x.geojson")}), 404)
+    _error(client.post("/jobs", json={"path": str(S2), "out": str(tmp_path / "x.geojson"), "tile_size": "big"}),
+           400, "tile size")
+    _error(client.post("/jobs", json={"path": str(S2)}), 422, "out")
+    _error(client.get("/jobs/nope"), 404, "no job")
+    _error(client.post("/jobs/nope/cancel"), 404)
+    out = tmp_path / "cancel.geojson"
+    out.write_text("PREVIOUS")
+    job = client.post("/jobs", json={"path": str(S2), "out": str(out), "tile_size": 32, "batch_size": 1}).json()
+    while client.get(f"/jobs/{job['id']}").json()["done"] < 2:
+        time.sleep(0.05)
+    cancelled = client.post(f"/jobs/{job['id']}/cancel").json()
+    assert cancelled["cancel_requested"] is True
+    status = _wait(client, job["id"])
+    assert status["state"] == "cancelled" and 0 < status["done"] < status["total"] == 256
+    assert out.read_text() == "PREVIOUS" and Path(str(out) + ".journal").exists()
+    _error(client.get(f"/jobs/{job['id']}/result"), 409, "cancelled")
+    assert client.get("/health").status_code == 200
+
+
+def test_token_file_removed_at_shutdown(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    token_file = tmp_path / "engine.json"
+    pipeline = Pipeline.load(tiny_dir, device="cpu")
+    svc = EngineService(pipeline, ServeOptions(token_file=token_file, port=0)).start()
+    assert token_file.exists()
+    svc.stop()
+    assert not token_file.exists()
+
+
+# ------------------------------------------------------------------------------------------- real lite model
+@pytest.mark.slow
+def test_real_lite_model_round_trip(tmp_path: Path) -> None:
+    if not lite_ready():
+        pytest.skip("base weights not provisioned (rsmoe base-models)")
+    lite = Pipeline.load(device="cpu")
+    lite.model.config.generation.max_new_tokens = 12
+    lite.model.config.generation.max_new_tokens_answer = 8
+    svc = EngineService(lite, ServeOptions(token_file=tmp_path / "engine.json")).start()
+    try:
+        headers = {"X-RSMoE-Token": svc.token}
+        with httpx.Client(base_url=svc.url, headers=headers, timeout=300) as c:
+            h = c.get("/health").json()
+            assert h["model_id"] == "rsmoe-lite" and h["variant"] == "lite" and h["trained"] is False
+            r = c.post("/caption", json={"image_base64": _b64(DATA / "s2_plain.png")})
+            assert r.status_code == 200 and len(r.json()["text"].split()) >= 2
+            a = c.post("/ask", json={"image_base64": _b64(DATA / "s2_plain.png"), "question": "Is there water?"})
+            assert a.status_code == 200 and a.json()["cached"] is True and a.json()["text"].strip()
+    finally:
+        svc.stop()
