@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class RSMoEModel(MoEInference, nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = ImageProcessor(config.image)
         self.trained_adapters = set(trained_adapters or ())
+        self.source_dir: Path | None = None  # where relative model references were resolved from
         ensure_pad_token(tokenizer)
 
     # ------------------------------------------------------------------------------------ building
@@ -125,6 +127,7 @@ class RSMoEModel(MoEInference, nn.Module):
         if weights is not None:
             cls._load_bridge_weights(bridge, weights, model_dir, frozen_base_keys(config, bridge))
         model = cls(config, vision, bridge, qformer_tokenizer, peft_model, tokenizer, trained)
+        model.source_dir = model_dir
         model.eval()
         return model
 
@@ -250,6 +253,18 @@ class RSMoEModel(MoEInference, nn.Module):
         frozen = self.frozen_base_bridge_keys()
         return {f"bridge.{k}": v for k, v in self.bridge.state_dict().items() if k not in frozen}
 
+    def _config_relative_to(self, target: Path) -> RSMoEConfig:
+        """The config with relative local references re-expressed from ``target`` (``base:`` refs stay)."""
+        config = RSMoEConfig.from_dict(self.config.to_dict())
+        if self.source_dir is None:
+            return config
+        for part in (config.vision, config.qformer, config.llm):
+            ref = part.path
+            if ref and not ref.startswith("base:") and not Path(ref).is_absolute():
+                absolute = (self.source_dir / ref).resolve()
+                part.path = os.path.relpath(absolute, target.resolve())
+        return config
+
     def save_pretrained(self, model_dir: str | Path, dtype: torch.dtype | None = None,
                         adapters: Sequence[str] | None = None) -> None:
         """Write config, trained weights (optionally cast, e.g. fp16), trained adapters and tokenizers.
@@ -262,7 +277,7 @@ class RSMoEModel(MoEInference, nn.Module):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            self.config.save(tmp)
+            self._config_relative_to(target).save(tmp)
             state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
                      for k, v in self.trained_state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_id": self.config.model_id})

@@ -1,0 +1,111 @@
+"""The two-stage training loop on a tiny model and a few real UCM images: stages, resume, ablation."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.model import RSMoEModel
+from tests.tiny_models import write_tiny_model_dir
+from training.config import TrainConfig
+from training.data import load_ucm_captions
+from training.samples import stage1_samples, stage2_samples
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (SHARED / "ucm_captions").is_dir(), reason="needs ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny-train"))
+
+
+def _config(init: Path, out: Path, **overrides: object) -> TrainConfig:
+    data = {
+        "init": str(init), "out": str(out), "cache_dir": str(out.parent / "cache"),
+        "data": {"ucm": str(SHARED / "ucm_captions"), "max_train_images": 6, "max_val_images": 3, "augment_variants": 2},
+        "stage1": {"epochs": 2, "batch_size": 4, "max_steps_per_epoch": 2, "vqa_per_epoch": 2, "warmup_steps": 1},
+        "stage2": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "vqa_per_epoch": 2, "warmup_steps": 1},
+        "checkpoint_every_steps": 1, "precision": "fp32",
+    }
+    data.update(overrides)
+    return TrainConfig.from_dict(data)
+
+
+def test_two_stages_write_model_dirs_the_engine_loads(tiny_init: Path, tmp_path: Path) -> None:
+    from training.train import train
+
+    final = train(_config(tiny_init, tmp_path / "run"))
+    stage1 = tmp_path / "run" / "stage1"
+    assert final == tmp_path / "run" / "stage2"
+    dense = RSMoEModel.from_pretrained(stage1)
+    assert dense.router_kind == "template"  # the dense baseline
+    # every expert of the dense model is the same stage-1 adapter
+    a = load_file(str(stage1 / "adapters" / "theme" / "adapter_model.safetensors"))
+    b = load_file(str(stage1 / "adapters" / "relations" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # trained, not the zero init
+    moe = RSMoEModel.from_pretrained(final)
+    assert moe.router_kind == "generative"
+    # stage 2 keeps the bridge of stage 1 (frozen) and changes the adapters
+    s1 = load_file(str(stage1 / "model.safetensors"))
+    s2 = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    changed = []
+    for expert in ("theme", "objects", "relations"):
+        c = load_file(str(final / "adapters" / expert / "adapter_model.safetensors"))
+        changed.append(any(not torch.equal(b[k], c[k]) for k in b))
+    assert any(changed)  # stage 2 trained the experts it drew samples for
+    state = json.loads((final / "training_state.json").read_text())
+    assert state["done"] and state["stage"] == "stage2" and state["history"]
+    assert moe.caption([SHARED / "ucm_captions" / "images" / "694.png"])[0].segments
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_init: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.train as tt
+
+    reference = tt.train(_config(tiny_init, tmp_path / "straight"))
+    real_step = tt._train_step
+    calls = {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a checkpoint was written after steps 1 and 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(tt, "_train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        tt.train(_config(tiny_init, tmp_path / "killed"))
+    assert (tmp_path / "killed" / "checkpoints" / "stage1" / "state.json").is_file()
+    monkeypatch.setattr(tt, "_train_step", real_step)
+    resumed = tt.train(_config(tiny_init, tmp_path / "killed"))
+    for name in ("model.safetensors", "adapters/objects/adapter_model.safetensors"):
+        x, y = load_file(str(reference / name)), load_file(str(resumed / name))
+        assert all(torch.allclose(x[k].float(), y[k].float(), atol=1e-3) for k in x), name
+
+
+def test_one_stage_ablation_skips_the_dense_stage(tiny_init: Path, tmp_path: Path) -> None:
+    from training.train import train
+
+    final = train(_config(tiny_init, tmp_path / "ablation", one_stage=True))
+    assert not (tmp_path / "ablation" / "stage1").exists()
+    assert RSMoEModel.from_pretrained(final).router_kind == "generative"
+
+
+def test_samples_use_the_engine_prompts_and_sub_task_targets(tiny_init: Path) -> None:
+    model = RSMoEModel.from_pretrained(tiny_init)
+    records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:5]
+    ids = {str(r.image_path): r.image_id for r in records}
+    s1 = stage1_samples(model.config, records, [], ids, "theme", random.Random(0), 0)
+    assert {s.prompt for s in s1} == {"Describe this remote sensing image in one sentence."}
+    assert all(s.target in next(r.captions for r in records if r.image_id == s.image_id) for s in s1)
+    s2 = stage2_samples(model.config, records, [], ids, random.Random(0), 0)
+    router = [s for s in s2 if s.adapter == "router"]
+    assert len(router) == len(records) and all(s.target.startswith("scene: ") for s in router)
+    relations = [s for s in s2 if s.adapter == "relations" and "arranged" in s.prompt]
+    assert relations and all("remote sensing" not in s.prompt for s in relations)  # the true scene is filled in
