@@ -39,9 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_init_model)
 
     p = subparsers.add_parser("caption", help="caption images or rasters (one caption per input)")
-    p.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG, GeoTIFF, ...)")
+    p.add_argument("inputs", nargs="+", type=Path, help="images or rasters (PNG, JPEG, GeoTIFF, VRT, ...)")
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])
     p.add_argument("--json", action="store_true", help="print one JSON object per input (with expert segments)")
+    add_region_options(p)
     add_model_options(p)
     p.set_defaults(func=cmd_caption)
 
@@ -49,8 +50,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path)
     p.add_argument("question")
     p.add_argument("--json", action="store_true")
+    add_region_options(p)
     add_model_options(p)
     p.set_defaults(func=cmd_ask)
+
+    p = subparsers.add_parser("annotate", help="caption every tile of a raster into a GeoJSON layer (resumable)")
+    p.add_argument("raster", type=Path, help="the raster to annotate")
+    p.add_argument("--out", type=Path, required=True, help="GeoJSON to write (its journal lies beside it)")
+    p.add_argument("--tile-size", default="512", help="tile size in pixels (512) or ground metres (500m, 2km)")
+    p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
+    add_region_options(p, window_help="annotate only this pixel window col_off,row_off,width,height")
+    p.add_argument("--style", default="concise", choices=["concise", "detailed"])
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default 4)")
+    p.add_argument("--gpkg", type=Path, default=None, help="also write a GeoPackage (raster CRS) here")
+    p.add_argument("--restart", action="store_true", help="ignore an existing journal and start afresh")
+    p.add_argument("--min-valid", type=float, default=0.5,
+                   help="skip tiles with less valid (not nodata) data than this fraction (default 0.5)")
+    p.add_argument("--timing", action="store_true",
+                   help="write each tile's seconds into the GeoJSON (runs then differ byte-wise)")
+    p.add_argument("--keep-journal", action="store_true", help="keep the journal after success")
+    add_model_options(p)
+    p.set_defaults(func=cmd_annotate)
+
+    p = subparsers.add_parser("serve", help="run the local HTTP service for the QGIS plugin")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: a free one, written to the token file)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="where to write {url, token, pid} (default $RSMOE_HOME/engine.json or ~/.cache/rsmoe/engine.json)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_region_options(parser: argparse.ArgumentParser,
+                       window_help: str = "read only this pixel window col_off,row_off,width,height") -> None:
+    """``--window``, ``--extent``, ``--extent-crs``, ``--bands``: which part of a raster to look at."""
+    parser.add_argument("--window", default=None, metavar="COL,ROW,W,H", help=window_help)
+    parser.add_argument("--extent", default=None, metavar="MINX,MINY,MAXX,MAXY",
+                        help="an extent in the raster CRS or --extent-crs (negative numbers: --extent=-77.5,...)")
+    parser.add_argument("--extent-crs", default=None, metavar="CRS", help="CRS of --extent, e.g. EPSG:4326")
+    parser.add_argument("--bands", default=None, help="bands as R,G,B (4,3,2 or B04,B03,B02) or one band")
+
+
+def _numbers(text: str | None, what: str, kind: type) -> list | None:
+    from engine.errors import UserInputError
+
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise UserInputError(f"{what} takes four comma-separated numbers, got {text!r}")
+    return values
+
+
+def _region(args: argparse.Namespace) -> dict:
+    """ImageInput keywords from the region options."""
+    from engine.raster import BandSelection, Window
+
+    window = _numbers(args.window, "--window", int)
+    return {"window": Window.from_list(window) if window else None,
+            "extent": _numbers(args.extent, "--extent", float), "extent_crs": args.extent_crs,
+            "bands": BandSelection.parse(args.bands)}
 
 
 def cmd_base_models(args: argparse.Namespace) -> int:
@@ -85,27 +149,92 @@ def _print_result(path: Path, result, as_json: bool) -> None:
     sys.stdout.flush()
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    from engine.errors import InputNotFoundError
-    from engine.runtime import load_model
+def _load_pipeline(args: argparse.Namespace, **options):
+    from engine.pipeline import Pipeline
 
-    for path in args.inputs:
-        if not path.is_file():
-            raise InputNotFoundError(f"input not found: {path}")
-    model = load_model(args.model, args.backend, args.device, args.dtype)
-    for path in args.inputs:
-        (result,) = model.caption([path], style=args.style)
+    return Pipeline.load(args.model, args.backend, args.device, args.dtype, **options)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from engine.pipeline import ImageInput, check_input
+
+    inputs = [ImageInput(path=str(path), **_region(args)) for path in args.inputs]
+    for inp in inputs:  # every input is checked before the model loads
+        check_input(inp)
+    pipeline = _load_pipeline(args)
+    for path, result in zip(args.inputs, pipeline.caption_batch(inputs, args.style)):
         _print_result(path, result, args.json)
     return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from engine.errors import InputNotFoundError
-    from engine.runtime import load_model
+    from engine.pipeline import ImageInput, check_input, check_question
 
-    if not args.input.is_file():
-        raise InputNotFoundError(f"input not found: {args.input}")
-    model = load_model(args.model, args.backend, args.device, args.dtype)
-    (result,) = model.ask([args.input], args.question)
-    _print_result(args.input, result, args.json)
+    inp = ImageInput(path=str(args.input), **_region(args))
+    check_question(args.question)
+    check_input(inp)
+    pipeline = _load_pipeline(args)
+    _print_result(args.input, pipeline.ask(inp, args.question), args.json)
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from engine.jobs import AnnotateParams, check_annotation, run_annotation
+
+    region = _region(args)
+    params = AnnotateParams(raster=str(args.raster), out=str(args.out), tile_size=args.tile_size,
+                            overlap=args.overlap, window=region["window"], extent=region["extent"],
+                            extent_crs=region["extent_crs"], bands=region["bands"], style=args.style,
+                            batch_size=args.batch_size, gpkg=str(args.gpkg) if args.gpkg else None,
+                            restart=args.restart, min_valid_fraction=args.min_valid, timing=args.timing,
+                            keep_journal=args.keep_journal)
+    check_annotation(params)  # bad raster / extent / tiling / output fail before the model loads
+    pipeline = _load_pipeline(args)
+    bars: list = []
+
+    def progress(p) -> None:
+        if not bars:
+            bars.append(tqdm(total=p.total, initial=p.done, unit="tile", desc="annotating", dynamic_ncols=True,
+                             disable=getattr(args, "quiet", False)))
+        bars[0].update(p.done - bars[0].n)
+        bars[0].set_postfix(skipped=p.skipped)
+
+    try:
+        with logging_redirect_tqdm():
+            result = run_annotation(pipeline, params, progress)
+    except KeyboardInterrupt:
+        log.warning("interrupted: finished tiles are kept in %s.journal; run the same command again to resume",
+                    args.out)
+        raise
+    finally:
+        for bar in bars:
+            bar.close()
+    resumed = f", {result.resumed} resumed from the journal" if result.resumed else ""
+    also = f" and {result.gpkg}" if result.gpkg else ""
+    sys.stdout.write(f"wrote {result.out}{also}: {result.total} tiles ({result.captioned} captioned, "
+                     f"{result.skipped} skipped{resumed}) in {result.seconds:.1f} s\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.errors import UserInputError
+    from engine.server import EngineService, ServeOptions
+
+    if not args.max_body_mb > 0:
+        raise UserInputError("--max-body-mb must be positive")
+    options = ServeOptions(host=args.host, port=args.port, token_file=args.token_file,
+                           max_body_bytes=int(args.max_body_mb * 2**20),
+                           log_level="info" if args.verbose else "warning")
+    service = EngineService(_load_pipeline(args, batch_size=args.batch_size), options)
+    sys.stdout.write(f"rsmoe engine serving on {service.url} (token in {service.token_file}); Ctrl+C stops it\n")
+    sys.stdout.flush()
+    try:
+        service.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled after a clean shutdown
+        pass
+    log.info("engine stopped")
     return 0
