@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--static-batch", type=int, default=3, help="batch size of the static profile (default: 3)")
     p.add_argument("--static-cache", type=int, default=256,
                    help="KV-cache slots of the static profile: prefix + prompt + new tokens (default: 256)")
+    p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
+                   help="torch.onnx exporter (default: torchscript, ~8x faster here; dynamo gives the same IO)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity measurement against PyTorch")
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=cmd_export)
@@ -31,7 +33,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from export.exporter import ExportOptions, export_model
 
     options = ExportOptions(variants=[v.strip() for v in args.variants.split(",") if v.strip()], opset=args.opset,
-                            static_batch=args.static_batch, static_cache=args.static_cache, parity=not args.no_parity)
+                            static_batch=args.static_batch, static_cache=args.static_cache, parity=not args.no_parity,
+                            exporter=args.exporter)
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     model_dir = args.model or default_model_dir()
     manifest = export_model(model_dir, args.out, options)
     if args.json:

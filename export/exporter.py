@@ -55,6 +55,7 @@ class ExportOptions:
     static_batch: int = 3
     static_cache: int = 256
     parity: bool = True
+    exporter: str = "torchscript"  # or "dynamo" (see export.tracing)
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in mf.VARIANTS]
@@ -64,6 +65,8 @@ class ExportOptions:
             self.variants = ["fp32", *self.variants]
         if self.static_batch < 1 or self.static_cache < 8:
             raise UserInputError("--static-batch must be >= 1 and --static-cache >= 8")
+        if self.exporter not in ("torchscript", "dynamo"):
+            raise UserInputError(f"unknown exporter {self.exporter!r}; use torchscript or dynamo")
         if self.opset < 18:
             raise UserInputError("the dynamo exporter needs --opset 18 or newer")
 
@@ -100,13 +103,14 @@ def _size(path: Path) -> int:
 
 def _export_graphs(model: RSMoEModel, lora: StackedLoRA, out: Path, options: ExportOptions) -> dict[str, mf.VariantSpec]:
     fp32 = {g: out / "fp32" / f"{g}.onnx" for g in mf.GRAPHS}
-    tracing.export_vision(model, fp32["vision"], options.opset)
-    tracing.export_bridge(model, fp32["bridge"], options.opset)
-    tracing.export_decoder(model, lora, fp32["decoder"], options.opset)
+    tracing.export_vision(model, fp32["vision"], options.opset, options.exporter)
+    tracing.export_bridge(model, fp32["bridge"], options.opset, options.exporter)
+    tracing.export_decoder(model, lora, fp32["decoder"], options.opset, options.exporter)
     paths: dict[str, dict[str, Path]] = {"fp32": fp32}
     notes = {"fp32": "reference precision; every dim dynamic",
-             "int8": "decoder MatMul weights int8 (dynamic quantisation, per tensor), activations quantised on the "
-                     "fly; LoRA factors float; vision and bridge are the fp32 graphs. For CPU (VNNI).",
+             "int8": "decoder MatMul weights int8 (MatMulNBits, 8 bits, blocks of 32, symmetric), activations "
+                     "quantised to int8 per block at run time (accuracy_level 4); LoRA factors float; vision and "
+                     "bridge are the fp32 graphs. For CPU (VNNI).",
              "fp16": "float16 weights and IO (RMSNorm and softmax kept in float32). For CUDA/TensorRT; on CPU "
                      "onnxruntime casts around missing float16 kernels and is slow.",
              "static": ""}
@@ -128,7 +132,7 @@ def _export_graphs(model: RSMoEModel, lora: StackedLoRA, out: Path, options: Exp
         tracing.fix_dims(fp32["vision"], static["vision"], sizes)
         tracing.fix_dims(fp32["bridge"], static["bridge"], sizes)
         tracing.export_static_decoder(model, lora, static["decoder"], options.opset, profile.batch,
-                                      profile.cache_length)
+                                      profile.cache_length, options.exporter)
         paths["static"] = static
         notes["static"] = (f"float32, every dim fixed: batch {profile.batch}, instruction tokens "
                            f"{profile.instruction_tokens}, KV cache {profile.cache_length} slots, one token per decoder "
@@ -173,7 +177,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, options: 
             trained_adapters=sorted(model.trained_adapters),
             num_query_tokens=model.bridge.num_query_tokens,
             visual_tokens=list(visual.shape[1:]),
-            versions={**_versions(), "config_sha256": config_digest(model_dir)},
+            versions={**_versions(), "exporter": options.exporter, "config_sha256": config_digest(model_dir)},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         manifest.save(tmp)

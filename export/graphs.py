@@ -162,11 +162,12 @@ class DecoderGraph(nn.Module):
 
     def _run(self, cache: Cache, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor, adapter_mask: torch.Tensor, lora: list[torch.Tensor],
-             cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+             query_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._set_lora(adapter_mask, lora)
         try:
-            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, cache_position=cache_position, use_cache=True, logits_to_keep=1)
+            mask = additive_mask(attention_mask, query_slots, inputs_embeds.dtype)
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=cache, cache_position=query_slots, use_cache=True, logits_to_keep=1)
         finally:
             self._clear_lora()
         present: list[torch.Tensor] = []
@@ -177,7 +178,18 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 adapter_mask: torch.Tensor, past: list[torch.Tensor], lora: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
-        return self._run(cache, inputs_embeds, attention_mask, position_ids, adapter_mask, lora)
+        total, length = attention_mask.shape[1], inputs_embeds.shape[1]
+        slots = torch.arange(length, device=inputs_embeds.device) + (total - length)
+        return self._run(cache, inputs_embeds, attention_mask, position_ids, adapter_mask, lora, slots)
+
+
+def additive_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, S, T) additive mask: key slot ``k`` is visible from query slot ``q`` when ``k <= q`` and the key
+    is not padding. Built here rather than by transformers' mask utilities: the same numbers for every
+    unpadded row, a much smaller traced graph, and no ``-inf`` (a fully masked padding row stays finite)."""
+    keys = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    visible = (keys[None, :] <= query_slots[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.where(visible, torch.zeros((), dtype=dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype))
 
 
 class _FunctionalStaticLayer(StaticLayer):

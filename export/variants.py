@@ -32,12 +32,19 @@ def to_fp16(src: Path, dst: Path) -> None:
     save_model(model, dst)
 
 
-def to_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of the MatMuls with constant weights (base LM weights; the LoRA factors
-    are graph inputs and stay float, activations are quantised on the fly)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def to_int8(src: Path, dst: Path, block_size: int = 32) -> None:
+    """Int8 weights for CPU: every MatMul with a constant weight becomes ``MatMulNBits`` (8 bits, symmetric,
+    one scale per block of ``block_size`` input rows) with ``accuracy_level=4``, i.e. activations are quantised
+    to int8 per block at run time and multiplied with integer (VNNI) kernels. The LoRA factors are graph inputs
+    and stay float.
+
+    Measured on the lite decoder (prefill logits of 5 mixed-adapter rows vs PyTorch): per-tensor
+    ``quantize_dynamic`` agrees on the top-1 token for 40 % of rows, per-channel for 0 % (SmolLM2's activation
+    outliers ruin a per-tensor activation scale); this block-wise scheme for 100 % (max abs logit diff ~0.9)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     log.info("int8: %s", dst.name)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=False, weight_type=QuantType.QInt8,
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    save_model(quantizer.model.model, dst)
