@@ -1,0 +1,27 @@
+"""How an annotation layer shows its captions: map tips, display expression, outlined tiles, form."""
+from __future__ import annotations
+
+from qgis.core import QgsFillSymbol, QgsSingleSymbolRenderer, QgsVectorLayer
+
+#: Map tip: the caption, then each expert's part (the ``segments`` JSON), or the skip reason.
+MAP_TIP_TEMPLATE = (
+    '<div style="max-width:420px"><b>Tile [% "tile_index" %]</b><br>'
+    '[% coalesce("caption", \'<i>skipped: \' || "skipped" || \'</i>\') %]'
+    '[% CASE WHEN "segments" IS NOT NULL THEN \'<hr>\' || array_to_string(array_foreach(from_json("segments"), '
+    "'<b>' || map_get(@element, 'expert') || '</b>: ' || map_get(@element, 'text')), '<br>') ELSE '' END %]"
+    "</div>"
+)
+DISPLAY_EXPRESSION = "coalesce(\"caption\", 'skipped: ' || \"skipped\")"
+
+
+def style_annotation_layer(layer: QgsVectorLayer) -> None:
+    """Outline the tiles (the imagery stays visible) and show captions in map tips and the form."""
+    symbol = QgsFillSymbol.createSimple({"color": "255,200,0,25", "outline_color": "255,140,0,255",
+                                         "outline_width": "0.5", "outline_width_unit": "MM"})
+    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
+    layer.setMapTipTemplate(MAP_TIP_TEMPLATE)
+    layer.setDisplayExpression(DISPLAY_EXPRESSION)
+    index = layer.fields().indexFromName("caption")
+    if index >= 0:
+        layer.setFieldAlias(index, "Caption")
+    layer.triggerRepaint()

@@ -1,0 +1,1 @@
+"""The plugin's Processing provider (``rsmoe``) and its algorithms."""
