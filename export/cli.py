@@ -35,7 +35,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(variants=[v.strip() for v in args.variants.split(",") if v.strip()], opset=args.opset,
                             static_batch=args.static_batch, static_cache=args.static_cache, parity=not args.no_parity,
                             exporter=args.exporter)
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
+    for noisy in ("onnxscript", "onnx_ir", "onnxruntime", "torch.onnx", "torch.export", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     model_dir = args.model or default_model_dir()
     manifest = export_model(model_dir, args.out, options)

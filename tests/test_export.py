@@ -292,7 +292,8 @@ def test_lite_model_onnx_captions_equal_torch(tmp_path_factory: pytest.TempPathF
     for m in (model, backend):
         m.config.generation.max_new_tokens = 12
         m.config.router.max_new_tokens = 8
-    images = sorted(p for p in UCM_IMAGES.iterdir() if p.suffix in (".png", ".jpg", ".tif"))[:2]
+    data = json.loads((UCM_IMAGES.parent / "dataset.json").read_text())
+    images = [UCM_IMAGES / i["filename"] for i in data["images"] if i.get("split") == "test"][:2]
     expected = model.caption(images, style="detailed")
     got = backend.caption(images, style="detailed")
     assert [r.to_dict() for r in got] == [r.to_dict() for r in expected]
