@@ -276,3 +276,28 @@ def test_feature_cache_lru_bounds() -> None:
         small.put(i, np.zeros(100, dtype=np.float32))  # 400 bytes
     assert len(small) == 2 and small.nbytes == 800
     assert small.stats()["max_bytes"] == 1000
+
+
+# ------------------------------------------------------------------------------------------- other backends
+def test_onnx_backend_through_the_pipeline(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The pipeline runs any MoEInference backend: ONNX Runtime gives the torch pipeline's captions."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from export.exporter import ExportOptions, export_model
+
+    model_dir = tmp_path / "trained"
+    shutil.copytree(pipeline.info.model_dir, model_dir)
+    for part in ("vision", "bert", "llama"):  # the config's relative references to the tiny base checkpoints
+        (tmp_path / part).symlink_to(Path(pipeline.info.model_dir).parent / part)
+    export_model(model_dir, options=ExportOptions(variants=["fp32"], parity=False))
+    onnx = Pipeline.load(model_dir, backend="onnx", device="cpu", batch_size=2)
+    info = onnx.info.to_dict()
+    assert info["backend"] == "onnx" and info["providers"] == ["CPUExecutionProvider"] and info["gpu"] is False
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    expected = Pipeline(pipeline.model, pipeline.info).caption(S2, window=Window(0, 0, 256, 256))
+    got = onnx.caption(S2, window=Window(0, 0, 256, 256))
+    assert got.text == expected.text
+    assert onnx.ask(S2, "how many fields?", window=Window(0, 0, 256, 256)).cached
+    result = onnx.annotate(S2, 256, tmp_path / "onnx.geojson")
+    assert result.captioned == 4
