@@ -105,7 +105,7 @@ def run_one(raster: Path, tiles: int, tile_size: int, batch_size: int, threads: 
     if threads:
         torch.set_num_threads(threads)
     from engine.geo import plan_tiles
-    from engine.jobs import AnnotateParams, JobProgress, run_annotation
+    from engine.jobs import AnnotateParams, run_annotation
     from engine.pipeline import Pipeline
     from engine.raster import RasterSource, Window
 
