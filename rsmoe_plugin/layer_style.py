@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from qgis.core import QgsFillSymbol, QgsSingleSymbolRenderer, QgsVectorLayer
 
-#: Map tip: the caption, then each expert's part (the ``segments`` JSON), or the skip reason.
+#: Map tip: the caption, then each expert's part, or the skip reason. OGR reads ``segments`` as a JSON
+#: field (a list of maps); ``from_json`` covers drivers that give the JSON text instead.
 MAP_TIP_TEMPLATE = (
     '<div style="max-width:420px"><b>Tile [% "tile_index" %]</b><br>'
     '[% coalesce("caption", \'<i>skipped: \' || "skipped" || \'</i>\') %]'
-    '[% CASE WHEN "segments" IS NOT NULL THEN \'<hr>\' || array_to_string(array_foreach(from_json("segments"), '
+    '[% CASE WHEN "segments" IS NOT NULL THEN \'<hr>\' || array_to_string(array_foreach(coalesce(from_json("segments"), "segments"), '
     "'<b>' || map_get(@element, 'expert') || '</b>: ' || map_get(@element, 'text')), '<br>') ELSE '' END %]"
     "</div>"
 )

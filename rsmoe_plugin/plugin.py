@@ -55,12 +55,12 @@ class RSMoEPlugin:
         self.ask_action = self._action(QgsApplication.getThemeIcon("/mActionHelpContents.svg"), "Ask a question",
                                        self.toggle_ask_dock, "Open the question panel for the active raster layer")
         self.ask_action.setCheckable(True)
-        self.annotate_action = self._action(QgsApplication.getThemeIcon("/mActionAddGrid.svg"),
+        self.annotate_action = self._action(QgsApplication.getThemeIcon("/algorithms/mAlgorithmCreateGrid.svg"),
                                             "Annotate tiles\u2026", self.open_annotate_dialog,
                                             "Caption every tile of a raster into a GeoJSON layer (Processing)")
         self.settings_action = self._action(QgsApplication.getThemeIcon("/mActionOptions.svg"),
                                             "Engine settings\u2026", self.open_settings, toolbar=False)
-        self.restart_action = self._action(QgsApplication.getThemeIcon("/mActionRefresh.svg"), "Restart engine",
+        self.restart_action = self._action(QgsApplication.getThemeIcon("/mActionReload.svg"), "Restart engine",
                                            self.restart_engine, toolbar=False)
         self.stop_action = self._action(QgsApplication.getThemeIcon("/mActionStop.svg"), "Stop engine",
                                         self.stop_engine, toolbar=False)

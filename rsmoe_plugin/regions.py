@@ -67,6 +67,10 @@ def renderer_bands(layer: QgsRasterLayer) -> list[int] | None | bool:
     return None  # paletted: the engine expands the colour table of band 1
 
 
+def _coord(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4f}".rstrip("0").rstrip(".")
+
+
 def _round_extent(extent: QgsRectangle | None, digits: int = 9) -> tuple[float, ...] | None:
     if extent is None:
         return None
@@ -113,15 +117,16 @@ class RegionRequest:
         """Same layer + same extent -> same key (and the same request body)."""
         return (self.layer_id, self.layer_source, _round_extent(self.extent), tuple(self.bands or ()))
 
-    def describe(self) -> str:
+    def describe(self, with_name: bool = True) -> str:
+        """e.g. ``Layer: extent 439498, 4172500 : 443502, 4175500 (EPSG:32618), read from the file``."""
         if self.extent is None:
             where = "whole layer"
         else:
             e = self.extent
-            where = (f"extent {e.xMinimum():.6g}, {e.yMinimum():.6g} : {e.xMaximum():.6g}, {e.yMaximum():.6g} "
-                     f"({self.crs.authid() or 'layer CRS'})")
+            where = (f"extent {_coord(e.xMinimum())}, {_coord(e.yMinimum())} : {_coord(e.xMaximum())}, "
+                     f"{_coord(e.yMaximum())} ({self.crs.authid() or 'layer CRS'})")
         how = f"rendered by QGIS ({self.render_width} x {self.render_height} px)" if self.rendered else "read from the file"
-        return f"{self.layer_name}: {where}, {how}"
+        return f"{self.layer_name}: {where}, {how}" if with_name else f"{where}, {how}"
 
     def body(self) -> dict[str, Any]:
         """The region part of a ``/caption`` or ``/ask`` request (renders once; may run in a worker)."""

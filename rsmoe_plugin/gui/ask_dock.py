@@ -44,7 +44,7 @@ class Exchange:
         a = self.answer
         experts = ", ".join(s.expert for s in a.segments) or "-"
         cached = "; features from cache" if a.cached else ""
-        return (q + f"<p><b>A:</b> {esc(a.text)}<br><small>experts: {esc(experts)}; "
+        return (q + f"<p><b>A:</b> {esc(' '.join(a.text.split()))}<br><small>experts: {esc(experts)}; "
                     f"{a.seconds:.1f} s{cached}</small></p>")
 
 
@@ -123,7 +123,7 @@ class AskDock(QgsDockWidget):
             self.ask_button.setEnabled(False)
             return
         self._current_key = region.key
-        self.layer_label.setText(f"<b>{esc(region.layer_name)}</b> \u2014 {esc(region.describe())}")
+        self.layer_label.setText(f"<b>{esc(region.layer_name)}</b> \u2014 {esc(region.describe(with_name=False))}")
         self.ask_button.setEnabled(True)
         self._render_history()
 

@@ -81,12 +81,12 @@ class CaptionPanel(QgsDockWidget):
         cached = ", visual features from the engine's cache" if answer.cached else ""
         self.status_label.setText(f"Captioned in {answer.seconds:.1f} s{cached}.")
         parts = [f"<h3>{esc(region.layer_name)}</h3>",
-                 f"<p><small>{esc(region.describe())}</small></p>",
+                 f"<p><small>{esc(region.describe(with_name=False))}</small></p>",
                  f'<p style="font-size:13pt">{esc(answer.text)}</p>']
         if answer.segments:
             parts.append("<h4>Experts</h4><table cellspacing='4'>")
             for seg in answer.segments:
-                parts.append(f"<tr><td valign='top'><b>{esc(seg.expert)}</b></td><td>{esc(seg.text)}</td></tr>")
+                parts.append(f"<tr><td valign='top'><b>{esc(seg.expert)}</b></td><td>{esc(' '.join(seg.text.split()))}</td></tr>")
             parts.append("</table>")
         facts = [f"router: {answer.router or '-'}", f"scene: {answer.scene or '-'}",
                  f"experts: {', '.join(answer.experts) or '-'}"]

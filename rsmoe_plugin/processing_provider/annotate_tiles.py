@@ -20,18 +20,18 @@ from rsmoe_plugin.layer_style import style_annotation_layer
 from rsmoe_plugin.regions import local_raster_path, renderer_bands
 from rsmoe_plugin.resources import icon_path
 
-HELP = """Cuts a raster layer into tiles, captions every tile with the local RS-MoE model and writes a GeoJSON
-layer of tile footprints (EPSG:4326) whose features carry the captions (with each expert's part) and are
-shown as map tips.
-
-<b>Input</b>: any raster layer. Local files the engine can read are tiled and read by the engine at full
-resolution; other layers (web / XYZ tiles, virtual rasters) are drawn by QGIS tile by tile (at the layer's
-own resolution unless <i>Resolution</i> is set).
-<b>Extent</b>: only this part of the layer (default: all of it).
-<b>Tile size / overlap</b>: in pixels.
-Cancelling stops the engine after its current batch; nothing is written then.
-The engine is the one configured in Plugins > RS-MoE > Engine settings (or RSMOE_ENGINE_PYTHON /
-RSMOE_ENGINE_URL + RSMOE_ENGINE_TOKEN)."""
+HELP = "\n".join([  # one paragraph per line: QGIS shows each line break
+    "Cuts a raster layer into tiles, captions every tile with the local RS-MoE model and writes a GeoJSON layer of "
+    "tile footprints (EPSG:4326) whose features carry the captions (with each expert's part), shown as map tips.",
+    "<b>Raster layer</b>: any raster layer. Local files the engine can read are tiled and read by the engine at "
+    "full resolution; other layers (web / XYZ tiles, virtual rasters) are drawn by QGIS tile by tile, at the "
+    "layer's own resolution unless <i>Resolution</i> (advanced) is set.",
+    "<b>Extent</b>: only this part of the layer (default: all of it). <b>Tile size</b> and <b>Overlap</b> are in "
+    "pixels.",
+    "Cancelling stops the engine after its current batch of tiles; nothing is written then.",
+    "The engine is the one set in Plugins > RS-MoE > Engine settings, or in the environment: RSMOE_ENGINE_PYTHON, "
+    "or RSMOE_ENGINE_URL and RSMOE_ENGINE_TOKEN.",
+])
 
 
 class CaptionLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
