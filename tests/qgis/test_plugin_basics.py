@@ -173,3 +173,27 @@ def test_caption_without_a_raster_layer_says_what_to_do(plugin, qgis_iface, qgis
     warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
     assert any("'points' is not a raster layer" in m for m in warnings), warnings
     assert "not a raster layer" in plugin.caption_panel.status_label.text()
+
+
+def test_settings_dialog_stores_what_the_user_chose(qtbot) -> None:  # noqa: ANN001
+    from rsmoe_plugin.gui.settings_dialog import SettingsDialog
+    from rsmoe_plugin.settings import MODE_START, load_settings, save_settings
+    from tests.qgis.conftest import screenshot_path
+
+    before = load_settings(apply_environment=False)
+    try:
+        dialog = SettingsDialog()
+        qtbot.addWidget(dialog)
+        dialog.start_radio.setChecked(True)
+        dialog.python_widget.setFilePath("/opt/rsmoe/.venv/bin/python")
+        dialog.backend_combo.setCurrentText("onnx")
+        dialog.device_edit.setText("cuda")
+        dialog.show()
+        qtbot.wait(50)
+        assert dialog.grab().save(str(screenshot_path("settings_dialog.png")))
+        dialog.accept()
+        stored = load_settings(apply_environment=False)
+        assert (stored.mode, stored.python, stored.backend, stored.device) == (
+            MODE_START, "/opt/rsmoe/.venv/bin/python", "onnx", "cuda")
+    finally:
+        save_settings(before)
