@@ -23,8 +23,15 @@ from qgis.core import QgsCoordinateReferenceSystem, QgsFeedback, QgsRasterLayer,
 
 from rsmoe_plugin.engine_manager import EngineManager, log
 from rsmoe_plugin.errors import BadLayerError, CancelledByUser, EngineRequestError
-from rsmoe_plugin.features import (feature, feature_collection, footprint_wgs84, ground_resolution_m, skip_reason,
-                                   tile_properties, write_geojson_atomic)
+from rsmoe_plugin.features import (
+    feature,
+    feature_collection,
+    footprint_wgs84,
+    ground_resolution_m,
+    skip_reason,
+    tile_properties,
+    write_geojson_atomic,
+)
 from rsmoe_plugin.rendering import png_base64, render_image, valid_fraction
 from rsmoe_plugin.tiling import RenderGrid, native_resolution
 
@@ -119,7 +126,7 @@ def annotate_file(manager: EngineManager, path: str, out: str | Path, params: An
             _cancel_job(manager, status, out, feedback)
         time.sleep(POLL_INTERVAL_S)
         job_id = status["id"]
-        status = manager.call(lambda c: c.job(job_id), "the annotation job")
+        status = manager.call(lambda c, job_id=job_id: c.job(job_id), "the annotation job")
         if feedback is not None and status.get("total"):
             feedback.setProgress(100.0 * status["done"] / status["total"])
         state = status["state"]
@@ -196,7 +203,7 @@ def annotate_rendered(manager: EngineManager, layer: QgsRasterLayer, crs: QgsCoo
             skipped += 1
         else:
             body = {"image_base64": png_base64(image)}
-            answer = manager.call(lambda c: c.caption(body, params.style), f"tile {tile.index}")
+            answer = manager.call(lambda c, body=body: c.caption(body, params.style), f"tile {tile.index}")
             captioned += 1
         props = tile_properties(tile.index, tile.window, tile.row, tile.col, answer, reason, round(valid, 6),
                                 ground_resolution_m(tile_extent, crs, resolution), health.model_id, health.backend)

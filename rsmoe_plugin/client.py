@@ -15,8 +15,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from rsmoe_plugin.errors import (EngineConnectionLost, EngineError, EngineRequestError, EngineTimeoutError,
-                                 EngineUnreachableError, TokenRefusedError)
+from rsmoe_plugin.errors import (
+    EngineConnectionLost,
+    EngineError,
+    EngineRequestError,
+    EngineTimeoutError,
+    EngineUnreachableError,
+    TokenRefusedError,
+)
 
 USER_AGENT = "rsmoe-qgis-plugin"
 
@@ -140,7 +146,7 @@ class EngineClient:
             if isinstance(reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
                 raise EngineConnectionLost(f"the connection to the engine at {self.url} broke ({reason})") from None
             raise EngineUnreachableError(f"cannot reach the engine at {self.url}: {reason}") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise EngineTimeoutError(f"the engine at {self.url} did not answer {method} {path} in time") from None
         except (http.client.RemoteDisconnected, http.client.IncompleteRead, ConnectionError) as exc:
             raise EngineConnectionLost(

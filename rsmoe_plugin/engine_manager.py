@@ -18,16 +18,24 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from qgis.core import Qgis, QgsMessageLog
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 from rsmoe_plugin.client import EngineClient, EngineHealth
-from rsmoe_plugin.errors import (ConfigurationError, EngineConnectionLost, EngineDiedError, EngineError,
-                                 EngineStartError, EngineTimeoutError, EngineUnreachableError)
+from rsmoe_plugin.errors import (
+    ConfigurationError,
+    EngineConnectionLost,
+    EngineDiedError,
+    EngineError,
+    EngineStartError,
+    EngineTimeoutError,
+    EngineUnreachableError,
+)
 from rsmoe_plugin.settings import MODE_CONNECT, EngineSettings, load_settings
 
 LOG_TAG = "RS-MoE"
@@ -378,7 +386,7 @@ class EngineManager(QObject):
             except OSError:
                 pass
             self._log_file = None
-        if self._workdir is not None and proc is not None:
+        if self._workdir is not None:  # the token file and the log of the previous engine
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         self._client = None

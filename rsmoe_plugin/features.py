@@ -13,11 +13,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsDistanceArea, QgsGeometry,
-                       QgsPointXY, QgsProject, QgsRectangle)
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsDistanceArea,
+    QgsGeometry,
+    QgsPointXY,
+    QgsProject,
+    QgsRectangle,
+)
 
 from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.tiling import PixelWindow
@@ -64,11 +72,12 @@ def tile_properties(tile_index: int, window: PixelWindow, row: int, col: int, an
 
 
 def _ring_ccw(ring: list[list[float]]) -> list[list[float]]:
-    area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+    area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:], strict=False))
     return ring if area >= 0 else ring[::-1]
 
 
-def footprint_wgs84(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, points_per_edge: int = 8) -> dict[str, Any]:
+def footprint_wgs84(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem,
+                    points_per_edge: int = 8) -> dict[str, Any]:
     """A tile's footprint as a GeoJSON Polygon in EPSG:4326 (edges densified, 7 decimals, CCW)."""
     geom = QgsGeometry.fromRect(extent).densifyByCount(points_per_edge - 1)
     if crs != WGS84:

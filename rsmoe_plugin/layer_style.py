@@ -8,7 +8,8 @@ from qgis.core import QgsFillSymbol, QgsSingleSymbolRenderer, QgsVectorLayer
 MAP_TIP_TEMPLATE = (
     '<div style="max-width:420px"><b>Tile [% "tile_index" %]</b><br>'
     '[% coalesce("caption", \'<i>skipped: \' || "skipped" || \'</i>\') %]'
-    '[% CASE WHEN "segments" IS NOT NULL THEN \'<hr>\' || array_to_string(array_foreach(coalesce(from_json("segments"), "segments"), '
+    '[% CASE WHEN "segments" IS NOT NULL THEN \'<hr>\' || array_to_string(array_foreach('
+    'coalesce(from_json("segments"), "segments"), '
     "'<b>' || map_get(@element, 'expert') || '</b>: ' || map_get(@element, 'text')), '<br>') ELSE '' END %]"
     "</div>"
 )

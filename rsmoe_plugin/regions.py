@@ -21,8 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsMapLayer, QgsProject,
-                       QgsRasterDataProvider, QgsRasterLayer, QgsRectangle)
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsMapLayer,
+    QgsProject,
+    QgsRasterDataProvider,
+    QgsRasterLayer,
+    QgsRectangle,
+)
 
 from rsmoe_plugin.errors import BadLayerError
 from rsmoe_plugin.rendering import png_base64, render_image
@@ -125,7 +132,8 @@ class RegionRequest:
             e = self.extent
             where = (f"extent {_coord(e.xMinimum())}, {_coord(e.yMinimum())} : {_coord(e.xMaximum())}, "
                      f"{_coord(e.yMaximum())} ({self.crs.authid() or 'layer CRS'})")
-        how = f"rendered by QGIS ({self.render_width} x {self.render_height} px)" if self.rendered else "read from the file"
+        how = (f"rendered by QGIS ({self.render_width} x {self.render_height} px)" if self.rendered
+               else "read from the file")
         return f"{self.layer_name}: {where}, {how}" if with_name else f"{where}, {how}"
 
     def body(self) -> dict[str, Any]:

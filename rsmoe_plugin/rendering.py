@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import base64
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsMapLayer, QgsMapRendererCustomPainterJob, QgsMapSettings,
-                       QgsRectangle)
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsMapLayer,
+    QgsMapRendererCustomPainterJob,
+    QgsMapSettings,
+    QgsRectangle,
+)
 from qgis.PyQt.QtCore import QBuffer, QByteArray, QIODevice, QSize, Qt
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 

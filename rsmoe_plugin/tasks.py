@@ -3,8 +3,9 @@ main thread (``finished``), where the GUI is updated."""
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from qgis.core import Qgis, QgsApplication, QgsTask
 

@@ -7,20 +7,34 @@ engine answers it from its visual feature cache.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from qgis.core import Qgis
 from qgis.gui import QgsDockWidget
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QTextBrowser, QVBoxLayout,
-                                 QWidget)
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
 
 from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.engine_manager import EngineManager, EngineStatus
 from rsmoe_plugin.errors import PluginError
-from rsmoe_plugin.gui.common import (REGION_CHOICES, engine_status_html, error_text, esc, push_message,
-                                     region_from_canvas)
+from rsmoe_plugin.gui.common import (
+    REGION_CHOICES,
+    engine_status_html,
+    error_text,
+    esc,
+    push_message,
+    region_from_canvas,
+)
 from rsmoe_plugin.regions import REGION_VISIBLE, RegionRequest
 from rsmoe_plugin.tasks import EngineTask, TaskOutcome, start_task
 

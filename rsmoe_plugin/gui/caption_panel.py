@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from qgis.gui import QgsDockWidget
 from qgis.PyQt.QtCore import Qt, pyqtSignal
-from qgis.PyQt.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QPushButton, QTextBrowser, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QTextBrowser, QVBoxLayout, QWidget
 
 from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.engine_manager import EngineStatus
@@ -86,7 +86,8 @@ class CaptionPanel(QgsDockWidget):
         if answer.segments:
             parts.append("<h4>Experts</h4><table cellspacing='4'>")
             for seg in answer.segments:
-                parts.append(f"<tr><td valign='top'><b>{esc(seg.expert)}</b></td><td>{esc(' '.join(seg.text.split()))}</td></tr>")
+                text = " ".join(seg.text.split())
+                parts.append(f"<tr><td valign='top'><b>{esc(seg.expert)}</b></td><td>{esc(text)}</td></tr>")
             parts.append("</table>")
         facts = [f"router: {answer.router or '-'}", f"scene: {answer.scene or '-'}",
                  f"experts: {', '.join(answer.experts) or '-'}"]

@@ -4,11 +4,33 @@ from __future__ import annotations
 import os
 
 from qgis.gui import QgsFileWidget
-from qgis.PyQt.QtWidgets import (QButtonGroup, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFormLayout,
-                                 QGroupBox, QLabel, QLineEdit, QRadioButton, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QLineEdit,
+    QRadioButton,
+    QVBoxLayout,
+    QWidget,
+)
 
-from rsmoe_plugin.settings import (BACKENDS, ENV_PYTHON, ENV_TOKEN, ENV_URL, MODE_CONNECT, MODE_START,
-                                   EngineSettings, default_token_file, load_settings, save_settings)
+from rsmoe_plugin.settings import (
+    BACKENDS,
+    ENV_PYTHON,
+    ENV_TOKEN,
+    ENV_URL,
+    MODE_CONNECT,
+    MODE_START,
+    EngineSettings,
+    default_token_file,
+    load_settings,
+    save_settings,
+)
 
 
 class SettingsDialog(QDialog):

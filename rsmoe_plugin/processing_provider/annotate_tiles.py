@@ -5,12 +5,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing, QgsProcessingAlgorithm,
-                       QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingLayerPostProcessorInterface, QgsProcessingOutputNumber, QgsProcessingParameterEnum,
-                       QgsProcessingParameterExtent, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterVectorDestination, QgsRasterLayer,
-                       QgsRectangle, QgsVectorLayer)
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorDestination,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
 from qgis.PyQt.QtGui import QIcon
 
 from rsmoe_plugin.annotation import STYLES, AnnotateParameters, annotate_file, annotate_rendered
@@ -161,6 +174,11 @@ class AnnotateTilesAlgorithm(QgsProcessingAlgorithm):
                                             source_label=self._source)
         except PluginError as exc:
             raise QgsProcessingException(f"{exc.title}: {exc}") from None
+        finally:
+            if QgsApplication.platform() == "qgis_process":
+                # one algorithm per qgis_process run, and it exits without unloading plugins or running
+                # Python's atexit: stop an engine started for this run now
+                get_manager().stop()
         feedback.pushInfo(outcome.summary())
         if context.willLoadLayerOnCompletion(out):
             details = context.layerToLoadOnCompletionDetails(out)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
-from rsmoe_plugin.resources import icon_path
 from rsmoe_plugin.processing_provider.annotate_tiles import AnnotateTilesAlgorithm
+from rsmoe_plugin.resources import icon_path
 
 PROVIDER_ID = "rsmoe"
 

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -21,8 +21,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject,  # noqa: E402
-                       QgsRasterLayer, QgsRectangle)
+from qgis.core import (  # noqa: E402
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+)
 
 DATA = REPO / "tests" / "data"
 SCREENSHOTS = Path(os.environ.get("RSMOE_SCREENSHOT_DIR") or REPO / "tests" / "qgis" / "screenshots")

@@ -8,12 +8,26 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from qgis.core import (QgsCoordinateReferenceSystem, QgsExpression, QgsExpressionContext,
-                       QgsExpressionContextUtils, QgsProcessingException, QgsProcessingFeedback, QgsProject,
-                       QgsVectorLayer)
+from qgis.core import (
+    QgsExpression,
+    QgsExpressionContext,
+    QgsExpressionContextUtils,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProject,
+    QgsVectorLayer,
+)
 
-from tests.qgis.conftest import (DATA, REPO, install_zip_into_profile, s2_mercator_extent, screenshot_path,
-                                 show_on_canvas, wait_for)
+from tests.qgis.conftest import (
+    DATA,
+    REPO,
+    engine_python,
+    install_zip_into_profile,
+    s2_mercator_extent,
+    screenshot_path,
+    show_on_canvas,
+    wait_for,
+)
 
 ALG = "rsmoe:annotatetiles"
 CORE = ["tile_index", "window", "caption", "skipped", "valid_fraction", "ground_resolution_m"]
@@ -109,7 +123,7 @@ def test_processing_dialog_runs_loads_and_styles_the_result(plugin, qgis_iface, 
     dialog.close()
 
     layers = QgsProject.instance().mapLayersByName("Sentinel-2 Virginia captions")
-    assert len(layers) == 1, [l.name() for l in QgsProject.instance().mapLayers().values()]
+    assert len(layers) == 1, [lyr.name() for lyr in QgsProject.instance().mapLayers().values()]
     layer = layers[0]
     assert layer.featureCount() == 4 and layer.crs().authid() == "EPSG:4326"
     feature = next(layer.getFeatures())
@@ -122,7 +136,7 @@ def test_processing_dialog_runs_loads_and_styles_the_result(plugin, qgis_iface, 
 
 def _save_map(layer: QgsVectorLayer, raster, feature, tip: str, path: Path) -> None:  # noqa: ANN001
     """The caption layer over the raster, with the first tile's map tip drawn beside it."""
-    from qgis.PyQt.QtCore import QRectF, Qt
+    from qgis.PyQt.QtCore import QRectF
     from qgis.PyQt.QtGui import QColor, QPainter, QTextDocument
 
     image = render_image_layers([layer, raster], raster.crs(), raster.extent(), 512)
@@ -262,3 +276,35 @@ def test_schema_matches_between_engine_jobs_and_rendered_tiles() -> None:
     for name in EXTRA_PROPERTIES:
         assert name in engine_jobs
     assert list(EXTRA_PROPERTIES) == sorted(EXTRA_PROPERTIES) == EXTRA  # the engine writes extras sorted
+
+
+def _engine_processes() -> set[int]:
+    """Pids of running `engine.cli serve` processes (Linux /proc)."""
+    pids = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"engine.cli" in cmdline and b"serve" in cmdline:
+            pids.add(int(entry.name))
+    return pids
+
+
+def test_qgis_process_starts_and_stops_its_own_engine(engine, tmp_path) -> None:  # noqa: ANN001
+    """RSMOE_ENGINE_PYTHON under qgis_process: the plugin starts an engine for the run and stops it after."""
+    qgis_process = Path("/usr/bin/qgis_process.bin")
+    if not qgis_process.exists():
+        pytest.skip("qgis_process.bin is not installed")
+    install_zip_into_profile(tmp_path / "qgis")
+    before = _engine_processes()
+    out = tmp_path / "out" / "s2.geojson"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RSMOE_ENGINE_")}
+    env.update(QT_QPA_PLATFORM="offscreen", QGIS_CUSTOM_CONFIG_PATH=str(tmp_path / "qgis"),
+               RSMOE_ENGINE_PYTHON=str(engine_python()))
+    cmd = [str(qgis_process), "run", ALG, "--", f"INPUT={DATA / 's2_crop512.tif'}", "TILE_SIZE=512",
+           f"OUTPUT={out}"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_geojson(out, 1)
+    assert _engine_processes() <= before, "qgis_process left its engine running"

@@ -74,5 +74,5 @@ def test_caption_epsg4326_layer_visible_extent_from_a_mercator_canvas(plugin, qg
         qgis_iface.mapCanvas().extent())
     res = world_layer.rasterUnitsPerPixelX()
     expected = [(seen.xMinimum() + 180) / res, (90 - seen.yMaximum()) / res, seen.width() / res, seen.height() / res]
-    assert all(abs(a - b) <= 2.0 for a, b in zip(answer.window, expected)), (answer.window, expected)
+    assert all(abs(a - b) <= 2.0 for a, b in zip(answer.window, expected, strict=True)), (answer.window, expected)
     assert answer.window[2] < 400 and answer.window[3] < 100  # a part of the world, not all of it

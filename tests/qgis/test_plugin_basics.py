@@ -127,7 +127,8 @@ def test_unreachable_engine_gives_a_clear_message() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     manager = EngineManager(lambda: EngineSettings(mode="connect", url=f"http://127.0.0.1:{port}", token="x"))
-    with pytest.raises(EngineUnreachableError, match=r"no RS-MoE engine answers at http://127\.0\.0\.1:\d+.*rsmoe serve"):
+    with pytest.raises(EngineUnreachableError,
+                       match=r"no RS-MoE engine answers at http://127\.0\.0\.1:\d+.*rsmoe serve"):
         manager.health()
     assert manager.status.state == "failed"
     unset = EngineManager(lambda: EngineSettings(mode="connect", url="http://127.0.0.1:1"))
