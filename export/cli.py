@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="KV-cache slots of the static profile: prefix + prompt + new tokens (default: 256)")
     p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
                    help="torch.onnx exporter (default: torchscript, ~8x faster here; dynamo gives the same IO)")
+    p.add_argument("--int8-scheme", default="block", choices=["block", "dynamic"],
+                   help="int8 variant: block-wise int8 weights (MatMulNBits, default, more accurate) or per-tensor "
+                        "dynamic quantisation (MatMulInteger, faster for batches)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity measurement against PyTorch")
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=cmd_export)
@@ -34,7 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = ExportOptions(variants=[v.strip() for v in args.variants.split(",") if v.strip()], opset=args.opset,
                             static_batch=args.static_batch, static_cache=args.static_cache, parity=not args.no_parity,
-                            exporter=args.exporter)
+                            exporter=args.exporter, int8_scheme=args.int8_scheme)
     for noisy in ("onnxscript", "onnx_ir", "onnxruntime", "torch.onnx", "torch.export", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     model_dir = args.model or default_model_dir()

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from engine.backends import manifest as mf
-from engine.backends.onnx import OnnxRSMoE, config_digest
+from engine.backends.onnx import OnnxRSMoE, source_digest
 from engine.errors import UserInputError
 from engine.model import RSMoEModel
 from export import tracing
 from export.graphs import StackedLoRA, stack_lora
-from export.variants import to_fp16, to_int8
+from export.variants import INT8_SCHEMES, to_fp16, to_int8
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class ExportOptions:
     static_cache: int = 256
     parity: bool = True
     exporter: str = "torchscript"  # or "dynamo" (see export.tracing)
+    int8_scheme: str = "block"  # or "dynamic" (see export.variants.to_int8)
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in mf.VARIANTS]
@@ -67,6 +68,8 @@ class ExportOptions:
             raise UserInputError("--static-batch must be >= 1 and --static-cache >= 8")
         if self.exporter not in ("torchscript", "dynamo"):
             raise UserInputError(f"unknown exporter {self.exporter!r}; use torchscript or dynamo")
+        if self.int8_scheme not in INT8_SCHEMES:
+            raise UserInputError(f"unknown int8 scheme {self.int8_scheme!r}; use {' or '.join(INT8_SCHEMES)}")
         if self.opset < 18:
             raise UserInputError("the dynamo exporter needs --opset 18 or newer")
 
@@ -108,15 +111,18 @@ def _export_graphs(model: RSMoEModel, lora: StackedLoRA, out: Path, options: Exp
     tracing.export_decoder(model, lora, fp32["decoder"], options.opset, options.exporter)
     paths: dict[str, dict[str, Path]] = {"fp32": fp32}
     notes = {"fp32": "reference precision; every dim dynamic",
-             "int8": "decoder MatMul weights int8 (MatMulNBits, 8 bits, blocks of 32, symmetric), activations "
-                     "quantised to int8 per block at run time (accuracy_level 4); LoRA factors float; vision and "
-                     "bridge are the fp32 graphs. For CPU (VNNI).",
+             "int8": ("decoder MatMul weights int8 (MatMulNBits, 8 bits, blocks of 32, symmetric), activations "
+                      "quantised to int8 per block at run time (accuracy_level 4)" if options.int8_scheme == "block" else
+                      "decoder MatMul weights int8 per tensor (quantize_dynamic, MatMulInteger), activations "
+                      "quantised per tensor at run time; MLP down projections kept float32 (activation outliers)")
+                     + "; LoRA factors float; vision and bridge are the fp32 graphs. For CPU (VNNI).",
              "fp16": "float16 weights and IO (RMSNorm and softmax kept in float32). For CUDA/TensorRT; on CPU "
                      "onnxruntime casts around missing float16 kernels and is slow.",
              "static": ""}
     if "int8" in options.variants:
         int8 = out / "int8" / "decoder.onnx"
-        to_int8(fp32["decoder"], int8)
+        intermediate = getattr(model.language_model.get_base_model().config, "intermediate_size", None)
+        to_int8(fp32["decoder"], int8, options.int8_scheme, keep_float_in_features=intermediate)
         paths["int8"] = {"vision": fp32["vision"], "bridge": fp32["bridge"], "decoder": int8}
     if "fp16" in options.variants:
         paths["fp16"] = {g: out / "fp16" / f"{g}.onnx" for g in mf.GRAPHS}
@@ -177,7 +183,8 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, options: 
             trained_adapters=sorted(model.trained_adapters),
             num_query_tokens=model.bridge.num_query_tokens,
             visual_tokens=list(visual.shape[1:]),
-            versions={**_versions(), "exporter": options.exporter, "config_sha256": config_digest(model_dir)},
+            versions={**_versions(), "exporter": options.exporter,
+                      "int8_scheme": options.int8_scheme if "int8" in options.variants else "", "source_sha256": source_digest(model_dir)},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         manifest.save(tmp)

@@ -134,8 +134,13 @@ def _export(module: torch.nn.Module, args: tuple[Any, ...], path: Path, input_na
                               dynamic_shapes=_dynamic_shapes(args, input_names, axes) if axes else None,
                               opset_version=opset, dynamo=True, external_data=True, optimize=True, verbose=False)
         elif exporter == "torchscript":
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_axes=axes or None, opset_version=opset, dynamo=False)
+            try:
+                torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                                  dynamic_axes=axes or None, opset_version=opset, dynamo=False)
+            except Exception as exc:  # noqa: BLE001 - deprecated upstream: fall back to the supported exporter
+                log.warning("TorchScript exporter failed on %s (%s); using the dynamo exporter", path.name, exc)
+                _export(module, args, path, input_names, output_names, axes, opset, "dynamo")
+                return
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
     if exporter == "torchscript":

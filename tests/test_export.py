@@ -189,6 +189,20 @@ def test_int8_variant_runs_with_quantised_weights(backends: dict[str, OnnxRSMoE]
     assert backends["int8"].describe()["precision"] == "int8"
 
 
+def test_int8_dynamic_scheme_keeps_down_projections_float(tiny_trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "onnx-dynamic"
+    manifest = export_model(tiny_trained, out, ExportOptions(variants=["int8"], int8_scheme="dynamic", parity=False))
+    assert set(manifest.variants) == {"fp32", "int8"} and manifest.versions["int8_scheme"] == "dynamic"
+    graph = onnx.load(str(out / manifest.variants["int8"].graphs["decoder"].path), load_external_data=False).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    assert {n.op_type for n in graph.node} & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    float_weights = [shapes[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in shapes]
+    intermediate = json.loads((tiny_trained.parent / "llama" / "config.json").read_text())["intermediate_size"]
+    assert float_weights and all(w[0] == intermediate for w in float_weights)  # only the down projections
+    backend = OnnxRSMoE.from_model_dir(tiny_trained, device="cpu", variant="int8", export_dir=out)
+    assert len(backend.caption(_images(1), style="detailed")[0].segments) == 3
+
+
 def test_fp16_variant_has_float16_io_and_runs(backends: dict[str, OnnxRSMoE], manifest: mf.Manifest) -> None:
     decoder = manifest.variants["fp16"].graphs["decoder"]
     dtypes = {t.name: t.dtype for t in decoder.inputs + decoder.outputs}
@@ -244,6 +258,19 @@ def test_load_model_onnx_backend_and_errors(tiny_trained: Path, manifest: mf.Man
         OnnxRSMoE.from_model_dir(tiny_trained, device="cpu", variant="nope")
     with pytest.raises(ModelDirError):
         backend.adapter_mask(["no-such-expert"])
+
+
+def test_stale_export_is_refused(tiny_trained: Path, manifest: mf.Manifest, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_trained, copy)
+    assert OnnxRSMoE.from_model_dir(copy, device="cpu").describe()["backend"] == "onnx"
+    config = json.loads((copy / "config.json").read_text())
+    config["qformer"]["num_query_tokens"] = 8
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match="since its ONNX export"):
+        OnnxRSMoE.from_model_dir(copy, device="cpu")
 
 
 def test_export_cli_is_registered(tmp_path: Path) -> None:

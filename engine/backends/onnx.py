@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.backends import manifest as mf
 from engine.errors import ModelDirError, UserInputError
-from engine.model.config import CONFIG_NAME, RSMoEConfig
+from engine.model.config import ADAPTERS_DIR, CONFIG_NAME, WEIGHTS_NAME, RSMoEConfig
 from engine.model.image_processing import ImageProcessor
 from engine.model.routing import MoEInference, ensure_pad_token
 
@@ -61,9 +61,19 @@ def choose_providers(device: str = "auto", available: Sequence[str] | None = Non
     return ranked or ["CPUExecutionProvider"]
 
 
-def config_digest(model_dir: Path) -> str:
-    """sha256 of the model's config.json (the manifest records it to notice stale exports)."""
-    return hashlib.sha256((Path(model_dir) / CONFIG_NAME).read_bytes()).hexdigest()
+def source_digest(model_dir: Path) -> str:
+    """sha256 over what an export is made from: config.json, model.safetensors and the saved adapters (the
+    manifest records it, so a stale export is noticed)."""
+    model_dir = Path(model_dir)
+    files = [model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME, *sorted((model_dir / ADAPTERS_DIR).glob("*/*"))]
+    digest = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            digest.update(path.relative_to(model_dir).as_posix().encode())
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -280,9 +290,10 @@ class OnnxRSMoE(MoEInference):
             raise ModelDirError(f"the ONNX variant {variant!r} was not exported for {model_dir} (exported: "
                                 f"{', '.join(manifest.variants)}); run `rsmoe export --model {model_dir} "
                                 f"--variants {variant}`")
-        recorded = manifest.versions.get("config_sha256")
-        if recorded and recorded != config_digest(model_dir):
-            log.warning("%s changed since the ONNX export: re-run `rsmoe export --model %s`", CONFIG_NAME, model_dir)
+        recorded = manifest.versions.get("source_sha256")
+        if recorded and recorded != source_digest(model_dir):
+            raise ModelDirError(f"{model_dir} changed (config, weights or adapters) since its ONNX export; "
+                                f"run `rsmoe export --model {model_dir}`")
         return cls(model_dir, config, manifest, variant, device, exported)
 
     def _session(self, name: str, providers: list[str], device_id: int, options: Any) -> _Graph:
