@@ -152,7 +152,8 @@ def measure_all(models: dict[str, Any], images: list[Path], new_tokens: int, rep
     visual = first.encode_images(first.preprocess(images[:1]))
     experts = list(first.config.expert_names)
     prompts = [f"Describe the {e} of this image." for e in experts]
-    cases = {"mixed3": (list(range(len(experts))),)} | {"one": ([0],)} | {f"seq{i}": ([i],) for i in range(len(experts))}
+    cases = {"mixed3": (list(range(len(experts))),), "one": ([0],)}
+    cases |= {f"seq{i}": ([i],) for i in range(len(experts))}
     for _ in range(repeats):
         for case, (rows,) in cases.items():
             for name, m in models.items():
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()], **threads},
-        "model": str(args.model.resolve().relative_to(REPO)) if args.model.resolve().is_relative_to(REPO) else str(args.model),
+        "model": str(args.model.resolve().relative_to(REPO) if args.model.resolve().is_relative_to(REPO)
+                     else args.model),
         "images": [p.name for p in images],
         "bandwidth_gbps_assumed": BANDWIDTH_GBPS,
         "targets": {"ort_vs_torch": ">= 1.5x", "int8_vs_ort_fp32": "> 1x", "mixed_over_one": "<= 1.5",

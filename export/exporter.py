@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8", "static")
 
+INT8_NOTES = {
+    "block": "decoder MatMul weights int8 (MatMulNBits, 8 bits, blocks of 32, symmetric), activations quantised to "
+             "int8 per block at run time (accuracy_level 4)",
+    "dynamic": "decoder MatMul weights int8 per tensor (quantize_dynamic, MatMulInteger), activations quantised per "
+               "tensor at run time; MLP down projections kept float32 (activation outliers)",
+}
+
 LAYOUT = {
     "vision": "two graphs: vision (pixels -> visual tokens) and bridge (visual tokens + instruction token ids/mask "
               "-> projected query embeddings). The encoder runs once per tile and its output is what the engine "
@@ -104,18 +111,16 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _export_graphs(model: RSMoEModel, lora: StackedLoRA, out: Path, options: ExportOptions) -> dict[str, mf.VariantSpec]:
+def _export_graphs(model: RSMoEModel, lora: StackedLoRA, out: Path,
+                   options: ExportOptions) -> dict[str, mf.VariantSpec]:
     fp32 = {g: out / "fp32" / f"{g}.onnx" for g in mf.GRAPHS}
     tracing.export_vision(model, fp32["vision"], options.opset, options.exporter)
     tracing.export_bridge(model, fp32["bridge"], options.opset, options.exporter)
     tracing.export_decoder(model, lora, fp32["decoder"], options.opset, options.exporter)
     paths: dict[str, dict[str, Path]] = {"fp32": fp32}
     notes = {"fp32": "reference precision; every dim dynamic",
-             "int8": ("decoder MatMul weights int8 (MatMulNBits, 8 bits, blocks of 32, symmetric), activations "
-                      "quantised to int8 per block at run time (accuracy_level 4)" if options.int8_scheme == "block" else
-                      "decoder MatMul weights int8 per tensor (quantize_dynamic, MatMulInteger), activations "
-                      "quantised per tensor at run time; MLP down projections kept float32 (activation outliers)")
-                     + "; LoRA factors float; vision and bridge are the fp32 graphs. For CPU (VNNI).",
+             "int8": (INT8_NOTES[options.int8_scheme]
+                      + "; LoRA factors float; vision and bridge are the fp32 graphs. For CPU (VNNI)."),
              "fp16": "float16 weights and IO (RMSNorm and softmax kept in float32). For CUDA/TensorRT; on CPU "
                      "onnxruntime casts around missing float16 kernels and is slow.",
              "static": ""}
@@ -141,8 +146,8 @@ def _export_graphs(model: RSMoEModel, lora: StackedLoRA, out: Path, options: Exp
                                       profile.cache_length, options.exporter)
         paths["static"] = static
         notes["static"] = (f"float32, every dim fixed: batch {profile.batch}, instruction tokens "
-                           f"{profile.instruction_tokens}, KV cache {profile.cache_length} slots, one token per decoder "
-                           "call. For TensorRT (trt_fp16_enable gives fp16 engines).")
+                           f"{profile.instruction_tokens}, KV cache {profile.cache_length} slots, one token per "
+                           "decoder call. For TensorRT (trt_fp16_enable gives fp16 engines).")
     precision = {"fp32": "float32", "fp16": "float16", "int8": "int8", "static": "float32"}
     variants = {}
     for name in options.variants:
@@ -153,7 +158,8 @@ def _export_graphs(model: RSMoEModel, lora: StackedLoRA, out: Path, options: Exp
     return variants
 
 
-def export_model(model_dir: str | Path, out: str | Path | None = None, options: ExportOptions | None = None) -> mf.Manifest:
+def export_model(model_dir: str | Path, out: str | Path | None = None,
+                 options: ExportOptions | None = None) -> mf.Manifest:
     """Export ``model_dir`` into ``out`` (default ``model_dir/onnx``), replacing it only when all succeeded."""
     options = options or ExportOptions()
     model_dir = Path(model_dir)
@@ -171,7 +177,8 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, options: 
         _write_side_files(model, lora, tmp)
         variants = _export_graphs(model, lora, tmp, options)
         with torch.no_grad():
-            visual = model.encode_images(torch.zeros(1, 3, model.config.image.image_size, model.config.image.image_size))
+            size = model.config.image.image_size
+            visual = model.encode_images(torch.zeros(1, 3, size, size))
         manifest = mf.Manifest(
             model_id=model.config.model_id,
             opset=options.opset,
@@ -183,8 +190,8 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, options: 
             trained_adapters=sorted(model.trained_adapters),
             num_query_tokens=model.bridge.num_query_tokens,
             visual_tokens=list(visual.shape[1:]),
-            versions={**_versions(), "exporter": options.exporter,
-                      "int8_scheme": options.int8_scheme if "int8" in options.variants else "", "source_sha256": source_digest(model_dir)},
+            versions={**_versions(), "exporter": options.exporter, "source_sha256": source_digest(model_dir),
+                      "int8_scheme": options.int8_scheme if "int8" in options.variants else ""},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         manifest.save(tmp)

@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -131,7 +131,8 @@ class BridgeGraph(nn.Module):
         super().__init__()
         self.bridge = model.bridge
 
-    def forward(self, visual: torch.Tensor, instruction_ids: torch.Tensor, instruction_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, visual: torch.Tensor, instruction_ids: torch.Tensor,
+                instruction_mask: torch.Tensor) -> torch.Tensor:
         return self.bridge(visual, instruction_ids, instruction_mask)
 
 
@@ -176,7 +177,8 @@ class DecoderGraph(nn.Module):
         return (out.logits, *present)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                adapter_mask: torch.Tensor, past: list[torch.Tensor], lora: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+                adapter_mask: torch.Tensor, past: list[torch.Tensor],
+                lora: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
         total, length = attention_mask.shape[1], inputs_embeds.shape[1]
         slots = torch.arange(length, device=inputs_embeds.device) + (total - length)

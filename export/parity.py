@@ -91,7 +91,7 @@ def measure(model: RSMoEModel, backend: OnnxRSMoE, max_new_tokens: int = 8) -> d
         "prefill_top1_agreement": float(np.mean(ref_prefill.argmax(-1) == ort_prefill.argmax(-1))),
         "step_top1_agreement": float(np.mean(ref_step.argmax(-1) == ort_step.argmax(-1))),
         "greedy_max_new_tokens": max_new_tokens,
-        "greedy_rows_identical": int(sum(a == b for a, b in zip(torch_texts, ort_texts))),
+        "greedy_rows_identical": int(sum(a == b for a, b in zip(torch_texts, ort_texts, strict=False))),
         "greedy_identical": torch_texts == ort_texts,
     }
     log.info("parity %s: %s", backend.variant_name,

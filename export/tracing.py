@@ -18,7 +18,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,7 +47,7 @@ class LMGeometry:
     vocab_size: int
 
     @classmethod
-    def of(cls, model: RSMoEModel) -> "LMGeometry":
+    def of(cls, model: RSMoEModel) -> LMGeometry:
         config = model.language_model.get_base_model().config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, getattr(config, "num_key_value_heads", config.num_attention_heads),
@@ -85,7 +85,7 @@ def settle_io(path: Path, axes: Axes, feeds: dict[str, np.ndarray]) -> None:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     shapes = {n: a.shape for n, a in feeds.items()}
-    shapes.update({n: o.shape for n, o in zip(names, session.run(None, feeds))})
+    shapes.update({n: o.shape for n, o in zip(names, session.run(None, feeds), strict=False)})
     del session
     model = onnx.load(str(path), load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
@@ -145,7 +145,7 @@ def _export(module: torch.nn.Module, args: tuple[Any, ...], path: Path, input_na
             raise ValueError(f"unknown exporter {exporter!r}")
     if exporter == "torchscript":
         _externalize(path)
-    settle_io(path, axes, {n: t.numpy() for n, t in zip(input_names, _flatten(args))})
+    settle_io(path, axes, {n: t.numpy() for n, t in zip(input_names, _flatten(args), strict=False)})
 
 
 def _externalize(path: Path) -> None:

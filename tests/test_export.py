@@ -47,7 +47,8 @@ def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def manifest(tiny_trained: Path) -> mf.Manifest:
-    return export_model(tiny_trained, options=ExportOptions(variants=["fp32", "fp16", "int8", "static"], static_cache=96))
+    options = ExportOptions(variants=["fp32", "fp16", "int8", "static"], static_cache=96)
+    return export_model(tiny_trained, options=options)
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ class GraphSpec:
     outputs: list[TensorSpec]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":
+    def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
         return cls(data["path"], [TensorSpec(**t) for t in data["inputs"]], [TensorSpec(**t) for t in data["outputs"]])
 
 
@@ -110,7 +110,7 @@ class VariantSpec:
     decoder_bytes: int = 0  # size of the decoder graph's weights on disk
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VariantSpec":
+    def from_dict(cls, data: dict[str, Any]) -> VariantSpec:
         return cls(
             precision=data["precision"],
             graphs={k: GraphSpec.from_dict(v) for k, v in data["graphs"].items()},
@@ -162,7 +162,7 @@ class Manifest:
         (Path(directory) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         data = dict(data)
         if data.get("format") != FORMAT:
             raise ModelDirError(f"unsupported ONNX manifest format {data.get('format')!r} (expected {FORMAT}); "
@@ -172,7 +172,7 @@ class Manifest:
         return cls(**data)
 
     @classmethod
-    def load(cls, export_dir: Path, model_dir: Path | None = None) -> "Manifest":
+    def load(cls, export_dir: Path, model_dir: Path | None = None) -> Manifest:
         """Read ``export_dir/manifest.json``; a missing export is a :class:`ModelDirError` that says what to run."""
         path = Path(export_dir) / MANIFEST_NAME
         hint = f"run `rsmoe export --model {model_dir or Path(export_dir).parent}`"

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class _DecoderRunner:
         binding.bind_cpu_input(mf.ATTENTION_MASK, np.ascontiguousarray(mask, dtype=np.int64))
         binding.bind_cpu_input(mf.POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_ortvalue_input(mf.ADAPTER_MASK, self._adapter_mask)
-        for name, value in zip(self.past_names, self._past):
+        for name, value in zip(self.past_names, self._past, strict=False):
             binding.bind_ortvalue_input(name, value)
         for name, value in self.lora.items():
             binding.bind_ortvalue_input(name, value)
@@ -176,12 +177,12 @@ class _StaticDecoderRunner(_DecoderRunner):
         binding.bind_cpu_input(mf.POSITION_IDS, np.ascontiguousarray(positions))
         binding.bind_cpu_input(mf.CACHE_POSITION, np.array([slot], dtype=np.int64))
         binding.bind_ortvalue_input(mf.ADAPTER_MASK, self._adapter_mask)
-        for name, value in zip(self.past_names, past):
+        for name, value in zip(self.past_names, past, strict=False):
             binding.bind_ortvalue_input(name, value)
         for name, value in self.lora.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(mf.LOGITS, "cpu")
-        for name, value in zip(self.present_names, present):
+        for name, value in zip(self.present_names, present, strict=False):
             binding.bind_ortvalue_output(name, value)
         self.graph.session.run_with_iobinding(binding)
         self._slot += 1
@@ -251,7 +252,8 @@ class OnnxRSMoE(MoEInference):
         try:
             self.tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(self.export_dir / mf.TOKENIZER_DIR))
         except (OSError, ValueError) as exc:
-            raise ModelDirError(f"cannot load the tokenizer of {self.export_dir}: {exc}; re-run `rsmoe export`") from exc
+            raise ModelDirError(f"cannot load the tokenizer of {self.export_dir}: {exc}; "
+                                "re-run `rsmoe export`") from exc
         self.qformer_tokenizer = load_qformer_tokenizer(self.export_dir / mf.QFORMER_TOKENIZER_DIR)
 
         providers = choose_providers(device)
@@ -280,7 +282,7 @@ class OnnxRSMoE(MoEInference):
     # ------------------------------------------------------------------------------------ building
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: str = "auto", variant: str = "fp32",
-                       export_dir: str | Path | None = None) -> "OnnxRSMoE":
+                       export_dir: str | Path | None = None) -> OnnxRSMoE:
         """Load ``model_dir``'s config and its exported graphs (``model_dir/onnx`` unless ``export_dir``)."""
         model_dir = Path(model_dir)
         config = RSMoEConfig.load(model_dir)
@@ -304,7 +306,8 @@ class OnnxRSMoE(MoEInference):
         provider_options = []
         for p in providers:
             if p == "TensorrtExecutionProvider":
-                provider_options.append({"device_id": device_id, "trt_fp16_enable": self.variant.precision == "float16"})
+                provider_options.append({"device_id": device_id,
+                                         "trt_fp16_enable": self.variant.precision == "float16"})
             elif p == "CUDAExecutionProvider":
                 provider_options.append({"device_id": device_id})
             else:
@@ -324,7 +327,8 @@ class OnnxRSMoE(MoEInference):
         try:
             tensors = load_file(str(self.export_dir / spec.lora_weights))
         except Exception as exc:  # safetensors raises several types for a damaged file
-            raise ModelDirError(f"cannot read {self.export_dir / spec.lora_weights}: {exc}; re-run `rsmoe export`") from exc
+            raise ModelDirError(f"cannot read {self.export_dir / spec.lora_weights}: {exc}; "
+                                "re-run `rsmoe export`") from exc
         missing = [n for n in wanted if n not in tensors]
         if missing:
             raise ModelDirError(f"{spec.lora_weights} lacks {missing[:3]}; re-run `rsmoe export`")
