@@ -20,8 +20,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                         help="inference backend: torch, or onnx (graphs written by `rsmoe export`)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="compute precision (default: float32)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "int8", "static"],
+                        help="compute precision (default: float32); int8 and static name exported ONNX "
+                             "variants (--backend onnx only)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

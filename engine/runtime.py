@@ -13,7 +13,7 @@ from engine.errors import UserInputError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
-#: ``--dtype`` -> exported ONNX variant (``int8`` and ``static`` can be asked for by name through the API)
+#: ``--dtype`` -> exported ONNX variant
 ONNX_VARIANTS = {None: "fp32", "float32": "fp32", "float16": "fp16", "fp32": "fp32", "fp16": "fp16",
                  "int8": "int8", "static": "static"}
 DEFAULT_MODEL_ENV = "RSMOE_MODEL"
@@ -51,7 +51,8 @@ def load_model(model_dir: str | Path | None = None, backend: str = "torch", devi
 
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
-        raise UserInputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        hint = " (an exported ONNX variant: add --backend onnx)" if dtype in ONNX_VARIANTS else ""
+        raise UserInputError(f"the torch backend has no dtype {dtype!r}{hint}; use float32, bfloat16 or float16")
     torch_device = pick_device(device)
     log.info("loading %s on %s (%s backend)", path, torch_device, backend)
     return RSMoEModel.from_pretrained(path, device=torch_device, dtype=dtypes[dtype])

@@ -69,7 +69,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_init: Path, tmp_path: Path,
     import training.train as tt
 
     reference = tt.train(_config(tiny_init, tmp_path / "straight"))
-    real_step = tt._train_step
+    real_step = tt.train_step
     calls = {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -78,11 +78,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_init: Path, tmp_path: Path,
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(tt, "_train_step", dying_step)
+    monkeypatch.setattr(tt, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         tt.train(_config(tiny_init, tmp_path / "killed"))
     assert (tmp_path / "killed" / "checkpoints" / "stage1" / "state.json").is_file()
-    monkeypatch.setattr(tt, "_train_step", real_step)
+    monkeypatch.setattr(tt, "train_step", real_step)
     resumed = tt.train(_config(tiny_init, tmp_path / "killed"))
     for name in ("model.safetensors", "adapters/objects/adapter_model.safetensors"):
         x, y = load_file(str(reference / name)), load_file(str(resumed / name))

@@ -61,6 +61,24 @@ def lora_parameters(model: RSMoEModel, adapter: str) -> dict[str, nn.Parameter]:
             if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n}
 
 
+def bridge_parameters(model: RSMoEModel) -> dict[str, nn.Parameter]:
+    """The trainable bridge tensors (query tokens, Q-Former cross-attention, projection), by name."""
+    trainable = set(model.trainable_bridge_parameters())
+    return {f"bridge.{n}": p for n, p in model.bridge.named_parameters() if p in trainable}
+
+
+def stage_parameters(model: RSMoEModel, stage: str, one_stage: bool = False) -> dict[str, nn.Parameter]:
+    """What a stage trains: stage 1 the bridge and the first expert's LoRA; stage 2 every expert's and
+    the router's LoRA (and the bridge too in the one-stage ablation)."""
+    experts = model.config.expert_names
+    if stage == "stage1":
+        return {**bridge_parameters(model), **lora_parameters(model, experts[0])}
+    params = bridge_parameters(model) if one_stage else {}
+    for adapter in [*experts, ROUTER_ADAPTER]:
+        params.update(lora_parameters(model, adapter))
+    return params
+
+
 def copy_adapter(model: RSMoEModel, source: str, targets: Sequence[str]) -> None:
     """Initialise adapters ``targets`` with the weights of ``source`` (stage 2 starts from stage 1)."""
     params = dict(model.language_model.named_parameters())
@@ -236,7 +254,7 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
                 break
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(position.global_step, total_steps, stage)
-            loss_value = _train_step(module, model, optimizer, accelerator, batch, data.train_store, position)
+            loss_value = train_step(module, model, optimizer, accelerator, batch, data.train_store, position)
             position.step_in_epoch = step + 1
             position.global_step += 1
             position.samples += len(batch)
@@ -268,8 +286,8 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
     return position
 
 
-def _train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Optimizer, accelerator: Any,
-                batch: list[Sample], store: FeatureStore, position: StagePosition) -> float:
+def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Optimizer, accelerator: Any,
+               batch: list[Sample], store: FeatureStore, position: StagePosition) -> float:
     """One optimiser step; rows are grouped by adapter (one forward/backward per adapter)."""
     rng = random.Random(position.global_step)
     groups: dict[str, list[Sample]] = defaultdict(list)
@@ -335,9 +353,7 @@ def train(config: TrainConfig) -> Path:
             log.info("stage 1 already done: %s", stage1_dir)
             model = RSMoEModel.from_pretrained(stage1_dir)
         else:
-            params = {f"bridge.{n}": p for n, p in model.bridge.named_parameters()
-                      if p in set(model.trainable_bridge_parameters())}
-            params.update(lora_parameters(model, dense))
+            params = stage_parameters(model, "stage1")
 
             def stage1_epoch(epoch: int) -> list[Sample]:
                 rng = random.Random(config.seed * 1000 + epoch)
@@ -353,12 +369,7 @@ def train(config: TrainConfig) -> Path:
     if stage_done(stage2_dir):
         log.info("stage 2 already done: %s", stage2_dir)
         return stage2_dir
-    params = {}
-    if config.one_stage:
-        params.update({f"bridge.{n}": p for n, p in model.bridge.named_parameters()
-                       if p in set(model.trainable_bridge_parameters())})
-    for adapter in [*experts, ROUTER_ADAPTER]:
-        params.update(lora_parameters(model, adapter))
+    params = stage_parameters(model, "stage2", one_stage=config.one_stage)
     with_router = model.config.router.type == "generative"
 
     def stage2_epoch(epoch: int) -> list[Sample]:
