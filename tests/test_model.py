@@ -47,6 +47,12 @@ def test_save_load_round_trip_is_bit_exact(tiny_dir: Path, tmp_path: Path) -> No
     images = _images(2)
     assert [r.to_dict() for r in model.caption(images)] == [r.to_dict() for r in again.caption(images)]
 
+    # from_config on that trained directory starts afresh (a training run's `init` may be a trained model)
+    fresh = RSMoEModel.from_config(RSMoEConfig.load(out), model_dir=out)
+    assert fresh.trained_adapters == set()
+    lora_b = [p for n, p in fresh.language_model.named_parameters() if ".lora_B." in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
+
 
 def test_fp16_save_is_compact_and_loads(tiny_model: RSMoEModel, tiny_dir: Path) -> None:
     out = tiny_dir.parent / "fp16"

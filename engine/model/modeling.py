@@ -84,8 +84,9 @@ class RSMoEModel(MoEInference, nn.Module):
     # ------------------------------------------------------------------------------------ building
     @classmethod
     def from_config(cls, config: RSMoEConfig, model_dir: Path | None = None) -> "RSMoEModel":
-        """Build from the config's pretrained parts, with the new parts freshly initialised (untrained)."""
-        return cls._build(config, model_dir, weights=None)
+        """Build from the config's pretrained parts, with the new parts freshly initialised (untrained),
+        even when ``model_dir`` (which resolves relative paths and tokenizers) holds trained adapters."""
+        return cls._build(config, model_dir, weights=None, load_adapters=False)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
@@ -110,7 +111,8 @@ class RSMoEModel(MoEInference, nn.Module):
         return model.to(device)
 
     @classmethod
-    def _build(cls, config: RSMoEConfig, model_dir: Path | None, weights: dict[str, torch.Tensor] | None) -> "RSMoEModel":
+    def _build(cls, config: RSMoEConfig, model_dir: Path | None, weights: dict[str, torch.Tensor] | None,
+               load_adapters: bool = True) -> "RSMoEModel":
         instructblip = None
         if "instructblip" in (config.vision.type, config.qformer.init, config.llm.type):
             instructblip = cls._load_instructblip(config, model_dir)
@@ -121,7 +123,7 @@ class RSMoEModel(MoEInference, nn.Module):
             language_model, tokenizer = cls._load_language_model(config, model_dir, instructblip)
             llm_width = language_model.get_input_embeddings().embedding_dim
             bridge, qformer_tokenizer = cls._build_bridge(config, model_dir, instructblip, vision.num_features, llm_width)
-            peft_model, trained = cls._attach_adapters(config, model_dir, language_model)
+            peft_model, trained = cls._attach_adapters(config, model_dir if load_adapters else None, language_model)
         del instructblip
 
         if weights is not None:
