@@ -14,8 +14,12 @@ What it measures
     It also times one (1024 x 576) @ (576 x 1536) matmul in fp32 and bf16, the shape of SmolLM2-135M's
     MLP at a 16 x 64-token batch: the reason training runs in fp32 on this CPU.
 
+    With ``--run OUT`` it also records the totals of a real ``rsmoe train`` run (its stage directories'
+    ``training_state.json``: samples, seconds of training steps, best epoch), e.g. the run that produced the
+    embedded model.
+
     .venv/bin/python bench/bench_training.py [--steps 6] [--warmup 1] [--batch-size 16] [--images 96]
-        [--out bench/results/training_cpu.json]
+        [--run RUN_DIR] [--out bench/results/training_cpu.json]
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int
     from engine.model import RSMoEModel
     from training.config import TrainConfig
     from training.data import derive_ucm_vqa, load_ucm_captions
+    from training.data.records import evenly_spaced
     from training.features import build_feature_store
     from training.samples import stage1_samples, stage2_samples
     from training.train import LossModule, StagePosition, build_initial_model, stage_parameters, train_step
@@ -67,14 +72,15 @@ def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int
     torch.manual_seed(0)
     model: RSMoEModel = build_initial_model(TrainConfig(init=init))
     records = load_ucm_captions(data)
-    train = [r for r in records if r.split == "train"][:images]
+    train = evenly_spaced([r for r in records if r.split == "train"], images)
     ids = {r.image_id for r in train}
     image_ids = {str(r.image_path): r.image_id for r in records}
     vqa = [q for q in derive_ucm_vqa(records) if q.split == "train" and image_ids.get(str(q.image_path)) in ids]
     store = build_feature_store(model, train, cache_dir, "bench", variants=1)
     rng = random.Random(0)
     if stage == "stage1":
-        samples = stage1_samples(model.config, train, vqa, image_ids, model.config.expert_names[0], rng, len(train) // 4)
+        dense = model.config.expert_names[0]
+        samples = stage1_samples(model.config, train, vqa, image_ids, dense, rng, len(train) // 4)
     else:
         samples = stage2_samples(model.config, train, vqa, image_ids, rng, len(train) // 2)
     params = stage_parameters(model, stage)
@@ -106,6 +112,18 @@ def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def run_totals(run_dir: Path) -> dict:
+    """Samples, training seconds and selection of each finished stage of a real training run."""
+    totals = {"dir": run_dir.name}
+    for stage_dir in sorted(p for p in run_dir.iterdir() if (p / "training_state.json").is_file()):
+        state = json.loads((stage_dir / "training_state.json").read_text())
+        totals[stage_dir.name] = {"steps": state["global_step"], "samples": state["samples"],
+                                  "train_seconds": round(state["seconds"], 1),
+                                  "samples_per_s": round(state["samples"] / max(state["seconds"], 1e-9), 3),
+                                  "best_epoch": state["best_epoch"], "epochs": len(state["history"])}
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default="engine/models/rsmoe-lite", help="model dir whose config is trained")
@@ -114,6 +132,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--run", type=Path, help="an `rsmoe train --out` directory whose totals are recorded")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "training_cpu.json")
     parser.add_argument("--stage", choices=["stage1", "stage2"], help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
@@ -149,6 +168,8 @@ def main() -> None:
                           "bfloat16": round(matmul_gflops("bfloat16", repeats=1), 1)},
         "load_avg_at_end": os.getloadavg(),
     }
+    if args.run:
+        report["run"] = run_totals(args.run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     log.info("wrote %s", args.out)

@@ -109,3 +109,28 @@ def test_samples_use_the_engine_prompts_and_sub_task_targets(tiny_init: Path) ->
     assert len(router) == len(records) and all(s.target.startswith("scene: ") for s in router)
     relations = [s for s in s2 if s.adapter == "relations" and "arranged" in s.prompt]
     assert relations and all("remote sensing" not in s.prompt for s in relations)  # the true scene is filled in
+
+
+def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, tmp_path: Path) -> None:
+    """`rsmoe evaluate` on any model dir: COCO-format captions keyed by the dataset's imgid, scored metrics."""
+    from engine.cli import main
+
+    out = tmp_path / "eval"
+    code = main(["-q", "evaluate", "--model", str(tiny_init), "--data", str(SHARED / "ucm_captions"),
+                 "--split", "test", "--out", str(out), "--limit", "3", "--vqa", "--no-meteor"])
+    assert code == 0
+    captions = json.loads((out / "captions.json").read_text())
+    dataset = json.loads((SHARED / "ucm_captions" / "dataset.json").read_text())
+    test_ids = [i["imgid"] for i in dataset["images"] if i["split"] == "test"]
+    assert [c["image_id"] for c in captions] == [test_ids[0], test_ids[70], test_ids[140]]  # spread over classes
+    assert all(isinstance(c["caption"], str) for c in captions)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["split"] == "test"
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(metrics["captions"])
+    answers = json.loads((out / "answers.json").read_text())
+    assert len(answers) == metrics["vqa"]["count"] > 0
+    assert {"question", "answer", "prediction", "question_type"} <= set(answers[0])
+
+    code = main(["-q", "evaluate", "--model", str(tiny_init), "--data", str(tmp_path / "nowhere"),
+                 "--split", "test", "--out", str(out)])
+    assert code == 2  # a clear user error, not a traceback

@@ -370,3 +370,13 @@ def test_ucm_targets_over_the_whole_set(ucm_all: list[CaptionRecord]) -> None:
     for r in ucm_all[::7]:
         t = targets_for_record(r)
         assert all(s and s.endswith(".") for s in t.as_dict().values())
+
+
+def test_evenly_spaced_subsets_cover_every_class_of_an_ordered_split() -> None:
+    from training.data.records import evenly_spaced
+
+    split = [f"class{i // 10}-{i % 10}" for i in range(210)]  # 21 classes x 10, in a row (UCM val/test)
+    subset = evenly_spaced(split, 42)
+    assert len(subset) == 42 and len(set(subset)) == 42
+    assert {s.split("-")[0] for s in subset} == {f"class{i}" for i in range(21)}  # the first 42 would hold 5
+    assert evenly_spaced(split, None) == split and evenly_spaced(split, 500) == split

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="torch")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced over the split (all classes)")
     p.add_argument("--vqa", action="store_true", help="also score the UCM-derived VQA questions of the split")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a JVM)")
     p.set_defaults(func=cmd_evaluate)

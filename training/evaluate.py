@@ -1,7 +1,7 @@
 """``rsmoe evaluate``: caption (and question) a data split with any model directory and score it.
 
 Writes ``OUT/captions.json`` in the COCO results format (``[{"image_id": <imgid>, "caption": "..."}]``),
-``OUT/metrics.json`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr after lowercasing and stripping punctuation;
+``OUT/answers.json`` with ``--vqa`` (each question, its reference answer and the model's), ``OUT/metrics.json`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr after lowercasing and stripping punctuation;
 VQA accuracy per question type on the UCM-derived VQA set when asked) and ``OUT/segments.json`` (what
 each expert wrote). SPICE is left out: it downloads Stanford CoreNLP at run time.
 """
@@ -48,11 +48,12 @@ def evaluate(args: EvaluateArgs) -> dict:
     """Run the evaluation and write the three files; returns the metrics."""
     from engine.runtime import load_model
     from training.data import derive_ucm_vqa, load_karpathy
+    from training.data.records import evenly_spaced
     from training.metrics import caption_metrics, vqa_accuracy
 
     dataset_json, images = _dataset_paths(args.data)
     all_records = load_karpathy(dataset_json, images_dir=images)
-    records = [r for r in all_records if r.split == args.split][: args.limit or None]
+    records = evenly_spaced([r for r in all_records if r.split == args.split], args.limit)
     if not records:
         raise UserInputError(f"split {args.split!r} of {dataset_json} has no images")
     model = load_model(args.model, args.backend, args.device)
@@ -83,6 +84,10 @@ def evaluate(args: EvaluateArgs) -> dict:
             for q, result in zip(chunk, model.ask_features(visual, [q.question for q in chunk])):
                 answers[q.question_id] = result.text
         metrics["vqa"] = {"set": "UCM-derived VQA (from class labels and captions)", **vqa_accuracy(questions, answers)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "answers.json").write_text(json.dumps(
+            [{"question_id": q.question_id, "question_type": q.question_type, "question": q.question,
+              "answer": q.answer, "prediction": answers[q.question_id]} for q in questions], indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "captions.json").write_text(json.dumps(
         [{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))

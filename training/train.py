@@ -34,7 +34,7 @@ from engine.model import RSMoEConfig, RSMoEModel
 from engine.model.config import ROUTER_ADAPTER
 from training.config import StageConfig, TrainConfig
 from training.data import derive_ucm_vqa, load_ucm_captions
-from training.data.records import CaptionRecord, VQARecord
+from training.data.records import CaptionRecord, VQARecord, evenly_spaced
 from training.features import FeatureStore, build_feature_store
 from training.samples import Sample, stage1_samples, stage2_samples
 
@@ -310,8 +310,8 @@ def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Opti
 # ----------------------------------------------------------------------------------------------- the run
 def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
     records = load_ucm_captions(config.data.ucm)
-    train = [r for r in records if r.split == "train"][: config.data.max_train_images or None]
-    val = [r for r in records if r.split == "val"][: config.data.max_val_images or None]
+    train = evenly_spaced([r for r in records if r.split == "train"], config.data.max_train_images)
+    val = evenly_spaced([r for r in records if r.split == "val"], config.data.max_val_images)
     vqa = derive_ucm_vqa(records)
     train_ids = {r.image_id for r in train}
     image_ids = {str(r.image_path): r.image_id for r in records}

@@ -1,8 +1,22 @@
 """Typed records that every loader returns: one per image (captions) or per question (VQA)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def evenly_spaced(items: Sequence[T], count: int | None) -> list[T]:
+    """``count`` items spread evenly over ``items`` (all of them when ``count`` is None or larger).
+
+    Splits are ordered by class (UCM: 10 val images per class in a row), so the first N would cover a few
+    classes only; every k-th item covers all of them."""
+    if not count or count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 @dataclass
