@@ -47,6 +47,11 @@ def test_save_load_round_trip_is_bit_exact(tiny_dir: Path, tmp_path: Path) -> No
     images = _images(2)
     assert [r.to_dict() for r in model.caption(images)] == [r.to_dict() for r in again.caption(images)]
 
+    saved_llm = json.loads((out / "config.json").read_text())["llm"]["path"]
+    adapter_config = json.loads((out / "adapters" / "theme" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == saved_llm  # portable: no machine-local path
+    assert not (out / "adapters" / "README.md").exists()
+
     # from_config on that trained directory starts afresh (a training run's `init` may be a trained model)
     fresh = RSMoEModel.from_config(RSMoEConfig.load(out), model_dir=out)
     assert fresh.trained_adapters == set()

@@ -214,7 +214,7 @@ def test_real_lite_model_round_trip(tmp_path: Path) -> None:
         headers = {"X-RSMoE-Token": svc.token}
         with httpx.Client(base_url=svc.url, headers=headers, timeout=300) as c:
             h = c.get("/health").json()
-            assert h["model_id"] == "rsmoe-lite" and h["variant"] == "lite" and h["trained"] is False
+            assert h["model_id"] == "rsmoe-lite" and h["variant"] == "lite" and h["trained"] is True
             r = c.post("/caption", json={"image_base64": _b64(DATA / "s2_plain.png")})
             assert r.status_code == 200 and len(r.json()["text"].split()) >= 2
             a = c.post("/ask", json={"image_base64": _b64(DATA / "s2_plain.png"), "question": "Is there water?"})

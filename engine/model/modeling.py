@@ -11,6 +11,7 @@ and the tokenizers. Only safetensors are read.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -279,7 +280,8 @@ class RSMoEModel(MoEInference, nn.Module):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            self._config_relative_to(target).save(tmp)
+            saved_config = self._config_relative_to(target)
+            saved_config.save(tmp)
             state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
                      for k, v in self.trained_state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_id": self.config.model_id})
@@ -290,6 +292,8 @@ class RSMoEModel(MoEInference, nn.Module):
                                                     safe_serialization=True)
                 if dtype is not None:
                     _cast_safetensors(tmp / ADAPTERS_DIR / name / "adapter_model.safetensors", dtype)
+                _portable_adapter_config(tmp / ADAPTERS_DIR / name / "adapter_config.json", saved_config.llm.path)
+            (tmp / ADAPTERS_DIR / "README.md").unlink(missing_ok=True)  # peft's generic card, with local paths
             self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             self.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
             if target.exists():
@@ -418,6 +422,13 @@ def frozen_base_keys(config: RSMoEConfig, bridge: nn.Module) -> set[str]:
     if config.qformer.init != "minilm" or config.qformer.train_base_layers:
         return set()
     return {k for k in bridge.state_dict() if k.startswith("qformer.") and ".crossattention." not in k}
+
+
+def _portable_adapter_config(path: Path, llm_ref: str) -> None:
+    """peft records the base model's local path; store the config's reference (``base:...``) instead."""
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = llm_ref
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
