@@ -159,7 +159,7 @@ def main() -> None:
             log.info("%s: %s", stage, stages[-1])
     report = {
         "bench": "training_cpu",
-        "command": " ".join(["bench/bench_training.py", *sys.argv[1:]]),
+        "command": " ".join(["bench/bench_training.py", *sys.argv[1:]]).replace(str(Path.home()), "~"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
         "precision": "fp32",
