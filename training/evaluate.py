@@ -1,7 +1,8 @@
 """``rsmoe evaluate``: caption (and question) a data split with any model directory and score it.
 
 Writes ``OUT/captions.json`` in the COCO results format (``[{"image_id": <imgid>, "caption": "..."}]``),
-``OUT/answers.json`` with ``--vqa`` (each question, its reference answer and the model's), ``OUT/metrics.json`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr after lowercasing and stripping punctuation;
+``OUT/answers.json`` with ``--vqa`` (each question, its reference answer and the model's),
+``OUT/metrics.json`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr after lowercasing and stripping punctuation;
 VQA accuracy per question type on the UCM-derived VQA set when asked) and ``OUT/segments.json`` (what
 each expert wrote). SPICE is left out: it downloads Stanford CoreNLP at run time.
 """
@@ -84,11 +85,11 @@ def evaluate(args: EvaluateArgs) -> dict:
             for q, result in zip(chunk, model.ask_features(visual, [q.question for q in chunk])):
                 answers[q.question_id] = result.text
         metrics["vqa"] = {"set": "UCM-derived VQA (from class labels and captions)", **vqa_accuracy(questions, answers)}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "answers.json").write_text(json.dumps(
-            [{"question_id": q.question_id, "question_type": q.question_type, "question": q.question,
-              "answer": q.answer, "prediction": answers[q.question_id]} for q in questions], indent=1))
+        answer_rows = [{"question_id": q.question_id, "question_type": q.question_type, "question": q.question,
+                        "answer": q.answer, "prediction": answers[q.question_id]} for q in questions]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.vqa:
+        (args.out / "answers.json").write_text(json.dumps(answer_rows, indent=1))
     (args.out / "captions.json").write_text(json.dumps(
         [{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))
     (args.out / "segments.json").write_text(json.dumps({str(k): v for k, v in segments.items()}, indent=1))
