@@ -59,24 +59,25 @@ def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int
                   cache_dir: Path) -> dict:
     """Time ``steps`` real training steps of ``stage``; runs inside its own process."""
     import torch
-    from accelerate import Accelerator
 
     from engine.model import RSMoEModel
-    from training.config import TrainConfig
-    from training.data import derive_ucm_vqa, load_ucm_captions
-    from training.data.records import evenly_spaced
-    from training.features import build_feature_store
+    from training.config import DataConfig, StageConfig, TrainConfig
     from training.samples import stage1_samples, stage2_samples
-    from training.train import LossModule, StagePosition, build_initial_model, stage_parameters, train_step
+    from training.train import (
+        StagePosition,
+        build_initial_model,
+        load_data,
+        prepare_optimisation,
+        stage_parameters,
+        train_step,
+    )
 
     torch.manual_seed(0)
-    model: RSMoEModel = build_initial_model(TrainConfig(init=init))
-    records = load_ucm_captions(data)
-    train = evenly_spaced([r for r in records if r.split == "train"], images)
-    ids = {r.image_id for r in train}
-    image_ids = {str(r.image_path): r.image_id for r in records}
-    vqa = [q for q in derive_ucm_vqa(records) if q.split == "train" and image_ids.get(str(q.image_path)) in ids]
-    store = build_feature_store(model, train, cache_dir, "bench", variants=1)
+    config = TrainConfig(init=init, cache_dir=str(cache_dir), precision="fp32",
+                         data=DataConfig(ucm=data, max_train_images=images, max_val_images=1, augment_variants=1))
+    model: RSMoEModel = build_initial_model(config)
+    loaded = load_data(model, config)
+    train, vqa, image_ids, store = loaded.train, loaded.vqa_train, loaded.image_ids, loaded.train_store
     rng = random.Random(0)
     if stage == "stage1":
         dense = model.config.expert_names[0]
@@ -84,13 +85,7 @@ def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int
     else:
         samples = stage2_samples(model.config, train, vqa, image_ids, rng, len(train) // 2)
     params = stage_parameters(model, stage)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    accelerator = Accelerator(mixed_precision="no")
-    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
-    module, optimizer = accelerator.prepare(LossModule(model), optimizer)
+    accelerator, module, optimizer = prepare_optimisation(model, params, StageConfig(lr=1e-4), config.precision)
     model.train()
     position = StagePosition()
     timed_samples, target_tokens, seconds = 0, 0, 0.0

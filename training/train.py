@@ -217,13 +217,13 @@ def _lr_at(step: int, total: int, stage: StageConfig) -> float:
     return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], make_samples: Any,
-              stage: StageConfig, data: StageData, config: TrainConfig, out: Path) -> StagePosition:
-    """Train ``params`` on the samples ``make_samples(epoch)`` gives, with checkpoints and val selection."""
+def prepare_optimisation(model: RSMoEModel, params: dict[str, nn.Parameter], stage: StageConfig,
+                         precision: str) -> tuple[Any, nn.Module, torch.optim.Optimizer]:
+    """Only ``params`` require grad; AdamW over them; the loss module and optimiser prepared by accelerate."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no",
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -231,6 +231,13 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=stage.lr, weight_decay=stage.weight_decay)
     module, optimizer = accelerator.prepare(LossModule(model), optimizer)
+    return accelerator, module, optimizer
+
+
+def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], make_samples: Any,
+              stage: StageConfig, data: StageData, config: TrainConfig, out: Path) -> StagePosition:
+    """Train ``params`` on the samples ``make_samples(epoch)`` gives, with checkpoints and val selection."""
+    accelerator, module, optimizer = prepare_optimisation(model, params, stage, config.precision)
     checkpoint_dir = out / "checkpoints" / name
     position, best = StagePosition(), None
     if (checkpoint_dir / "state.json").is_file():
