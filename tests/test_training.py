@@ -134,3 +134,55 @@ def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, 
     code = main(["-q", "evaluate", "--model", str(tiny_init), "--data", str(tmp_path / "nowhere"),
                  "--split", "test", "--out", str(out)])
     assert code == 2  # a clear user error, not a traceback
+
+
+@pytest.fixture(scope="module")
+def tiny_efficientnet_init(tmp_path_factory: pytest.TempPathFactory, tiny_init: Path) -> Path:
+    """The tiny model with the real EfficientNet-Lite0 encoder (stage 0 fine-tunes its top blocks)."""
+    from tests.engine_helpers import lite_ready
+
+    if not lite_ready():
+        pytest.skip("the EfficientNet-Lite0 base weights are not provisioned")
+    model_dir = tmp_path_factory.mktemp("tiny-effnet") / "model"
+    model_dir.mkdir()
+    config = json.loads((tiny_init / "config.json").read_text())
+    config["vision"] = {"type": "efficientnet_lite0", "path": "base:efficientnet-lite0"}
+    config["image"] = {"image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    for part in ("qformer", "llm"):  # the tiny checkpoints beside the tiny model dir
+        config[part]["path"] = str((tiny_init / config[part]["path"]).resolve())
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def test_stage0_tunes_the_top_vision_blocks_and_the_model_dir_keeps_them(tiny_efficientnet_init: Path,
+                                                                         tmp_path: Path) -> None:
+    from engine.errors import CorruptWeightsError
+    from training.train import train
+
+    config = _config(tiny_efficientnet_init, tmp_path / "run",
+                     vision_tuning={"blocks": 2, "epochs": 2, "batch_size": 4, "variants": 2, "max_val_images": 4})
+    final = train(config)
+    state = json.loads((tmp_path / "run" / "vision" / "vision_state.json").read_text())
+    assert state["done"] and [h["epoch"] for h in state["history"]] == [1, 2]
+    assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in state["history"])
+
+    base = RSMoEModel.from_pretrained(tiny_efficientnet_init)  # config only: the base encoder
+    tuned = RSMoEModel.from_pretrained(final)
+    assert tuned.config.vision.tuned_blocks == 2
+    weights = load_file(str(final / "model.safetensors"))
+    vision_keys = {k for k in weights if k.startswith("vision.")}
+    assert vision_keys and all(k.startswith(("vision.net._blocks.14.", "vision.net._blocks.15.",
+                                             "vision.net._conv_head.", "vision.net._bn1.")) for k in vision_keys)
+    # the top blocks changed, the lower ones are the base's
+    top, low = "net._blocks.15._project_conv.weight", "net._blocks.13._project_conv.weight"
+    assert not torch.equal(base.vision.state_dict()[top], tuned.vision.state_dict()[top])
+    assert torch.equal(base.vision.state_dict()[low], tuned.vision.state_dict()[low])
+    pixels = tuned.preprocess([SHARED / "ucm_captions" / "images" / "694.png"])
+    assert not torch.allclose(base.encode_images(pixels), tuned.encode_images(pixels))
+
+    # a model.safetensors whose tuned vision weights do not match its config is refused clearly
+    config_json = json.loads((final / "config.json").read_text())
+    config_json["vision"]["tuned_blocks"] = 3
+    (final / "config.json").write_text(json.dumps(config_json))
+    with pytest.raises(CorruptWeightsError, match="tuned_blocks=3"):
+        RSMoEModel.from_pretrained(final)

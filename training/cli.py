@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from engine.commands import add_model_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="two-stage RS-MoE training from a YAML config (resumable)")
@@ -17,13 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("evaluate", help="caption a data split and score it (BLEU, METEOR, ROUGE-L, CIDEr)")
-    p.add_argument("--model", type=Path, default=None, help="model directory (default: the embedded model)")
+    add_model_options(p)
     p.add_argument("--data", type=Path, required=True, help="a folder with dataset.json + images/ (Karpathy format)")
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])
-    p.add_argument("--backend", default="torch")
-    p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced over the split (all classes)")
     p.add_argument("--vqa", action="store_true", help="also score the UCM-derived VQA questions of the split")
@@ -51,6 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import EvaluateArgs, evaluate
 
     metrics = evaluate(EvaluateArgs(args.model, args.data, args.split, args.out, args.style, args.backend,
-                                    args.device, args.batch_size, args.limit, args.vqa, not args.no_meteor))
+                                    args.device, args.batch_size, args.limit, args.vqa, not args.no_meteor,
+                                    args.dtype))
     sys.stdout.write(json.dumps(metrics["captions"]) + "\n")
     return 0

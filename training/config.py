@@ -23,6 +23,22 @@ class StageConfig:
 
 
 @dataclass
+class VisionTuningConfig:
+    """Stage 0: fine-tune the encoder's top ``blocks`` blocks on the scene classes (0 = keep it frozen)."""
+
+    blocks: int = 0
+    epochs: int = 6
+    lr: float = 3.0e-4  # the encoder blocks
+    head_lr: float = 3.0e-3  # the linear classifier (discarded after the stage)
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    variants: int = 4  # dihedral variants of each train image whose lower-block maps are cached
+    label_smoothing: float = 0.1
+    dropout: float = 0.2
+    max_val_images: int | None = None  # val images whose accuracy selects the epoch (None = the whole split)
+
+
+@dataclass
 class DataConfig:
     """Where the data is and how much of it to use."""
 
@@ -34,12 +50,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole two-stage run. ``one_stage`` is the ablation: experts from scratch, no dense stage."""
+    """The whole run: optional stage 0 (vision tuning), then the two stages. ``one_stage`` is the ablation: experts from scratch, no dense stage."""
 
     init: str = "engine/models/rsmoe-lite"  # a model directory (config.json at least) to start from
     out: str = "runs/rsmoe-lite"
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
+    vision_tuning: VisionTuningConfig = field(default_factory=VisionTuningConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
     one_stage: bool = False
@@ -58,6 +75,7 @@ class TrainConfig:
         data = dict(data)
         try:
             data["data"] = DataConfig(**data.get("data", {}))
+            data["vision_tuning"] = VisionTuningConfig(**data.get("vision_tuning", {}))
             data["stage1"] = StageConfig(**data.get("stage1", {}))
             data["stage2"] = StageConfig(**data.get("stage2", {}))
             config = cls(**data)

@@ -34,6 +34,7 @@ class EvaluateArgs:
     limit: int | None = None
     vqa: bool = False
     meteor: bool = True
+    dtype: str | None = None  # as ``--dtype`` (onnx: float32 | float16 | int8 | static)
 
 
 def _dataset_paths(data: Path) -> tuple[Path, Path]:
@@ -57,7 +58,7 @@ def evaluate(args: EvaluateArgs) -> dict:
     records = evenly_spaced([r for r in all_records if r.split == args.split], args.limit)
     if not records:
         raise UserInputError(f"split {args.split!r} of {dataset_json} has no images")
-    model = load_model(args.model, args.backend, args.device)
+    model = load_model(args.model, args.backend, args.device, args.dtype)
     started = time.perf_counter()
     predictions: dict[int, str] = {}
     segments: dict[int, list[dict]] = {}
@@ -70,6 +71,7 @@ def evaluate(args: EvaluateArgs) -> dict:
     metrics: dict = {
         "model": str(args.model or "embedded rsmoe-lite"), "model_id": model.config.model_id,
         "data": str(dataset_json), "split": args.split, "style": args.style, "backend": args.backend,
+        "dtype": args.dtype or "float32",
         "images": len(records), "router": model.router_kind,
         "captions": caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=args.meteor),
         "caption_seconds": round(caption_seconds, 1),

@@ -1,6 +1,7 @@
 """Frozen vision features cached to disk, so CPU training skips the encoder after the first pass.
 
-The encoder is frozen, so its output for an image never changes: each train image is encoded once per
+The encoder is frozen during stages 1 and 2, so its output for an image never changes (a fine-tuned
+encoder's weights are part of the cache key): each train image is encoded once per
 augmentation variant (the 8 symmetries of a square nadir image: rotations by 90 degrees, with and
 without a flip) and stored as fp16 safetensors keyed by everything that affects the features.
 """
@@ -11,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,16 +51,36 @@ class FeatureStore:
         return self.features[rows, torch.tensor(list(variants))].to(dtype)
 
 
+def _tuned_vision_digest(model: RSMoEModel) -> str | None:
+    """A digest of the fine-tuned encoder weights (None when the encoder is the base's as shipped)."""
+    blocks = model.config.vision.tuned_blocks
+    if not blocks:
+        return None
+    digest = hashlib.sha256()
+    for name, value in sorted(model.vision.tuned_state_dict(blocks).items()):
+        digest.update(name.encode())
+        digest.update(value.detach().to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> str:
     spec = {"vision": model.config.vision.__dict__, "image": model.config.image.to_dict(), "variants": variants,
             "images": hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()}
+    tuned = _tuned_vision_digest(model)
+    if tuned:  # keys of caches built with the base encoder stay as they were
+        spec["tuned_vision"] = tuned
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
 def build_feature_store(model: RSMoEModel, records: Sequence[CaptionRecord], cache_dir: Path, name: str,
-                        variants: int = 1, batch_size: int = 32) -> FeatureStore:
-    """Encode ``records``' images (``variants`` symmetries each) or load them from the cache."""
+                        variants: int = 1, batch_size: int = 32,
+                        encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FeatureStore:
+    """Encode ``records``' images (``variants`` symmetries each) or load them from the cache.
+
+    ``encode`` maps a pixel batch to what is stored (default: the visual tokens); ``name`` must tell
+    different encodings apart, since it is part of the file name."""
+    encode = encode or model.encode_images
     from safetensors.torch import load_file, save_file
 
     image_ids = [r.image_id for r in records]
@@ -72,7 +93,7 @@ def build_feature_store(model: RSMoEModel, records: Sequence[CaptionRecord], cac
     for start in tqdm(range(0, len(jobs), batch_size), desc=f"encoding {name} images", unit="batch"):
         batch = jobs[start:start + batch_size]
         arrays = [dihedral(model.image_processor.to_array(r.image_path), v) for r, v in batch]
-        chunks.append(model.encode_images(model.preprocess(arrays)).to(torch.float16).cpu())
+        chunks.append(encode(model.preprocess(arrays)).to(torch.float16).cpu())
     feats = torch.cat(chunks)
     feats = feats.view(len(records), variants, *feats.shape[1:]).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)

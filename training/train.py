@@ -1,5 +1,8 @@
 """The two-stage RS-MoE training loop (readable in one sitting, nanoGPT-style).
 
+Optional stage 0 (:mod:`training.vision_tuning`) first fine-tunes the vision encoder's top blocks on the
+scene classes; the two stages then see the tuned encoder, frozen.
+
 Stage 1 (dense): vision frozen (features cached); query tokens, Q-Former cross-attention, projection and
 ONE LoRA adapter on the LLM learn whole captions and VQA pairs. Its result is saved as a model directory
 whose experts are all copies of that adapter (the dense baseline, with the fixed-template router).
@@ -350,6 +353,13 @@ def train(config: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = build_initial_model(config)
+    if config.vision_tuning.blocks:
+        from training.vision_tuning import tune_vision
+
+        records = load_ucm_captions(config.data.ucm)
+        tune_vision(model, evenly_spaced([r for r in records if r.split == "train"], config.data.max_train_images),
+                    evenly_spaced([r for r in records if r.split == "val"], config.vision_tuning.max_val_images),
+                    config, out)
     data = load_data(model, config)
     experts = model.config.expert_names
     dense = experts[0]

@@ -38,6 +38,9 @@ class VisionConfig:
 
     type: str = "efficientnet_lite0"
     path: str = "base:efficientnet-lite0"
+    # > 0: the encoder's last ``tuned_blocks`` blocks (and its head) were fine-tuned on the target domain;
+    # their weights are stored in the model directory's model.safetensors (``vision.*``), the rest is the base's
+    tuned_blocks: int = 0
 
 
 @dataclass

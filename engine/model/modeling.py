@@ -86,7 +86,9 @@ class RSMoEModel(MoEInference, nn.Module):
     @classmethod
     def from_config(cls, config: RSMoEConfig, model_dir: Path | None = None) -> "RSMoEModel":
         """Build from the config's pretrained parts, with the new parts freshly initialised (untrained),
-        even when ``model_dir`` (which resolves relative paths and tokenizers) holds trained adapters."""
+        even when ``model_dir`` (which resolves relative paths and tokenizers) holds trained adapters.
+        The vision encoder is the base's as shipped (``tuned_blocks`` is reset to 0)."""
+        config = RSMoEConfig.from_dict({**config.to_dict(), "vision": {**config.vision.__dict__, "tuned_blocks": 0}})
         return cls._build(config, model_dir, weights=None, load_adapters=False)
 
     @classmethod
@@ -129,6 +131,9 @@ class RSMoEModel(MoEInference, nn.Module):
 
         if weights is not None:
             cls._load_bridge_weights(bridge, weights, model_dir, frozen_base_keys(config, bridge))
+            if config.vision.tuned_blocks:
+                vision.load_tuned_state_dict({k[len("vision."):]: v for k, v in weights.items() if k.startswith("vision.")},
+                                             config.vision.tuned_blocks, f"{model_dir}/{WEIGHTS_NAME}")
         model = cls(config, vision, bridge, qformer_tokenizer, peft_model, tokenizer, trained)
         model.source_dir = model_dir
         model.eval()
@@ -254,7 +259,10 @@ class RSMoEModel(MoEInference, nn.Module):
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a model directory stores in ``model.safetensors`` (not held by any base model)."""
         frozen = self.frozen_base_bridge_keys()
-        return {f"bridge.{k}": v for k, v in self.bridge.state_dict().items() if k not in frozen}
+        state = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items() if k not in frozen}
+        if self.config.vision.tuned_blocks:
+            state.update({f"vision.{k}": v for k, v in self.vision.tuned_state_dict(self.config.vision.tuned_blocks).items()})
+        return state
 
     def _config_relative_to(self, target: Path) -> RSMoEConfig:
         """The config with relative local references re-expressed from ``target`` (``base:`` refs stay)."""

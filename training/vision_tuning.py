@@ -1,0 +1,213 @@
+"""Stage 0 (vision domain adaptation): fine-tune the top blocks of the EfficientNet-Lite encoder on the
+UCM scene classes of the train split, before the two stages.
+
+The lite variant's encoder is a 4.7M-parameter ImageNet CNN, not the billion-parameter EVA ViT of
+InstructBLIP: a linear probe on its frozen features tells only about three scenes in four apart, and a
+wrong scene is the main caption error. Fine-tuning its top blocks (at 14x14 and 7x7 resolution, cheap on a
+CPU) on the class labels that come with the train images fixes most of that; the stages that follow keep the
+tuned encoder frozen, so their feature cache works as before. The lower blocks' output is cached once
+(``variants`` dihedral symmetries of each image), the best epoch is chosen on val accuracy, and a checkpoint
+after every epoch makes the stage resumable. Batch-norm statistics stay as the base's (the tuned blocks run
+in eval mode), so the checkpoint holds everything that changes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from engine.errors import UserInputError
+from engine.model import RSMoEModel
+from training.config import TrainConfig, VisionTuningConfig
+from training.data.records import CaptionRecord
+from training.data.vocab import UCM_CLASSES
+from training.features import FeatureStore, build_feature_store
+from training.train import StagePosition, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+TUNED_FILE = "vision_tuned.safetensors"
+STATE_FILE = "vision_state.json"
+
+
+@dataclass
+class ClassifiedMaps:
+    """Cached lower-block maps of some images and their class indices."""
+
+    store: FeatureStore
+    labels: torch.Tensor  # (N,) class index per store row
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def class_labels(records: Sequence[CaptionRecord]) -> torch.Tensor:
+    """Index of each record's class in :data:`UCM_CLASSES` (every record needs a known class)."""
+    index = {name: i for i, name in enumerate(UCM_CLASSES)}
+    unknown = sorted({str(r.class_name) for r in records if r.class_name not in index})
+    if unknown:
+        raise UserInputError(f"vision tuning needs UCM class labels; unknown classes in the data: {unknown[:5]}")
+    return torch.tensor([index[r.class_name] for r in records])
+
+
+class SceneClassifier(nn.Module):
+    """The encoder's top blocks and head, global average pooling and a linear layer over the classes."""
+
+    def __init__(self, model: RSMoEModel, blocks: int, dropout: float) -> None:
+        super().__init__()
+        self.encoder = model.vision
+        self.blocks = blocks
+        self.dropout = dropout
+        self.linear = nn.Linear(model.vision.num_features, len(UCM_CLASSES))
+
+    def forward(self, lower_maps: torch.Tensor) -> torch.Tensor:
+        pooled = self.encoder.upper(lower_maps, self.blocks).mean(dim=(2, 3))
+        return self.linear(F.dropout(pooled, self.dropout, self.training))
+
+
+def tuned_parameters(classifier: SceneClassifier) -> dict[str, nn.Parameter]:
+    """What stage 0 trains: the encoder's top blocks and head (``vision.*``) and the linear layer."""
+    params = {f"vision.{prefix}.{name}": p
+              for prefix, module in classifier.encoder.tuned_modules(classifier.blocks).items()
+              for name, p in module.named_parameters()}
+    return {**params, **{f"linear.{n}": p for n, p in classifier.linear.named_parameters()}}
+
+
+@torch.no_grad()
+def accuracy(classifier: SceneClassifier, data: ClassifiedMaps, batch_size: int = 64) -> float:
+    """Top-1 accuracy on variant 0 (the image as it is)."""
+    classifier.eval()
+    ids = data.store.image_ids
+    correct = 0
+    for start in range(0, len(ids), batch_size):
+        maps = data.store.get(ids[start:start + batch_size], [0] * len(ids[start:start + batch_size]), torch.float32)
+        correct += int((classifier(maps).argmax(dim=1) == data.labels[start:start + batch_size]).sum())
+    return correct / max(1, len(ids))
+
+
+def _lower_maps(model: RSMoEModel, records: Sequence[CaptionRecord], cache_dir: Path, name: str, blocks: int,
+                variants: int) -> ClassifiedMaps:
+    store = build_feature_store(model, records, cache_dir, f"{name}-lower{blocks}", variants=variants,
+                                encode=lambda pixels: model.vision.lower(pixels, blocks))
+    return ClassifiedMaps(store, class_labels(records))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, tuning: VisionTuningConfig) -> None:
+    """Linear warm-up over the first 10% of steps, then cosine decay to zero."""
+    warmup = max(1, total // 10)
+    scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * scale
+
+
+def tune_vision(model: RSMoEModel, train: Sequence[CaptionRecord], val: Sequence[CaptionRecord],
+                config: TrainConfig, out: Path) -> dict[str, object]:
+    """Run (or resume, or reuse) stage 0; leaves ``model`` with the tuned encoder and
+    ``config.vision.tuned_blocks`` set. Returns the stage's record (val accuracy per epoch, time)."""
+    from safetensors.torch import save_file
+
+    from engine.base_models import load_safetensors_checked
+
+    tuning = config.vision_tuning
+    blocks = tuning.blocks
+    stage_dir = out / "vision"
+    state_path = stage_dir / STATE_FILE
+    classifier = SceneClassifier(model, blocks, tuning.dropout)
+    params = tuned_parameters(classifier)
+    if state_path.is_file() and json.loads(state_path.read_text()).get("done"):
+        log.info("stage 0 (vision tuning) already done: %s", stage_dir)
+        _load_tuned(model, load_safetensors_checked(stage_dir / TUNED_FILE), stage_dir, blocks)
+        return json.loads(state_path.read_text())
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        nn.init.zeros_(classifier.linear.bias)
+        nn.init.normal_(classifier.linear.weight, std=0.01)
+    cache = Path(config.cache_dir)
+    train_maps = _lower_maps(model, train, cache, "train", blocks, tuning.variants)
+    val_maps = _lower_maps(model, val, cache, "val", blocks, 1)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    encoder_params = [p for k, p in params.items() if k.startswith("vision.")]
+    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": tuning.lr, "base_lr": tuning.lr},
+                                   {"params": list(classifier.linear.parameters()), "lr": tuning.head_lr,
+                                    "base_lr": tuning.head_lr}], weight_decay=tuning.weight_decay)
+    checkpoint_dir = out / "checkpoints" / "vision"
+    position, best = StagePosition(), None
+    if (checkpoint_dir / "state.json").is_file():
+        position, best = load_checkpoint(checkpoint_dir, params, optimizer)
+        log.info("stage 0: resuming at epoch %d", position.epoch)
+    steps_per_epoch = len(train_maps) // tuning.batch_size
+    total = steps_per_epoch * tuning.epochs
+    ids = train_maps.store.image_ids
+    while position.epoch < tuning.epochs:
+        rng = random.Random(config.seed * 1000 + 900 + position.epoch)
+        order = rng.sample(range(len(ids)), len(ids))
+        classifier.train()
+        _freeze_batch_norm(classifier)
+        started = time.perf_counter()
+        bar = tqdm(range(steps_per_epoch), desc=f"stage0 (vision) epoch {position.epoch + 1}/{tuning.epochs}",
+                   unit="step")
+        for step in bar:
+            rows = order[step * tuning.batch_size:(step + 1) * tuning.batch_size]
+            maps = train_maps.store.get([ids[r] for r in rows], [rng.randrange(tuning.variants) for _ in rows],
+                                        torch.float32)
+            _set_lr(optimizer, position.global_step, total, tuning)
+            loss = F.cross_entropy(classifier(maps), train_maps.labels[rows], label_smoothing=tuning.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            position.global_step += 1
+            position.samples += len(rows)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        position.seconds += time.perf_counter() - started
+        score = accuracy(classifier, val_maps)
+        entry = {"epoch": position.epoch + 1, "val_accuracy": round(score, 4), "train_seconds": round(position.seconds, 1)}
+        position.history.append(entry)
+        log.info("stage 0 (vision) epoch %d: %s", position.epoch + 1, json.dumps(entry))
+        if score > position.best_score:
+            position.best_score, position.best_epoch = score, position.epoch + 1
+            best = {k: v.detach().cpu().clone() for k, v in params.items()}
+        position.epoch += 1
+        save_checkpoint(checkpoint_dir, params, optimizer, position, best)
+
+    if best is not None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(best[k])
+    for p in params.values():
+        p.requires_grad_(False)
+    model.eval()
+    model.config.vision.tuned_blocks = blocks
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.vision.tuned_state_dict(blocks).items()},
+              str(stage_dir / TUNED_FILE))
+    position.done = True
+    record = {"stage": "vision", "blocks": blocks, "classes": len(UCM_CLASSES), **position.__dict__}
+    state_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _freeze_batch_norm(classifier: SceneClassifier) -> None:
+    """Batch-norm layers keep the base's running statistics (eval mode) while the rest trains."""
+    for module in classifier.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def _load_tuned(model: RSMoEModel, state: dict[str, torch.Tensor], stage_dir: Path, blocks: int) -> None:
+    model.vision.load_tuned_state_dict(state, blocks, str(stage_dir / TUNED_FILE))
+    model.config.vision.tuned_blocks = blocks
