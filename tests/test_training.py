@@ -179,6 +179,10 @@ def test_stage0_tunes_the_top_vision_blocks_and_the_model_dir_keeps_them(tiny_ef
     assert torch.equal(base.vision.state_dict()[low], tuned.vision.state_dict()[low])
     pixels = tuned.preprocess([SHARED / "ucm_captions" / "images" / "694.png"])
     assert not torch.allclose(base.encode_images(pixels), tuned.encode_images(pixels))
+    # a new run starting from the trained dir starts from the base encoder, and says so in its config
+    fresh = RSMoEModel.from_config(tuned.config, model_dir=final)
+    assert fresh.config.vision.tuned_blocks == 0
+    assert torch.equal(fresh.vision.state_dict()[top], base.vision.state_dict()[top])
 
     # a model.safetensors whose tuned vision weights do not match its config is refused clearly
     config_json = json.loads((final / "config.json").read_text())
