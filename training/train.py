@@ -278,22 +278,34 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
         entry = {"epoch": position.epoch + 1, **scores, "train_seconds": round(position.seconds, 1)}
         position.history.append(entry)
         log.info("%s epoch %d: %s", name, position.epoch + 1, json.dumps(entry))
-        if scores.get("CIDEr", -1.0) > position.best_score:
-            position.best_score, position.best_epoch = scores["CIDEr"], position.epoch + 1
-            best = {k: v.detach().cpu().clone() for k, v in params.items()}
+        best = update_best(position, scores.get("CIDEr", -1.0), params, best)
         position.epoch += 1
         position.step_in_epoch = 0
         if accelerator.is_main_process:
             save_checkpoint(checkpoint_dir, params, optimizer, position, best)
+    keep_best(params, best)
+    position.done = True
+    model.eval()
+    return position
+
+
+def update_best(position: StagePosition, score: float, params: dict[str, nn.Parameter],
+                best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """After an epoch scored ``score`` (higher is better): a copy of ``params`` if it is the best so far."""
+    if score > position.best_score:
+        position.best_score, position.best_epoch = score, position.epoch + 1
+        return {k: v.detach().cpu().clone() for k, v in params.items()}
+    return best
+
+
+def keep_best(params: dict[str, nn.Parameter], best: dict[str, torch.Tensor] | None) -> None:
+    """Load the best epoch's tensors (when an epoch was scored) into ``params`` and freeze them."""
     if best is not None:
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(best[k])
     for p in params.values():
         p.requires_grad_(False)
-    position.done = True
-    model.eval()
-    return position
 
 
 def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Optimizer, accelerator: Any,

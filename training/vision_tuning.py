@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from engine.errors import UserInputError
 from engine.model import RSMoEModel
-from training.config import TrainConfig, VisionTuningConfig
+from training.config import TrainConfig
 from training.data.records import CaptionRecord
 from training.data.vocab import UCM_CLASSES
 from training.features import FeatureStore, build_feature_store
-from training.train import StagePosition, load_checkpoint, save_checkpoint
+from training.train import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _lower_maps(model: RSMoEModel, records: Sequence[CaptionRecord], cache_dir: 
     return ClassifiedMaps(store, class_labels(records))
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, tuning: VisionTuningConfig) -> None:
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, total: int) -> None:
     """Linear warm-up over the first 10% of steps, then cosine decay to zero."""
     warmup = max(1, total // 10)
     scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -165,7 +165,7 @@ def tune_vision(model: RSMoEModel, train: Sequence[CaptionRecord], val: Sequence
             rows = order[step * tuning.batch_size:(step + 1) * tuning.batch_size]
             maps = train_maps.store.get([ids[r] for r in rows], [rng.randrange(tuning.variants) for _ in rows],
                                         torch.float32)
-            _set_lr(optimizer, position.global_step, total, tuning)
+            _set_lr(optimizer, position.global_step, total)
             loss = F.cross_entropy(classifier(maps), train_maps.labels[rows], label_smoothing=tuning.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -178,18 +178,11 @@ def tune_vision(model: RSMoEModel, train: Sequence[CaptionRecord], val: Sequence
         entry = {"epoch": position.epoch + 1, "val_accuracy": round(score, 4), "train_seconds": round(position.seconds, 1)}
         position.history.append(entry)
         log.info("stage 0 (vision) epoch %d: %s", position.epoch + 1, json.dumps(entry))
-        if score > position.best_score:
-            position.best_score, position.best_epoch = score, position.epoch + 1
-            best = {k: v.detach().cpu().clone() for k, v in params.items()}
+        best = update_best(position, score, params, best)
         position.epoch += 1
         save_checkpoint(checkpoint_dir, params, optimizer, position, best)
 
-    if best is not None:
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(best[k])
-    for p in params.values():
-        p.requires_grad_(False)
+    keep_best(params, best)
     model.eval()
     model.config.vision.tuned_blocks = blocks
     stage_dir.mkdir(parents=True, exist_ok=True)
