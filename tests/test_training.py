@@ -162,6 +162,7 @@ def test_stage0_tunes_the_top_vision_blocks_and_the_model_dir_keeps_them(tiny_ef
     config = _config(tiny_efficientnet_init, tmp_path / "run",
                      vision_tuning={"blocks": 2, "epochs": 2, "batch_size": 4, "variants": 2, "max_val_images": 4})
     final = train(config)
+    assert train(config) == final  # a re-run reuses the finished stage 0 (and stages 1 and 2)
     state = json.loads((tmp_path / "run" / "vision" / "vision_state.json").read_text())
     assert state["done"] and [h["epoch"] for h in state["history"]] == [1, 2]
     assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in state["history"])

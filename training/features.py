@@ -67,7 +67,7 @@ def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> st
     spec = {"vision": model.config.vision.__dict__, "image": model.config.image.to_dict(), "variants": variants,
             "images": hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()}
     tuned = _tuned_vision_digest(model)
-    if tuned:  # keys of caches built with the base encoder stay as they were
+    if tuned:  # the tuned weights, not only their count, decide the features
         spec["tuned_vision"] = tuned
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -122,12 +122,12 @@ def tune_vision(model: RSMoEModel, train: Sequence[CaptionRecord], val: Sequence
     blocks = tuning.blocks
     stage_dir = out / "vision"
     state_path = stage_dir / STATE_FILE
-    classifier = SceneClassifier(model, blocks, tuning.dropout)
-    params = tuned_parameters(classifier)
     if state_path.is_file() and json.loads(state_path.read_text()).get("done"):
         log.info("stage 0 (vision tuning) already done: %s", stage_dir)
         _load_tuned(model, load_safetensors_checked(stage_dir / TUNED_FILE), stage_dir, blocks)
         return json.loads(state_path.read_text())
+    classifier = SceneClassifier(model, blocks, tuning.dropout)
+    params = tuned_parameters(classifier)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
