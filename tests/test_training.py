@@ -191,3 +191,30 @@ def test_stage0_tunes_the_top_vision_blocks_and_the_model_dir_keeps_them(tiny_ef
     (final / "config.json").write_text(json.dumps(config_json))
     with pytest.raises(CorruptWeightsError, match="tuned_blocks=3"):
         RSMoEModel.from_pretrained(final)
+
+
+def test_one_stage2_step_trains_every_adapter_it_has_rows_for(tiny_init: Path, tmp_path: Path) -> None:
+    """peft's set_adapter flips requires_grad; a step over rows of four adapters must still update all four
+    (before the fix only the adapter active after the forward passes learnt, so the router never did)."""
+    from training.features import build_feature_store
+    from training.samples import Sample
+    from training.train import StagePosition, lora_parameters, prepare_optimisation, stage_parameters, train_step
+
+    model = RSMoEModel.from_config(RSMoEModel.from_pretrained(tiny_init).config, model_dir=tiny_init)
+    records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:2]
+    store = build_feature_store(model, records, tmp_path / "cache", "train", variants=1)
+    adapters = ["theme", "objects", "relations", "router"]
+    params = stage_parameters(model, "stage2")
+    with torch.no_grad():  # peft starts lora_B at zero; a non-zero start makes every A and B receive gradient
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    before = {a: {k: v.detach().clone() for k, v in lora_parameters(model, a).items()} for a in adapters}
+    stage = TrainConfig.from_dict({"stage2": {"lr": 1e-2, "warmup_steps": 0}}).stage2
+    accelerator, module, optimizer = prepare_optimisation(model, params, stage, "fp32")
+    batch = [Sample(r.image_id, "Describe this image.", "a field of green crops .", a) for a in adapters for r in records]
+    train_step(module, model, optimizer, accelerator, batch, store, StagePosition())
+    for adapter in adapters:
+        after = lora_parameters(model, adapter)
+        changed = [k for k in after if not torch.equal(after[k], before[adapter][k])]
+        assert len(changed) == len(after), f"{adapter}: {len(after) - len(changed)} of {len(after)} LoRA tensors unchanged"

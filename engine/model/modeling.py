@@ -401,12 +401,20 @@ class RSMoEModel(MoEInference, nn.Module):
 
     @contextlib.contextmanager
     def use_adapter(self, name: str) -> Iterator[None]:
+        """Run the LM through adapter ``name`` inside the block, leaving which parameters train unchanged.
+
+        peft's ``set_adapter`` also sets ``requires_grad`` (True for the adapter it activates, False for every
+        other). Autograd drops the gradient of a leaf that no longer requires grad when ``backward`` runs, so
+        without restoring the flags only the adapter active after the block would ever learn."""
         previous = self.language_model.active_adapter
+        flags = [(p, p.requires_grad) for n, p in self.language_model.named_parameters() if "lora_" in n]
         self.language_model.set_adapter(name)
         try:
             yield
         finally:
             self.language_model.set_adapter(previous)
+            for param, requires_grad in flags:
+                param.requires_grad_(requires_grad)
 
     @torch.no_grad()
     def generate_texts(self, visual: torch.Tensor, prompts: Sequence[str], adapters: Sequence[str],
