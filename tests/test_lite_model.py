@@ -14,11 +14,12 @@ from engine.model import RSMoEConfig, RSMoEModel
 
 REPO = Path(__file__).resolve().parents[1]
 UCM_IMAGE = REPO / "examples" / "ucm_denseresidential_test.png"
+LITE_DIR = REPO / "engine" / "models" / "rsmoe-lite"
 
 
 @pytest.fixture(scope="module")
 def lite() -> RSMoEModel:
-    return RSMoEModel.from_pretrained(REPO / "engine" / "models" / "rsmoe-lite")
+    return RSMoEModel.from_pretrained(LITE_DIR)
 
 
 def test_lite_builds_from_the_base_weights_and_captions_a_real_image(lite: RSMoEModel) -> None:
@@ -85,3 +86,31 @@ def test_init_model_writes_a_variant_config(tmp_path: Path, capsys: pytest.Captu
     assert config.variant == "7b" and config.llm.path == "/models/ib7b"
     assert main(["-q", "init-model", "--variant", "13b", "--out", str(tmp_path / "x")]) == 3
     assert "unknown variant" in capsys.readouterr().err
+
+
+def test_embedded_adapters_are_four_distinct_trained_adapters() -> None:
+    """Stage 2 trains the router and each expert apart: no two of the shipped adapters are the same weights."""
+    from safetensors.torch import load_file
+
+    names = ["theme", "objects", "relations", "router"]
+    weights = {n: load_file(str(LITE_DIR / "adapters" / n / "adapter_model.safetensors")) for n in names}
+    for i, a in enumerate(names):
+        assert any(v.abs().sum() > 0 for k, v in weights[a].items() if "lora_B" in k), f"{a} is the zero init"
+        for b in names[i + 1:]:
+            assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), f"{a} == {b}"
+
+
+def test_embedded_router_writes_plans_that_name_the_scene(lite: RSMoEModel) -> None:
+    """The trained Instruction Router answers with a plan (not a caption) on real images, and its scene is the
+    one the experts' prompts receive."""
+    from engine.model.router_plan import parse_router_plan
+
+    prompt = lite.config.router.prompt.format(instruction=lite.config.router.concise_instruction)
+    visual = lite.encode_images(lite.preprocess([UCM_IMAGE]))
+    (text,) = lite.generate_texts(visual, [prompt], ["router"], lite.config.router.max_new_tokens)
+    plan = parse_router_plan(text, lite.config.expert_names)
+    assert plan is not None and plan.scene, f"the router wrote no plan: {text!r}"
+    (result,) = lite.caption_features(visual, style="concise")
+    assert result.router == "generative" and result.plan.scene == plan.scene
+    assert plan.scene in result.segments[0].prompt
+    assert "residential" in plan.scene  # the example is a UCM dense-residential test image
