@@ -104,6 +104,9 @@ def _write_side_files(model: RSMoEModel, lora: StackedLoRA, out: Path) -> None:
     save_file(tensors, str(out / mf.LORA_FILE), metadata={"adapters": ",".join(lora.adapters), "rank": str(lora.rank)})
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(out / mf.EMBEDDINGS_FILE, table, allow_pickle=False)
+    if model.scene_head is not None:
+        save_file({k: v.detach().float().numpy() for k, v in model.scene_head.state_dict().items()},
+                  str(out / mf.SCENE_HEAD_FILE))
 
 
 def _size(path: Path) -> int:

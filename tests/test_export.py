@@ -37,10 +37,14 @@ def _images(n: int, size: int = 40, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model dir whose adapters (router included) are saved with distinct non-zero weights."""
+    """A tiny model dir whose adapters (router included) are saved with distinct non-zero weights, with a
+    scene head."""
     root = tmp_path_factory.mktemp("onnx-tiny")
     model = RSMoEModel.from_pretrained(write_tiny_model_dir(root))
     randomize_adapters(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model.set_scene_head(["beach", "forest", "harbor"], torch.nn.Linear(model.vision.num_features, 3))
     model.save_pretrained(root / "trained")
     return root / "trained"
 
@@ -327,3 +331,21 @@ def test_lite_model_onnx_captions_equal_torch(tmp_path_factory: pytest.TempPathF
     assert [r.to_dict() for r in got] == [r.to_dict() for r in expected]
     segments = [s.text for s in expected[0].segments]
     assert len(set(segments)) == len(segments)  # the experts really differ
+
+
+def test_scene_head_runs_on_onnx_as_in_torch(torch_model: RSMoEModel, backends: dict[str, OnnxRSMoE],
+                                            tiny_trained: Path) -> None:
+    """The scene head travels with the export (scene_head.safetensors) and names the same scenes."""
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
+    visual = torch_model.encode_images(torch_model.preprocess(images))
+    expected = torch_model.scene_logits(visual).numpy()
+    got = backends["fp32"].scene_logits(backends["fp32"].encode_images(backends["fp32"].preprocess(images)))
+    assert np.abs(got - expected).max() < 1e-4
+    assert backends["int8"].recognise_scenes(visual) == torch_model.recognise_scenes(visual)
+    (tiny_trained / mf.ONNX_DIR / mf.SCENE_HEAD_FILE).rename(tiny_trained / "moved.safetensors")
+    try:
+        with pytest.raises(ModelDirError, match="re-run `rsmoe export`"):
+            OnnxRSMoE.from_model_dir(tiny_trained, device="cpu", variant="fp32")
+    finally:
+        (tiny_trained / "moved.safetensors").rename(tiny_trained / mf.ONNX_DIR / mf.SCENE_HEAD_FILE)

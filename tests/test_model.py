@@ -249,3 +249,39 @@ def test_frozen_base_layers_are_not_stored_and_reload_from_the_base(tiny_dir: Pa
     again = RSMoEModel.from_pretrained(frozen_dir)
     for (key, a), b in zip(model.bridge.state_dict().items(), again.bridge.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_scene_head_round_trip_and_the_router_takes_its_scene(tiny_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with a scene head saves and reloads it exactly; the generative router's plans carry the head's
+    scene (the router adapter still picks the experts); a head that does not match its config is corrupt."""
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    randomize_adapters(model)
+    head = torch.nn.Linear(model.vision.num_features, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 1.0]))  # always the second scene
+    model.set_scene_head(["beach", "tennis court"], head)
+    model.save_pretrained(tmp_path / "m")
+    loaded = RSMoEModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.vision.scene_classes == ["beach", "tennis court"]
+    visual = loaded.encode_images(loaded.preprocess(_images(2)))
+    assert torch.equal(loaded.scene_logits(visual), model.scene_logits(visual))
+    assert loaded.recognise_scenes(visual) == ["tennis court", "tennis court"]
+
+    loaded.trained_adapters.add("router")
+    real = loaded.generate_texts
+    plan_text = "scene: beach | experts: relations"
+    monkeypatch.setattr(loaded, "generate_texts", lambda v, prompts, adapters, n: (
+        [plan_text] * len(prompts) if adapters[0] == "router" else real(v, prompts, adapters, n)))
+    results = loaded.ask_features(visual, ["Where is the road?", "Where is the road?"])
+    assert [r.plan for r in results] == [RouterPlan(scene="tennis court", experts=["relations"])] * 2
+    assert "tennis court" in results[0].segments[0].prompt
+    loaded.trained_adapters.discard("router")  # no trained router (the dense baseline): template plan, no scene
+    assert loaded.caption_features(visual, "concise")[0].plan.scene is None
+
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["vision"]["scene_classes"] = ["beach", "tennis court", "forest"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CorruptWeightsError, match="scene head"):
+        RSMoEModel.from_pretrained(tmp_path / "m")

@@ -127,6 +127,7 @@ def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["split"] == "test"
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(metrics["captions"])
+    assert metrics["scene"]["images"] == 3 and 0.0 <= metrics["scene"]["accuracy"] <= 1.0
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) == metrics["vqa"]["count"] > 0
     assert {"question", "answer", "prediction", "question_type"} <= set(answers[0])

@@ -3,7 +3,8 @@
 Writes ``OUT/captions.json`` in the COCO results format (``[{"image_id": <imgid>, "caption": "..."}]``),
 ``OUT/answers.json`` with ``--vqa`` (each question, its reference answer and the model's),
 ``OUT/metrics.json`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr after lowercasing and stripping punctuation;
-VQA accuracy per question type on the UCM-derived VQA set when asked) and ``OUT/segments.json`` (what
+VQA accuracy per question type on the UCM-derived VQA set when asked; the share of images whose plan names
+their class, and whether the scene head or the router named it) and ``OUT/segments.json`` (what
 each expert wrote). SPICE is left out: it downloads Stanford CoreNLP at run time.
 """
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from engine.errors import InputNotFoundError, UserInputError
+from engine.model.routing import MoEInference
+from training.data.records import CaptionRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,20 @@ def _dataset_paths(data: Path) -> tuple[Path, Path]:
     raise InputNotFoundError(f"data not found: {data}")
 
 
+def scene_accuracy(records: Sequence[CaptionRecord], scenes: dict[int, str | None], model: MoEInference) -> dict:
+    """How often the caption plans' scene is the image's class phrase, and where the scene came from."""
+    from training.data.vocab import class_phrase
+
+    labelled = [r for r in records if class_phrase(r.class_name)]
+    if model.router_kind != "generative":
+        source = "none (template router)"
+    else:
+        source = "scene head" if model.config.vision.scene_classes else "router adapter"
+    correct = sum(scenes.get(r.image_id) == class_phrase(r.class_name) for r in labelled)
+    accuracy = round(correct / len(labelled), 4) if labelled else None
+    return {"source": source, "images": len(labelled), "accuracy": accuracy}
+
+
 def evaluate(args: EvaluateArgs) -> dict:
     """Run the evaluation and write the three files; returns the metrics."""
     from engine.runtime import load_model
@@ -62,11 +80,13 @@ def evaluate(args: EvaluateArgs) -> dict:
     started = time.perf_counter()
     predictions: dict[int, str] = {}
     segments: dict[int, list[dict]] = {}
+    scenes: dict[int, str | None] = {}
     for start in tqdm(range(0, len(records), args.batch_size), desc=f"captioning {args.split}", unit="batch"):
         chunk = records[start:start + args.batch_size]
         for record, result in zip(chunk, model.caption([r.image_path for r in chunk], style=args.style)):
             predictions[record.image_id] = result.text
             segments[record.image_id] = result.to_dict()["segments"]
+            scenes[record.image_id] = result.plan.scene
     caption_seconds = time.perf_counter() - started
     metrics: dict = {
         "model": str(args.model or "embedded rsmoe-lite"), "model_id": model.config.model_id,
@@ -75,6 +95,7 @@ def evaluate(args: EvaluateArgs) -> dict:
         "images": len(records), "router": model.router_kind,
         "captions": caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=args.meteor),
         "caption_seconds": round(caption_seconds, 1),
+        "scene": scene_accuracy(records, scenes, model),
     }
     if args.vqa:
         wanted = {r.image_id for r in records}

@@ -64,7 +64,8 @@ def _tuned_vision_digest(model: RSMoEModel) -> str | None:
 
 
 def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> str:
-    spec = {"vision": model.config.vision.__dict__, "image": model.config.image.to_dict(), "variants": variants,
+    vision = {k: v for k, v in model.config.vision.__dict__.items() if k != "scene_classes"}  # no effect on features
+    spec = {"vision": vision, "image": model.config.image.to_dict(), "variants": variants,
             "images": hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()}
     tuned = _tuned_vision_digest(model)
     if tuned:  # the tuned weights, not only their count, decide the features

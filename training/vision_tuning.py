@@ -8,7 +8,8 @@ CPU) on the class labels that come with the train images fixes most of that; the
 tuned encoder frozen, so their feature cache works as before. The lower blocks' output is cached once
 (``variants`` dihedral symmetries of each image), the best epoch is chosen on val accuracy, and a checkpoint
 after every epoch makes the stage resumable. Batch-norm statistics stay as the base's (the tuned blocks run
-in eval mode), so the checkpoint holds everything that changes.
+in eval mode), so the checkpoint holds everything that changes. The classifier is kept as the model's scene
+head (``vision.scene_classes``), from which the generative Instruction Router takes its plan's scene.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from tqdm import tqdm
 
 from engine.errors import UserInputError
 from engine.model import RSMoEModel
+from engine.model.modeling import SCENE_HEAD_PREFIX
 from training.config import TrainConfig
 from training.data.records import CaptionRecord
-from training.data.vocab import UCM_CLASSES
+from training.data.vocab import UCM_CLASSES, class_phrase
 from training.features import FeatureStore, build_feature_store
 from training.train import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 
@@ -61,7 +63,8 @@ def class_labels(records: Sequence[CaptionRecord]) -> torch.Tensor:
 
 
 class SceneClassifier(nn.Module):
-    """The encoder's top blocks and head, global average pooling and a linear layer over the classes."""
+    """The encoder's top blocks and head, global average pooling and a linear layer over the classes (kept
+    as the model's scene head after the stage)."""
 
     def __init__(self, model: RSMoEModel, blocks: int, dropout: float) -> None:
         super().__init__()
@@ -185,9 +188,9 @@ def tune_vision(model: RSMoEModel, train: Sequence[CaptionRecord], val: Sequence
     keep_best(params, best)
     model.eval()
     model.config.vision.tuned_blocks = blocks
+    model.set_scene_head(scene_phrases(), classifier.linear)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.vision.tuned_state_dict(blocks).items()},
-              str(stage_dir / TUNED_FILE))
+    save_file({k: v.detach().contiguous() for k, v in stage_state(model, blocks).items()}, str(stage_dir / TUNED_FILE))
     position.done = True
     record = {"stage": "vision", "blocks": blocks, "classes": len(UCM_CLASSES), **position.__dict__}
     state_path.write_text(json.dumps(record, indent=1))
@@ -201,6 +204,27 @@ def _freeze_batch_norm(classifier: SceneClassifier) -> None:
             module.eval()
 
 
+def scene_phrases() -> list[str]:
+    """The scene head's outputs: the phrase of each class of :data:`UCM_CLASSES`, in the classifier's order."""
+    return [str(class_phrase(name)) for name in UCM_CLASSES]
+
+
+def stage_state(model: RSMoEModel, blocks: int) -> dict[str, torch.Tensor]:
+    """What stage 0 leaves: the tuned blocks (``net.*``) and the scene head (``scene_head.*``)."""
+    assert model.scene_head is not None
+    return {**model.vision.tuned_state_dict(blocks),
+            **{f"{SCENE_HEAD_PREFIX}{k}": v for k, v in model.scene_head.state_dict().items()}}
+
+
 def _load_tuned(model: RSMoEModel, state: dict[str, torch.Tensor], stage_dir: Path, blocks: int) -> None:
-    model.vision.load_tuned_state_dict(state, blocks, str(stage_dir / TUNED_FILE))
+    source = str(stage_dir / TUNED_FILE)
+    head = {k[len(SCENE_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(SCENE_HEAD_PREFIX)}
+    if set(head) != {"weight", "bias"}:
+        raise UserInputError(f"{source} has no scene head (written by an older version); delete {stage_dir} "
+                             "to run stage 0 again")
+    model.vision.load_tuned_state_dict({k: v for k, v in state.items() if not k.startswith(SCENE_HEAD_PREFIX)},
+                                       blocks, source)
     model.config.vision.tuned_blocks = blocks
+    linear = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
+    linear.load_state_dict(head)
+    model.set_scene_head(scene_phrases(), linear)

@@ -25,6 +25,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "rsmoe-onnx/1"
 EMBEDDINGS_FILE = "embed_tokens.npy"
 LORA_FILE = "lora.safetensors"
+SCENE_HEAD_FILE = "scene_head.safetensors"  # weight, bias (float32) of a model with a scene head
 TOKENIZER_DIR = "tokenizer"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 

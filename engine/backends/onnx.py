@@ -272,6 +272,7 @@ class OnnxRSMoE(MoEInference):
         self.float_type = self.graphs["decoder"].input_types[mf.INPUTS_EMBEDS]
         self.embeddings = np.load(self.export_dir / spec.embeddings, mmap_mode="r", allow_pickle=False)
         lora = self._load_lora(spec)
+        self.scene_head = self._load_scene_head()
         if self.variant.static is not None:
             self.decoder: _DecoderRunner = _StaticDecoderRunner(self.graphs["decoder"], self.device, lora, spec,
                                                                 self.variant.static)
@@ -333,6 +334,29 @@ class OnnxRSMoE(MoEInference):
         if missing:
             raise ModelDirError(f"{spec.lora_weights} lacks {missing[:3]}; re-run `rsmoe export`")
         return {n: self.device.value(tensors[n].astype(self.float_type)) for n in wanted}
+
+    def _load_scene_head(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The scene head's (weight, bias) when the model has one (``config.vision.scene_classes``)."""
+        if not self.config.vision.scene_classes:
+            return None
+        from safetensors.numpy import load_file
+
+        path = self.export_dir / mf.SCENE_HEAD_FILE
+        try:
+            tensors = load_file(str(path))
+            weight, bias = tensors["weight"], tensors["bias"]
+        except Exception as exc:  # a missing or damaged file, or missing tensors
+            raise ModelDirError(f"cannot read the scene head {path}: {exc}; re-run `rsmoe export`") from exc
+        if weight.shape[0] != len(self.config.vision.scene_classes) or bias.shape != weight.shape[:1]:
+            raise ModelDirError(f"{path} does not match vision.scene_classes; re-run `rsmoe export`")
+        return weight.astype(np.float32), bias.astype(np.float32)
+
+    def scene_logits(self, visual: Any) -> np.ndarray | None:
+        """The scene head on the mean visual token (B, scenes), or ``None`` without a head."""
+        if self.scene_head is None:
+            return None
+        weight, bias = self.scene_head
+        return _to_numpy(visual).astype(np.float32).mean(axis=1) @ weight.T + bias
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "onnx", "providers": self.providers, "device": str(self.device),

@@ -41,6 +41,9 @@ class VisionConfig:
     # > 0: the encoder's last ``tuned_blocks`` blocks (and its head) were fine-tuned on the target domain;
     # their weights are stored in the model directory's model.safetensors (``vision.*``), the rest is the base's
     tuned_blocks: int = 0
+    # non-empty: the model has a scene head (a linear layer over the mean visual token, trained with the tuned
+    # blocks) that names one of these scenes; the generative Instruction Router takes its plan's scene from it
+    scene_classes: list[str] = field(default_factory=list)
 
 
 @dataclass

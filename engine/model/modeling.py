@@ -38,6 +38,7 @@ from engine.model.vision import VisionEncoder, build_vision_encoder
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
+SCENE_HEAD_PREFIX = "scene_head."  # its keys in model.safetensors
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 
 
@@ -80,6 +81,9 @@ class RSMoEModel(MoEInference, nn.Module):
         self.image_processor = ImageProcessor(config.image)
         self.trained_adapters = set(trained_adapters or ())
         self.source_dir: Path | None = None  # where relative model references were resolved from
+        # the scene head (config.vision.scene_classes): mean visual token -> one logit per scene
+        self.scene_head: nn.Linear | None = (nn.Linear(vision.num_features, len(config.vision.scene_classes))
+                                             if config.vision.scene_classes else None)
         ensure_pad_token(tokenizer)
 
     # ------------------------------------------------------------------------------------ building
@@ -87,8 +91,9 @@ class RSMoEModel(MoEInference, nn.Module):
     def from_config(cls, config: RSMoEConfig, model_dir: Path | None = None) -> "RSMoEModel":
         """Build from the config's pretrained parts, with the new parts freshly initialised (untrained),
         even when ``model_dir`` (which resolves relative paths and tokenizers) holds trained adapters.
-        The vision encoder is the base's as shipped (``tuned_blocks`` is reset to 0)."""
-        config = RSMoEConfig.from_dict({**config.to_dict(), "vision": {**config.vision.__dict__, "tuned_blocks": 0}})
+        The vision encoder is the base's as shipped (``tuned_blocks`` reset to 0, no scene head)."""
+        config = RSMoEConfig.from_dict({**config.to_dict(),
+                                        "vision": {**config.vision.__dict__, "tuned_blocks": 0, "scene_classes": []}})
         return cls._build(config, model_dir, weights=None, load_adapters=False)
 
     @classmethod
@@ -135,6 +140,8 @@ class RSMoEModel(MoEInference, nn.Module):
                 vision.load_tuned_state_dict({k[len("vision."):]: v for k, v in weights.items() if k.startswith("vision.")},
                                              config.vision.tuned_blocks, f"{model_dir}/{WEIGHTS_NAME}")
         model = cls(config, vision, bridge, qformer_tokenizer, peft_model, tokenizer, trained)
+        if weights is not None and model.scene_head is not None:
+            model._load_scene_head(weights, f"{model_dir}/{WEIGHTS_NAME}")
         model.source_dir = model_dir
         model.eval()
         return model
@@ -247,6 +254,24 @@ class RSMoEModel(MoEInference, nn.Module):
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
         bridge.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 
+    def _load_scene_head(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        assert self.scene_head is not None
+        state = {k[len(SCENE_HEAD_PREFIX):]: v for k, v in weights.items() if k.startswith(SCENE_HEAD_PREFIX)}
+        expected = self.scene_head.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+            raise CorruptWeightsError(f"{source}: the scene head does not match vision.scene_classes "
+                                      f"({len(self.config.vision.scene_classes)} scenes)")
+        self.scene_head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+    def set_scene_head(self, scenes: Sequence[str], head: nn.Linear) -> None:
+        """Give the model a scene head (a copy of ``head``, one output per scene; stage 0's classifier)."""
+        if head.out_features != len(scenes) or head.in_features != self.vision.num_features:
+            raise ValueError(f"a scene head maps {self.vision.num_features} features to {len(scenes)} scenes")
+        self.config.vision.scene_classes = list(scenes)
+        self.scene_head = nn.Linear(head.in_features, head.out_features).to(self.device)
+        self.scene_head.load_state_dict(head.state_dict())
+        self.scene_head.requires_grad_(False)
+
     # ------------------------------------------------------------------------------------ saving
     def frozen_base_bridge_keys(self) -> set[str]:
         """Bridge weights that stay as initialised from the BERT checkpoint (``train_base_layers=False``)."""
@@ -262,6 +287,8 @@ class RSMoEModel(MoEInference, nn.Module):
         state = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items() if k not in frozen}
         if self.config.vision.tuned_blocks:
             state.update({f"vision.{k}": v for k, v in self.vision.tuned_state_dict(self.config.vision.tuned_blocks).items()})
+        if self.scene_head is not None:
+            state.update({f"{SCENE_HEAD_PREFIX}{k}": v for k, v in self.scene_head.state_dict().items()})
         return state
 
     def _config_relative_to(self, target: Path) -> RSMoEConfig:
@@ -341,6 +368,13 @@ class RSMoEModel(MoEInference, nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen vision encoder: pixels -> visual tokens (B, N, D). Cache these per tile."""
         return self.vision(pixel_values.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def scene_logits(self, visual: torch.Tensor) -> torch.Tensor | None:
+        """The scene head on the mean visual token (B, scenes), or ``None`` without a head."""
+        if self.scene_head is None:
+            return None
+        return self.scene_head(visual.to(self.device, self.dtype).mean(dim=1))
 
     def query_embeddings(self, visual: torch.Tensor, instructions: Sequence[str]) -> torch.Tensor:
         """Q-Former + projection: visual tokens and instruction texts -> LLM prefix embeddings (B, Q, W)."""

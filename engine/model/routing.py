@@ -139,7 +139,12 @@ class MoEInference:
 
     A backend provides ``config``, ``trained_adapters``, ``image_processor`` and three primitives:
     ``encode_images(pixels) -> visual tokens``, ``generate_texts(visual, prompts, adapters, max_new_tokens)``
-    (one mixed-adapter batch) and ``preprocess(images) -> pixels``. Everything else lives here once.
+    (one mixed-adapter batch) and ``preprocess(images) -> pixels``, plus ``scene_logits(visual)`` when the model
+    has a scene head. Everything else lives here once.
+
+    With a trained router the plan's experts come from the router; its scene comes from the scene head when
+    the model has one (the router adapter's own scene otherwise). The template router (no trained router, e.g.
+    the dense stage-1 baseline) knows no scene.
     """
 
     config: RSMoEConfig
@@ -161,6 +166,18 @@ class MoEInference:
     def generate_texts(self, visual: Any, prompts: Sequence[str], adapters: Sequence[str],
                        max_new_tokens: int) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def scene_logits(self, visual: Any) -> Any | None:
+        """The scene head's logits (B, len(config.vision.scene_classes)); ``None`` for a model without one."""
+        return None
+
+    def recognise_scenes(self, visual: Any) -> list[str] | None:
+        """The scene head's scene of each image, or ``None`` for a model without a scene head."""
+        logits = self.scene_logits(visual)
+        if logits is None:
+            return None
+        scenes = self.config.vision.scene_classes
+        return [scenes[int(i)] for i in logits.argmax(-1).tolist()]
 
     # -- text in and out of the models: one implementation for every backend ---------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -200,12 +217,16 @@ class MoEInference:
             return fallbacks, "template"
         prompts = [self.config.router.prompt.format(instruction=q) for q in instructions]
         texts = self.generate_texts(visual, prompts, [ROUTER_ADAPTER] * len(prompts), self.config.router.max_new_tokens)
+        head_scenes = self.recognise_scenes(visual) or [None] * len(texts)
         plans = []
-        for text, fallback in zip(texts, fallbacks):
+        for text, fallback, head_scene in zip(texts, fallbacks, head_scenes):
             parsed = parse_router_plan(text, self.config.expert_names)
             if parsed is None:
                 log.debug("router output %r not a plan; using the template plan", text)
-            plans.append(sanitize_plan(self.config, parsed, fallback, task, style))
+            plan = sanitize_plan(self.config, parsed, fallback, task, style)
+            if head_scene is not None:  # the scene head names the scene (measured more accurate than the LM's)
+                plan = RouterPlan(scene=head_scene, experts=plan.experts)
+            plans.append(plan)
         return plans, "generative"
 
     def run_experts(self, visual: Any, task: str, style: str | None, instructions: Sequence[str]) -> list[ModelResult]:
