@@ -127,7 +127,7 @@ def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["split"] == "test"
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(metrics["captions"])
-    assert metrics["scene"]["images"] == 3 and 0.0 <= metrics["scene"]["accuracy"] <= 1.0
+    assert metrics["scene"] == {"source": "none (template router)", "images": 3, "accuracy": None}
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) == metrics["vqa"]["count"] > 0
     assert {"question", "answer", "prediction", "question_type"} <= set(answers[0])
@@ -219,3 +219,28 @@ def test_one_stage2_step_trains_every_adapter_it_has_rows_for(tiny_init: Path, t
         after = lora_parameters(model, adapter)
         changed = [k for k in after if not torch.equal(after[k], before[adapter][k])]
         assert len(changed) == len(after), f"{adapter}: {len(after) - len(changed)} of {len(after)} LoRA tensors unchanged"
+
+
+def test_evaluate_scores_the_scene_that_the_scene_head_names(tiny_init: Path, tmp_path: Path) -> None:
+    """With a trained router and a scene head, metrics.json scores the plans' scenes against the classes."""
+    from engine.cli import main
+    from tests.tiny_models import randomize_adapters
+
+    model = RSMoEModel.from_pretrained(tiny_init)
+    randomize_adapters(model)  # the router counts as trained
+    head = torch.nn.Linear(model.vision.num_features, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([1.0, 0.0]))  # always "agricultural area"
+    model.set_scene_head(["agricultural area", "beach"], head)
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "eval"
+    assert main(["-q", "evaluate", "--model", str(tmp_path / "m"), "--data", str(SHARED / "ucm_captions"),
+                 "--split", "test", "--out", str(out), "--limit", "3", "--no-meteor"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    dataset = json.loads((SHARED / "ucm_captions" / "dataset.json").read_text())
+    test = [i for i in dataset["images"] if i["split"] == "test"]
+    records = {r.image_id: r for r in load_ucm_captions(SHARED / "ucm_captions", split="test")}
+    expected = sum(records[test[k]["imgid"]].class_name == "agricultural" for k in (0, 70, 140)) / 3
+    assert metrics["scene"] == {"source": "scene head", "images": 3, "accuracy": round(expected, 4)}
+    assert expected > 0  # the split is class-ordered: its first image is agricultural

@@ -55,10 +55,9 @@ def scene_accuracy(records: Sequence[CaptionRecord], scenes: dict[int, str | Non
     from training.data.vocab import class_phrase
 
     labelled = [r for r in records if class_phrase(r.class_name)]
-    if model.router_kind != "generative":
-        source = "none (template router)"
-    else:
-        source = "scene head" if model.config.vision.scene_classes else "router adapter"
+    if model.router_kind != "generative":  # the template router names no scene
+        return {"source": "none (template router)", "images": len(labelled), "accuracy": None}
+    source = "scene head" if model.config.vision.scene_classes else "router adapter"
     correct = sum(scenes.get(r.image_id) == class_phrase(r.class_name) for r in labelled)
     accuracy = round(correct / len(labelled), 4) if labelled else None
     return {"source": source, "images": len(labelled), "accuracy": accuracy}
