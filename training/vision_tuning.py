@@ -212,19 +212,16 @@ def scene_phrases() -> list[str]:
 def stage_state(model: RSMoEModel, blocks: int) -> dict[str, torch.Tensor]:
     """What stage 0 leaves: the tuned blocks (``net.*``) and the scene head (``scene_head.*``)."""
     assert model.scene_head is not None
-    return {**model.vision.tuned_state_dict(blocks),
-            **{f"{SCENE_HEAD_PREFIX}{k}": v for k, v in model.scene_head.state_dict().items()}}
+    return {**model.vision.tuned_state_dict(blocks), **model.scene_head_state_dict()}
 
 
 def _load_tuned(model: RSMoEModel, state: dict[str, torch.Tensor], stage_dir: Path, blocks: int) -> None:
     source = str(stage_dir / TUNED_FILE)
-    head = {k[len(SCENE_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(SCENE_HEAD_PREFIX)}
-    if set(head) != {"weight", "bias"}:
+    if not any(k.startswith(SCENE_HEAD_PREFIX) for k in state):
         raise UserInputError(f"{source} has no scene head (written by an older version); delete {stage_dir} "
                              "to run stage 0 again")
     model.vision.load_tuned_state_dict({k: v for k, v in state.items() if not k.startswith(SCENE_HEAD_PREFIX)},
                                        blocks, source)
     model.config.vision.tuned_blocks = blocks
-    linear = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
-    linear.load_state_dict(head)
-    model.set_scene_head(scene_phrases(), linear)
+    model.set_scene_head(scene_phrases(), nn.Linear(model.vision.num_features, len(scene_phrases())))
+    model.load_scene_head(state, source)

@@ -141,7 +141,7 @@ class RSMoEModel(MoEInference, nn.Module):
                                              config.vision.tuned_blocks, f"{model_dir}/{WEIGHTS_NAME}")
         model = cls(config, vision, bridge, qformer_tokenizer, peft_model, tokenizer, trained)
         if weights is not None and model.scene_head is not None:
-            model._load_scene_head(weights, f"{model_dir}/{WEIGHTS_NAME}")
+            model.load_scene_head(weights, f"{model_dir}/{WEIGHTS_NAME}")
         model.source_dir = model_dir
         model.eval()
         return model
@@ -254,7 +254,8 @@ class RSMoEModel(MoEInference, nn.Module):
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
         bridge.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 
-    def _load_scene_head(self, weights: dict[str, torch.Tensor], source: str) -> None:
+    def load_scene_head(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        """Load ``scene_head.*`` of ``weights`` into the head that ``config.vision.scene_classes`` sizes."""
         assert self.scene_head is not None
         state = {k[len(SCENE_HEAD_PREFIX):]: v for k, v in weights.items() if k.startswith(SCENE_HEAD_PREFIX)}
         expected = self.scene_head.state_dict()
@@ -262,6 +263,12 @@ class RSMoEModel(MoEInference, nn.Module):
             raise CorruptWeightsError(f"{source}: the scene head does not match vision.scene_classes "
                                       f"({len(self.config.vision.scene_classes)} scenes)")
         self.scene_head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+    def scene_head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The scene head's tensors under their ``scene_head.*`` keys (empty without a head)."""
+        if self.scene_head is None:
+            return {}
+        return {f"{SCENE_HEAD_PREFIX}{k}": v for k, v in self.scene_head.state_dict().items()}
 
     def set_scene_head(self, scenes: Sequence[str], head: nn.Linear) -> None:
         """Give the model a scene head (a copy of ``head``, one output per scene; stage 0's classifier)."""
@@ -287,8 +294,7 @@ class RSMoEModel(MoEInference, nn.Module):
         state = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items() if k not in frozen}
         if self.config.vision.tuned_blocks:
             state.update({f"vision.{k}": v for k, v in self.vision.tuned_state_dict(self.config.vision.tuned_blocks).items()})
-        if self.scene_head is not None:
-            state.update({f"{SCENE_HEAD_PREFIX}{k}": v for k, v in self.scene_head.state_dict().items()})
+        state.update(self.scene_head_state_dict())
         return state
 
     def _config_relative_to(self, target: Path) -> RSMoEConfig:
