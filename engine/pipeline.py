@@ -12,7 +12,8 @@ Caption / ask
     model input size), encoded by the vision encoder and then captioned or questioned.
 
 Feature cache (:class:`FeatureCache`)
-    The vision encoder's output for every image read is kept in an LRU bounded in entries and
+    The vision encoder's output for every image read (its tokens, and the scene head's logits over the
+    image's dihedral views) is kept in an LRU bounded in entries and
     bytes, keyed by raster identity (path + size + mtime, or a hash of the bytes) + window + read
     size + resolved bands + model. A follow-up question about the same region, or about a tile a
     batch job has just captioned, skips the vision encoder.
@@ -40,7 +41,7 @@ import numpy as np
 from engine import __version__
 from engine.errors import RasterError, UserInputError
 from engine.geo import extent_to_window, raster_identity
-from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference
+from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows
 from engine.raster import BandSelection, RasterSource, TileRead, Window
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -196,13 +197,15 @@ def check_question(question: str) -> None:
 # Feature cache
 # --------------------------------------------------------------------------------------------
 def _nbytes(value: Any) -> int:
+    if isinstance(value, tuple):
+        return sum(_nbytes(part) for part in value if part is not None)
     if hasattr(value, "nbytes") and not callable(value.nbytes):
         return int(value.nbytes)
     return int(value.element_size() * value.nelement())  # torch.Tensor
 
 
 class FeatureCache:
-    """A thread-safe LRU of visual features, bounded in entries and bytes."""
+    """A thread-safe LRU of visual features (tokens, scene logits), bounded in entries and bytes."""
 
     def __init__(self, max_entries: int = CACHE_MAX_ENTRIES, max_bytes: int = CACHE_MAX_BYTES) -> None:
         self.max_entries = int(max_entries)
@@ -361,14 +364,6 @@ class PipelineStats:
 # --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
-def _concat(parts: Sequence[Any]) -> Any:
-    if hasattr(parts[0], "detach"):  # torch
-        import torch
-
-        return torch.cat(list(parts), dim=0)
-    return np.concatenate(list(parts), axis=0)
-
-
 def _row(visual: Any, i: int) -> Any:
     part = visual[i:i + 1]
     return part.clone() if hasattr(part, "clone") else np.array(part, copy=True)
@@ -418,8 +413,10 @@ class Pipeline:
         return int(self.model.image_processor.config.image_size)
 
     # -- model calls -------------------------------------------------------------------------
-    def encode(self, images: Sequence[np.ndarray], keys: Sequence[Hashable | None] | None = None) -> Any:
-        """Visual tokens for images (B, N, D), from the cache where ``keys`` hit it."""
+    def encode(self, images: Sequence[np.ndarray],
+               keys: Sequence[Hashable | None] | None = None) -> tuple[Any, Any | None]:
+        """Visual tokens (B, N, D) and scene logits (B, scenes; ``None`` without a scene head) for images,
+        from the cache where ``keys`` hit it."""
         keys = list(keys) if keys is not None else [None] * len(images)
         if len(keys) != len(images):
             raise ValueError("one cache key per image (or None)")
@@ -428,14 +425,15 @@ class Pipeline:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             with self.lock:
-                visual = self.model.encode_images(self.model.preprocess([images[i] for i in chunk]))
+                visual, scene_logits = self.model.encode([images[i] for i in chunk])
                 self.stats.encoder_calls += 1
                 self.stats.encoded_images += len(chunk)
             for j, i in enumerate(chunk):
-                found[i] = _row(visual, j)
+                found[i] = (_row(visual, j), None if scene_logits is None else _row(scene_logits, j))
                 if keys[i] is not None:
                     self.cache.put(self._key(keys[i]), found[i])
-        return _concat(found)
+        visual = concat_rows([f[0] for f in found])
+        return visual, None if found[0][1] is None else concat_rows([f[1] for f in found])
 
     def _key(self, key: Hashable) -> Hashable:
         return (self.info.fingerprint, key)
@@ -444,23 +442,24 @@ class Pipeline:
                        keys: Sequence[Hashable | None] | None = None) -> list[ModelResult]:
         """Caption HxWx3 uint8 images, ``batch_size`` at a time."""
         _check_style(style)
-        return self._run(images, keys, lambda visual, rows: self.model.caption_features(visual, style))
+        return self._run(images, keys, lambda visual, logits, rows: self.model.caption_features(visual, style, logits))
 
     def ask_images(self, images: Sequence[np.ndarray], questions: Sequence[str],
                    keys: Sequence[Hashable | None] | None = None) -> list[ModelResult]:
         """Answer one question per image, ``batch_size`` at a time."""
         if len(questions) != len(images):
             raise ValueError("one question per image")
-        return self._run(images, keys, lambda visual, rows: self.model.ask_features(visual, [questions[i] for i in rows]))
+        return self._run(images, keys, lambda visual, logits, rows: self.model.ask_features(
+            visual, [questions[i] for i in rows], logits))
 
     def _run(self, images: Sequence[np.ndarray], keys: Sequence[Hashable | None] | None, call: Any) -> list[ModelResult]:
         keys = list(keys) if keys is not None else [None] * len(images)
         results: list[ModelResult] = []
         for start in range(0, len(images), self.batch_size):
             rows = list(range(start, min(start + self.batch_size, len(images))))
-            visual = self.encode([images[i] for i in rows], [keys[i] for i in rows])
+            visual, scene_logits = self.encode([images[i] for i in rows], [keys[i] for i in rows])
             with self.lock:
-                results.extend(call(visual, rows))
+                results.extend(call(visual, scene_logits, rows))
                 self.stats.language_calls += 1
         return results
 

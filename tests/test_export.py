@@ -343,6 +343,16 @@ def test_scene_head_runs_on_onnx_as_in_torch(torch_model: RSMoEModel, backends: 
     got = backends["fp32"].scene_logits(backends["fp32"].encode_images(backends["fp32"].preprocess(images)))
     assert np.abs(got - expected).max() < 1e-4
     assert backends["int8"].recognise_scenes(visual) == torch_model.recognise_scenes(visual)
+    for model in (torch_model, backends["fp32"], backends["static"]):  # the averaged views, as in torch
+        model.config.vision.scene_views = 8
+    try:
+        expected_views = torch_model.encode(images)[1].numpy()
+        assert np.abs(expected_views - expected).max() > 1e-3  # the views change the logits
+        for name in ("fp32", "static"):  # the static graph takes the 4 x 7 extra views in fixed-size chunks
+            assert np.abs(backends[name].encode(images)[1] - expected_views).max() < 1e-4, name
+    finally:
+        for model in (torch_model, backends["fp32"], backends["static"]):
+            model.config.vision.scene_views = 1
     (tiny_trained / mf.ONNX_DIR / mf.SCENE_HEAD_FILE).rename(tiny_trained / "moved.safetensors")
     try:
         with pytest.raises(ModelDirError, match="re-run `rsmoe export`"):

@@ -110,8 +110,9 @@ def test_embedded_router_writes_plans_and_the_scene_head_names_the_scene(lite: R
     (text,) = lite.generate_texts(visual, [prompt], ["router"], lite.config.router.max_new_tokens)
     plan = parse_router_plan(text, lite.config.expert_names)
     assert plan is not None and plan.experts, f"the router wrote no plan: {text!r}"
-    (scene,) = lite.recognise_scenes(visual)
+    _, scene_logits = lite.encode([UCM_IMAGE])  # the head over the image's dihedral views
+    (scene,) = lite.recognise_scenes(visual, scene_logits)
     assert scene in lite.config.vision.scene_classes and "residential" in scene  # a UCM dense-residential image
-    (result,) = lite.caption_features(visual, style="concise")
+    (result,) = lite.caption([UCM_IMAGE], style="concise")
     assert result.router == "generative" and result.plan.scene == scene
     assert scene in result.segments[0].prompt

@@ -10,6 +10,7 @@ import torch
 
 from engine.errors import CorruptWeightsError, ModelDirError, UserInputError
 from engine.model import RSMoEConfig, RSMoEModel
+from engine.model.image_processing import ImageProcessor, dihedral
 from engine.model.router_plan import RouterPlan
 from tests.tiny_models import (randomize_adapters, tiny_config_dict, write_tiny_instructblip, write_tiny_model_dir)
 
@@ -285,3 +286,47 @@ def test_scene_head_round_trip_and_the_router_takes_its_scene(tiny_dir: Path, tm
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CorruptWeightsError, match="scene head"):
         RSMoEModel.from_pretrained(tmp_path / "m")
+
+def test_scene_views_average_the_head_over_the_dihedral_views(tiny_dir: Path, tmp_path: Path) -> None:
+    """With ``vision.scene_views`` = 8 the scene logits are the mean of the head's logits on the 8 rotated and
+    flipped views, so an image and any turned copy of it get the same scene; with 1 view, the image alone."""
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    torch.manual_seed(0)
+    model.set_scene_head(["beach", "forest", "harbor"], torch.nn.Linear(model.vision.num_features, 3))
+    images = _images(2, size=48)
+    pixels = model.preprocess(images)
+    visual = model.encode_images(pixels)
+    assert torch.equal(model.view_scene_logits(pixels, visual), model.scene_logits(visual))
+
+    model.config.vision.scene_views = 8
+    averaged = model.view_scene_logits(pixels, visual)
+    per_view = torch.stack([model.scene_logits(model.encode_images(model.preprocess([dihedral(a, v) for a in images])))
+                            for v in range(8)])
+    assert not torch.allclose(per_view[0], per_view[1], atol=1e-3)  # the views do differ
+    torch.testing.assert_close(averaged, per_view.mean(dim=0), atol=1e-4, rtol=1e-4)
+    turned, turned_logits = model.encode([dihedral(a, 6) for a in images])
+    torch.testing.assert_close(turned_logits, averaged, atol=1e-4, rtol=1e-4)
+    assert model.recognise_scenes(visual, averaged) == model.recognise_scenes(turned, turned_logits)
+
+    model.save_pretrained(tmp_path / "m")  # the setting travels with the model directory
+    assert RSMoEModel.from_pretrained(tmp_path / "m").config.vision.scene_views == 8
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["vision"]["scene_views"] = 9
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match="scene_views"):
+        RSMoEModel.from_pretrained(tmp_path / "m")
+
+
+def test_dihedral_views_of_pixels_match_views_of_the_image() -> None:
+    """Turning the preprocessed pixels (NumPy or torch, channels first) gives the pixels of the turned image
+    (up to the resize's rounding)."""
+    processor = ImageProcessor()
+    image = _images(1, size=256, seed=4)[0]
+    pixels = processor([image])
+    for view in range(8):
+        expected = processor([dihedral(image, view)])
+        torch.testing.assert_close(dihedral(pixels, view, axes=(2, 3)), expected, atol=2e-4, rtol=0)
+        np.testing.assert_allclose(dihedral(pixels.numpy(), view, axes=(2, 3)), expected.numpy(), atol=2e-4)
+    assert len({dihedral(image, v).tobytes() for v in range(8)}) == 8
+    with pytest.raises(ValueError):
+        dihedral(image, 8)

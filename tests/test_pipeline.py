@@ -183,6 +183,32 @@ def test_tile_larger_than_raster_is_read_whole(fresh: Pipeline) -> None:
     assert res.window == Window(0, 0, 256, 256)
 
 
+def test_scene_logits_of_the_views_are_cached_with_the_tokens(tiny_dir: Path) -> None:  # noqa: F811
+    """With a scene head over 8 views, the pipeline keeps each image's averaged scene logits next to its tokens:
+    a cached image gets the same scene without running the encoder again."""
+    import torch
+
+    from engine.model import RSMoEModel
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    torch.manual_seed(1)
+    model.set_scene_head(["beach", "forest", "harbor"], torch.nn.Linear(model.vision.num_features, 3))
+    model.config.vision.scene_views = 8
+    pipe = Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=2)
+    spy = Spy(model, "encode_images")
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
+    visual, logits = pipe.encode(images, keys=["a", "b", "c"])
+    assert spy.calls == 4  # two batches, each: the image, then its 7 other views
+    expected_visual, expected_logits = model.encode(images)
+    assert torch.equal(visual, expected_visual) and torch.equal(logits, expected_logits)
+    assert not torch.allclose(logits, model.scene_logits(visual))  # the views, not the image alone
+    calls = spy.calls
+    again_visual, again_logits = pipe.encode(images[1:], keys=["b", "c"])
+    assert spy.calls == calls and torch.equal(again_logits, logits[1:]) and torch.equal(again_visual, visual[1:])
+    assert pipe.cache.nbytes == visual.element_size() * visual.nelement() + logits.element_size() * logits.nelement()
+
+
 def test_batching_and_chunked_encoder_calls(fresh: Pipeline) -> None:
     spy = Spy(fresh.model, "encode_images")
     rng = np.random.default_rng(0)

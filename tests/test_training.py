@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.errors import UserInputError
 from engine.model import RSMoEModel
 from tests.tiny_models import write_tiny_model_dir
 from training.config import TrainConfig
@@ -161,7 +162,8 @@ def test_stage0_tunes_the_top_vision_blocks_and_the_model_dir_keeps_them(tiny_ef
     from training.train import train
 
     config = _config(tiny_efficientnet_init, tmp_path / "run",
-                     vision_tuning={"blocks": 2, "epochs": 2, "batch_size": 4, "variants": 2, "max_val_images": 4})
+                     vision_tuning={"blocks": 2, "epochs": 2, "batch_size": 4, "variants": 2, "max_val_images": 4,
+                                    "scene_views": 4})
     final = train(config)
     assert train(config) == final  # a re-run reuses the finished stage 0 (and stages 1 and 2)
     state = json.loads((tmp_path / "run" / "vision" / "vision_state.json").read_text())
@@ -171,6 +173,9 @@ def test_stage0_tunes_the_top_vision_blocks_and_the_model_dir_keeps_them(tiny_ef
     base = RSMoEModel.from_pretrained(tiny_efficientnet_init)  # config only: the base encoder
     tuned = RSMoEModel.from_pretrained(final)
     assert tuned.config.vision.tuned_blocks == 2
+    assert tuned.config.vision.scene_views == 4 and len(tuned.config.vision.scene_classes) == 21
+    with pytest.raises(UserInputError, match="scene_views"):
+        _config(tiny_efficientnet_init, tmp_path / "bad", vision_tuning={"blocks": 2, "scene_views": 9})
     weights = load_file(str(final / "model.safetensors"))
     vision_keys = {k for k in weights if k.startswith("vision.")}
     assert vision_keys and all(k.startswith(("vision.net._blocks.14.", "vision.net._blocks.15.",

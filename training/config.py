@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserInputError
+from engine.model.image_processing import DIHEDRAL_VIEWS
 
 
 @dataclass
@@ -29,13 +30,14 @@ class VisionTuningConfig:
     blocks: int = 0
     epochs: int = 6
     lr: float = 3.0e-4  # the encoder blocks
-    head_lr: float = 3.0e-3  # the linear classifier (discarded after the stage)
+    head_lr: float = 3.0e-3  # the linear classifier (kept as the model's scene head)
     batch_size: int = 32
     weight_decay: float = 0.01
     variants: int = 4  # dihedral variants of each train image whose lower-block maps are cached
     label_smoothing: float = 0.1
     dropout: float = 0.2
     max_val_images: int | None = None  # val images whose accuracy selects the epoch (None = the whole split)
+    scene_views: int = 1  # dihedral views the scene head averages at inference (the model's vision.scene_views)
 
 
 @dataclass
@@ -83,6 +85,9 @@ class TrainConfig:
             raise UserInputError(f"invalid training config: {exc}") from exc
         if config.precision not in ("bf16", "fp32"):
             raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
+        if not 1 <= config.vision_tuning.scene_views <= DIHEDRAL_VIEWS:
+            raise UserInputError(f"vision_tuning.scene_views must be between 1 and {DIHEDRAL_VIEWS}, "
+                                 f"got {config.vision_tuning.scene_views}")
         return config
 
     @classmethod

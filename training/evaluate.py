@@ -103,8 +103,11 @@ def evaluate(args: EvaluateArgs) -> dict:
         answers: dict = {}
         for start in tqdm(range(0, len(questions), args.batch_size), desc="answering", unit="batch"):
             chunk = questions[start:start + args.batch_size]
-            visual = model.encode_images(model.preprocess([q.image_path for q in chunk]))
-            for q, result in zip(chunk, model.ask_features(visual, [q.question for q in chunk])):
+            images = list(dict.fromkeys(str(q.image_path) for q in chunk))  # each image encoded once per chunk
+            visual, scene_logits = model.encode(images)
+            rows = [images.index(str(q.image_path)) for q in chunk]
+            for q, result in zip(chunk, model.ask_features(visual[rows], [q.question for q in chunk],
+                                                           None if scene_logits is None else scene_logits[rows])):
                 answers[q.question_id] = result.text
         metrics["vqa"] = {"set": "UCM-derived VQA (from class labels and captions)", **vqa_accuracy(questions, answers)}
         answer_rows = [{"question_id": q.question_id, "question_type": q.question_type, "question": q.question,

@@ -19,17 +19,10 @@ import torch
 from tqdm import tqdm
 
 from engine.model import RSMoEModel
+from engine.model.image_processing import dihedral
 from training.data.records import CaptionRecord
 
 log = logging.getLogger(__name__)
-
-VARIANTS = 8
-
-
-def dihedral(array: np.ndarray, variant: int) -> np.ndarray:
-    """Variant 0 is the image itself; 1-3 rotate by 90/180/270 degrees; 4-7 do the same after a flip."""
-    out = array[:, ::-1] if variant >= 4 else array
-    return np.ascontiguousarray(np.rot90(out, k=variant % 4, axes=(0, 1)))
 
 
 @dataclass
@@ -64,7 +57,8 @@ def _tuned_vision_digest(model: RSMoEModel) -> str | None:
 
 
 def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> str:
-    vision = {k: v for k, v in model.config.vision.__dict__.items() if k != "scene_classes"}  # no effect on features
+    vision = {k: v for k, v in model.config.vision.__dict__.items()
+              if k not in ("scene_classes", "scene_views")}  # the scene head: no effect on features
     spec = {"vision": vision, "image": model.config.image.to_dict(), "variants": variants,
             "images": hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()}
     tuned = _tuned_vision_digest(model)

@@ -9,7 +9,8 @@ tuned encoder frozen, so their feature cache works as before. The lower blocks' 
 (``variants`` dihedral symmetries of each image), the best epoch is chosen on val accuracy, and a checkpoint
 after every epoch makes the stage resumable. Batch-norm statistics stay as the base's (the tuned blocks run
 in eval mode), so the checkpoint holds everything that changes. The classifier is kept as the model's scene
-head (``vision.scene_classes``), from which the generative Instruction Router takes its plan's scene.
+head (``vision.scene_classes``), from which the generative Instruction Router takes its plan's scene,
+averaging its logits over ``scene_views`` dihedral views of the image at inference.
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def tune_vision(model: RSMoEModel, train: Sequence[CaptionRecord], val: Sequence
     if state_path.is_file() and json.loads(state_path.read_text()).get("done"):
         log.info("stage 0 (vision tuning) already done: %s", stage_dir)
         _load_tuned(model, load_safetensors_checked(stage_dir / TUNED_FILE), stage_dir, blocks)
+        model.config.vision.scene_views = tuning.scene_views
         return json.loads(state_path.read_text())
     classifier = SceneClassifier(model, blocks, tuning.dropout)
     params = tuned_parameters(classifier)
@@ -188,6 +190,7 @@ def tune_vision(model: RSMoEModel, train: Sequence[CaptionRecord], val: Sequence
     keep_best(params, best)
     model.eval()
     model.config.vision.tuned_blocks = blocks
+    model.config.vision.scene_views = tuning.scene_views
     model.set_scene_head(scene_phrases(), classifier.linear)
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in stage_state(model, blocks).items()}, str(stage_dir / TUNED_FILE))

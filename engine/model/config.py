@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelDirError
-from engine.model.image_processing import ImageProcessorConfig
+from engine.model.image_processing import DIHEDRAL_VIEWS, ImageProcessorConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,6 +44,13 @@ class VisionConfig:
     # non-empty: the model has a scene head (a linear layer over the mean visual token, trained with the tuned
     # blocks) that names one of these scenes; the generative Instruction Router takes its plan's scene from it
     scene_classes: list[str] = field(default_factory=list)
+    # the scene head averages its logits over this many dihedral views of the image (1: the image as it is;
+    # up to 8: the four rotations, with and without a flip), a test-time augmentation for nadir imagery
+    scene_views: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.scene_views) <= DIHEDRAL_VIEWS:
+            raise ModelDirError(f"vision.scene_views must be between 1 and {DIHEDRAL_VIEWS}, got {self.scene_views}")
 
 
 @dataclass

@@ -11,6 +11,20 @@ import torch.nn.functional as F
 
 from engine.errors import UserInputError
 
+DIHEDRAL_VIEWS = 8  # the symmetries of a square: four rotations, with and without a flip
+
+
+def dihedral(image: Any, view: int, axes: tuple[int, int] = (0, 1)) -> Any:
+    """View ``view`` (0-7) of a NumPy array or torch tensor whose image rows and columns are ``axes``:
+    0 is the image itself, 1-3 rotate it by 90/180/270 degrees, 4-7 do the same after a left-right flip."""
+    if not 0 <= view < DIHEDRAL_VIEWS:
+        raise ValueError(f"a dihedral view is 0-{DIHEDRAL_VIEWS - 1}, got {view}")
+    if isinstance(image, torch.Tensor):
+        flipped = image.flip(axes[1]) if view >= 4 else image
+        return flipped.rot90(view % 4, dims=axes)
+    flipped = np.flip(image, axis=axes[1]) if view >= 4 else image
+    return np.ascontiguousarray(np.rot90(flipped, k=view % 4, axes=axes))
+
 
 @dataclass
 class ImageProcessorConfig:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from engine.errors import UserInputError
 from engine.model.config import ROUTER_ADAPTER, RSMoEConfig
-from engine.model.image_processing import ImageProcessor
+from engine.model.image_processing import ImageProcessor, dihedral
 from engine.model.router_plan import RouterPlan, parse_router_plan
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,9 @@ class MoEInference:
     has a scene head. Everything else lives here once.
 
     With a trained router the plan's experts come from the router; its scene comes from the scene head when
-    the model has one (the router adapter's own scene otherwise). The template router (no trained router, e.g.
-    the dense stage-1 baseline) knows no scene.
+    the model has one (the router adapter's own scene otherwise), averaged over ``config.vision.scene_views``
+    dihedral views of the image where the pixels are at hand (:meth:`view_scene_logits`). The template router
+    (no trained router, e.g. the dense stage-1 baseline) knows no scene.
     """
 
     config: RSMoEConfig
@@ -171,9 +172,25 @@ class MoEInference:
         """The scene head's logits (B, len(config.vision.scene_classes)); ``None`` for a model without one."""
         return None
 
-    def recognise_scenes(self, visual: Any) -> list[str] | None:
-        """The scene head's scene of each image, or ``None`` for a model without a scene head."""
-        logits = self.scene_logits(visual)
+    def view_scene_logits(self, pixels: Any, visual: Any) -> Any | None:
+        """The scene head's logits averaged over ``config.vision.scene_views`` dihedral views of ``pixels``
+        (B, scenes); ``visual`` holds view 0's tokens, already encoded. ``None`` without a scene head.
+
+        The head is linear over the mean token, so the mean over all views' tokens gives the mean logits."""
+        if not self.config.vision.scene_classes:
+            return None
+        views = self.config.vision.scene_views
+        if views <= 1:
+            return self.scene_logits(visual)
+        batch = len(visual)
+        others = self.encode_images(concat_rows([dihedral(pixels, v, axes=(2, 3)) for v in range(1, views)]))
+        return self.scene_logits(concat_rows([visual] + [others[i * batch:(i + 1) * batch] for i in range(views - 1)],
+                                             axis=1))
+
+    def recognise_scenes(self, visual: Any, scene_logits: Any | None = None) -> list[str] | None:
+        """The scene of each image from ``scene_logits`` (:meth:`view_scene_logits`), or from the scene head on
+        ``visual`` when not given; ``None`` for a model without a scene head."""
+        logits = scene_logits if scene_logits is not None else self.scene_logits(visual)
         if logits is None:
             return None
         scenes = self.config.vision.scene_classes
@@ -210,14 +227,15 @@ class MoEInference:
             return "generative"
         return "template"
 
-    def route(self, visual: Any, task: str, style: str | None, instructions: Sequence[str]) -> tuple[list[RouterPlan], str]:
+    def route(self, visual: Any, task: str, style: str | None, instructions: Sequence[str],
+              scene_logits: Any | None = None) -> tuple[list[RouterPlan], str]:
         """One routing plan per image (generative router, with the template router as fallback)."""
         fallbacks = [template_plan(self.config, task, style, q if task == "ask" else None) for q in instructions]
         if self.router_kind != "generative":
             return fallbacks, "template"
         prompts = [self.config.router.prompt.format(instruction=q) for q in instructions]
         texts = self.generate_texts(visual, prompts, [ROUTER_ADAPTER] * len(prompts), self.config.router.max_new_tokens)
-        head_scenes = self.recognise_scenes(visual) or [None] * len(texts)
+        head_scenes = self.recognise_scenes(visual, scene_logits) or [None] * len(texts)
         plans = []
         for text, fallback, head_scene in zip(texts, fallbacks, head_scenes):
             parsed = parse_router_plan(text, self.config.expert_names)
@@ -229,9 +247,10 @@ class MoEInference:
             plans.append(plan)
         return plans, "generative"
 
-    def run_experts(self, visual: Any, task: str, style: str | None, instructions: Sequence[str]) -> list[ModelResult]:
+    def run_experts(self, visual: Any, task: str, style: str | None, instructions: Sequence[str],
+                    scene_logits: Any | None = None) -> list[ModelResult]:
         """Route, then decode every (image, expert) pair in one mixed-adapter batch, then fuse."""
-        plans, router = self.route(visual, task, style, instructions)
+        plans, router = self.route(visual, task, style, instructions, scene_logits)
         rows: list[tuple[int, str, str]] = []
         for i, plan in enumerate(plans):
             for expert in plan.experts:
@@ -245,29 +264,52 @@ class MoEInference:
             results.append(ModelResult(text, task, style, plan, router, segments))
         return results
 
-    def caption_features(self, visual: Any, style: str = "detailed") -> list[ModelResult]:
-        """Captions for already-encoded images (B, N, D)."""
+    def caption_features(self, visual: Any, style: str = "detailed",
+                         scene_logits: Any | None = None) -> list[ModelResult]:
+        """Captions for already-encoded images (B, N, D); ``scene_logits`` from :meth:`view_scene_logits`
+        (default: the scene head on ``visual`` alone)."""
         if style not in CAPTION_STYLES:
             raise UserInputError(f"unknown caption style {style!r}; use one of {', '.join(CAPTION_STYLES)}")
         instruction = self.config.router.concise_instruction if style == "concise" else self.config.router.caption_instruction
-        return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0])
+        return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0], scene_logits)
 
-    def ask_features(self, visual: Any, questions: Sequence[str]) -> list[ModelResult]:
-        """Answers for already-encoded images, one question per image."""
+    def ask_features(self, visual: Any, questions: Sequence[str], scene_logits: Any | None = None) -> list[ModelResult]:
+        """Answers for already-encoded images, one question per image (``scene_logits`` as for
+        :meth:`caption_features`)."""
         for q in questions:
             if not q or not q.strip():
                 raise UserInputError("the question is empty")
             if len(q) > MAX_QUESTION_CHARS:
                 raise UserInputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
-        return self.run_experts(visual, "ask", None, list(questions))
+        return self.run_experts(visual, "ask", None, list(questions), scene_logits)
+
+    def encode(self, images: Sequence[Any]) -> tuple[Any, Any | None]:
+        """Images (arrays, PIL images or paths) -> visual tokens (B, N, D) and the scene logits of
+        :meth:`view_scene_logits` (``None`` without a scene head)."""
+        pixels = self.preprocess(images)
+        visual = self.encode_images(pixels)
+        return visual, self.view_scene_logits(pixels, visual)
 
     def caption(self, images: Sequence[Any], style: str = "detailed") -> list[ModelResult]:
         """Caption a batch of images (arrays, PIL images or paths)."""
-        return self.caption_features(self.encode_images(self.preprocess(images)), style)
+        visual, scene_logits = self.encode(images)
+        return self.caption_features(visual, style, scene_logits)
 
     def ask(self, images: Sequence[Any], question: str) -> list[ModelResult]:
         """Ask the same question about each image."""
-        return self.ask_features(self.encode_images(self.preprocess(images)), [question] * len(images))
+        visual, scene_logits = self.encode(images)
+        return self.ask_features(visual, [question] * len(images), scene_logits)
+
+
+def concat_rows(parts: Sequence[Any], axis: int = 0) -> Any:
+    """Concatenate torch tensors or NumPy arrays (every backend's batches) along ``axis``."""
+    if hasattr(parts[0], "detach"):  # torch
+        import torch
+
+        return torch.cat(list(parts), dim=axis)
+    import numpy as np
+
+    return np.concatenate(list(parts), axis=axis)
 
 
 def ensure_pad_token(tokenizer: Any) -> Any:
