@@ -194,6 +194,10 @@ def test_scene_logits_of_the_views_are_cached_with_the_tokens(tiny_dir: Path) ->
     torch.manual_seed(1)
     model.set_scene_head(["beach", "forest", "harbor"], torch.nn.Linear(model.vision.num_features, 3))
     model.config.vision.scene_views = 8
+    assert model.router_kind == "generative"  # its plans take their scene from the head
+    model.trained_adapters.discard("router")
+    assert model.encode([np.zeros((40, 40, 3), np.uint8)])[1] is None  # the template router names no scene
+    model.trained_adapters.add("router")
     pipe = Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=2)
     spy = Spy(model, "encode_images")
     rng = np.random.default_rng(2)

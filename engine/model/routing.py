@@ -285,9 +285,12 @@ class MoEInference:
 
     def encode(self, images: Sequence[Any]) -> tuple[Any, Any | None]:
         """Images (arrays, PIL images or paths) -> visual tokens (B, N, D) and the scene logits of
-        :meth:`view_scene_logits` (``None`` without a scene head)."""
+        :meth:`view_scene_logits` (``None`` without a scene head, or with the template router, whose plans
+        name no scene: no views are encoded for it)."""
         pixels = self.preprocess(images)
         visual = self.encode_images(pixels)
+        if self.router_kind != "generative":
+            return visual, None
         return visual, self.view_scene_logits(pixels, visual)
 
     def caption(self, images: Sequence[Any], style: str = "detailed") -> list[ModelResult]:
