@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.errors import UserInputError
-from engine.model.image_processing import DIHEDRAL_VIEWS
+from engine.errors import ModelDirError, UserInputError
+from engine.model.config import VisionConfig
 
 
 @dataclass
@@ -85,9 +85,10 @@ class TrainConfig:
             raise UserInputError(f"invalid training config: {exc}") from exc
         if config.precision not in ("bf16", "fp32"):
             raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
-        if not 1 <= config.vision_tuning.scene_views <= DIHEDRAL_VIEWS:
-            raise UserInputError(f"vision_tuning.scene_views must be between 1 and {DIHEDRAL_VIEWS}, "
-                                 f"got {config.vision_tuning.scene_views}")
+        try:  # the model config's own rule for the value stage 0 writes into it
+            VisionConfig(scene_views=config.vision_tuning.scene_views)
+        except ModelDirError as exc:
+            raise UserInputError(f"vision_tuning: {exc}") from exc
         return config
 
     @classmethod
