@@ -11,15 +11,17 @@ What it measures
     - stage1: the bridge (queries, Q-Former cross-attention, projection) and one LoRA adapter;
     - stage2: the router and the three expert adapters; rows are grouped per adapter within a step.
 
-    It also times one (1024 x 576) @ (576 x 1536) matmul in fp32 and bf16, the shape of SmolLM2-135M's
-    MLP at a 16 x 64-token batch: the reason training runs in fp32 on this CPU.
+    Each stage is timed once per ``--precisions`` entry (``fp32``; ``bf16`` = accelerate's bf16 autocast, as
+    ``precision: bf16`` in a training config), side by side in one run. It also times one
+    (1024 x 576) @ (576 x 1536) matmul in fp32 and bf16, the shape of SmolLM2-135M's MLP at a 16 x 64-token
+    batch.
 
     With ``--run OUT`` it also records the totals of a real ``rsmoe train`` run (its stage directories'
     ``training_state.json``: samples, seconds of training steps, best epoch), e.g. the run that produced the
     embedded model.
 
     .venv/bin/python bench/bench_training.py [--steps 6] [--warmup 1] [--batch-size 16] [--images 96]
-        [--run RUN_DIR] [--out bench/results/training_cpu.json]
+        [--precisions fp32,bf16] [--run RUN_DIR] [--out bench/results/training_cpu.json]
 """
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ def matmul_gflops(dtype_name: str, repeats: int = 5) -> float:
     return 2 * 1024 * 576 * 1536 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int, steps: int, warmup: int,
-                  cache_dir: Path) -> dict:
+def measure_stage(stage: str, precision: str, init: str, data: str, images: int, batch_size: int, steps: int,
+                  warmup: int, cache_dir: Path) -> dict:
     """Time ``steps`` real training steps of ``stage``; runs inside its own process."""
     import torch
 
@@ -73,7 +75,7 @@ def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int
     )
 
     torch.manual_seed(0)
-    config = TrainConfig(init=init, cache_dir=str(cache_dir), precision="fp32",
+    config = TrainConfig(init=init, cache_dir=str(cache_dir), precision=precision,
                          data=DataConfig(ucm=data, max_train_images=images, max_val_images=1, augment_variants=1))
     model: RSMoEModel = build_initial_model(config)
     loaded = load_data(model, config)
@@ -99,7 +101,7 @@ def measure_stage(stage: str, init: str, data: str, images: int, batch_size: int
             seconds += elapsed
             timed_samples += len(batch)
             target_tokens += sum(len(model.tokenizer(s.target, add_special_tokens=False).input_ids) + 1 for s in batch)
-    return {"stage": stage, "trainable_parameters": sum(p.numel() for p in params.values()),
+    return {"stage": stage, "precision": precision, "trainable_parameters": sum(p.numel() for p in params.values()),
             "batch_size": batch_size, "timed_steps": steps, "seconds_per_step": round(seconds / steps, 2),
             "samples_per_s": round(timed_samples / seconds, 3),
             "target_tokens_per_s": round(target_tokens / seconds, 1),
@@ -127,16 +129,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated training precisions to time")
     parser.add_argument("--run", type=Path, help="an `rsmoe train --out` directory whose totals are recorded")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "training_cpu.json")
     parser.add_argument("--stage", choices=["stage1", "stage2"], help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.stage:
-        result = measure_stage(args.stage, args.init, args.data, args.images, args.batch_size, args.steps,
-                               args.warmup, args.cache_dir)
+        result = measure_stage(args.stage, args.precision, args.init, args.data, args.images, args.batch_size,
+                               args.steps, args.warmup, args.cache_dir)
         sys.stdout.write(json.dumps(result) + "\n")
         return
 
@@ -145,19 +149,19 @@ def main() -> None:
     stages = []
     with tempfile.TemporaryDirectory() as cache:
         for stage in ("stage1", "stage2"):
-            cmd = [sys.executable, __file__, "--stage", stage, "--cache-dir", cache, "--init", args.init,
-                   "--data", args.data, "--images", str(args.images), "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            log.info("measuring %s", stage)
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
-            stages.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            log.info("%s: %s", stage, stages[-1])
+            for precision in args.precisions.split(","):
+                cmd = [sys.executable, __file__, "--stage", stage, "--precision", precision, "--cache-dir", cache,
+                       "--init", args.init, "--data", args.data, "--images", str(args.images),
+                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                log.info("measuring %s in %s", stage, precision)
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+                stages.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                log.info("%s %s: %s", stage, precision, stages[-1])
     report = {
         "bench": "training_cpu",
         "command": " ".join(["bench/bench_training.py", *sys.argv[1:]]).replace(str(Path.home()), "~"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
-        "precision": "fp32",
         "stages": stages,
         "matmul_gflops": {"float32": round(matmul_gflops("float32"), 1),
                           "bfloat16": round(matmul_gflops("bfloat16", repeats=1), 1)},

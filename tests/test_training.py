@@ -63,6 +63,10 @@ def test_two_stages_write_model_dirs_the_engine_loads(tiny_init: Path, tmp_path:
     assert any(changed)  # stage 2 trained the experts it drew samples for
     state = json.loads((final / "training_state.json").read_text())
     assert state["done"] and state["stage"] == "stage2" and state["history"]
+    # the epoch is chosen on val captions and val derived-VQA answers together
+    entry = state["history"][0]
+    assert 0.0 <= entry["VQA"] <= 1.0 and entry["selection"] == pytest.approx(entry["CIDEr"] + entry["VQA"])
+    assert state["best_score"] == max(e["selection"] for e in state["history"])
     assert moe.caption([SHARED / "ucm_captions" / "images" / "694.png"])[0].segments
 
 
@@ -110,6 +114,37 @@ def test_samples_use_the_engine_prompts_and_sub_task_targets(tiny_init: Path) ->
     assert len(router) == len(records) and all(s.target.startswith("scene: ") for s in router)
     relations = [s for s in s2 if s.adapter == "relations" and "arranged" in s.prompt]
     assert relations and all("remote sensing" not in s.prompt for s in relations)  # the true scene is filled in
+
+
+def test_vqa_pairs_are_drawn_evenly_across_question_types() -> None:
+    from collections import Counter
+
+    from training.data import derive_ucm_vqa
+    from training.samples import sample_vqa
+
+    pool = [q for q in derive_ucm_vqa(load_ucm_captions(SHARED / "ucm_captions")) if q.split == "train"]
+    in_pool = Counter(q.question_type for q in pool)
+    drawn = sample_vqa(pool, 1200, random.Random(0))
+    per_type = Counter(q.question_type for q in drawn)
+    assert len(drawn) == 1200 and len({q.question_id for q in drawn}) == 1200
+    rare = min(in_pool, key=in_pool.get)
+    assert in_pool[rare] < 300 and per_type[rare] == in_pool[rare]  # a small type gives all it has ...
+    others = [per_type[t] for t in in_pool if t != rare]
+    assert max(others) - min(others) <= 1  # ... and the others share the rest evenly
+    assert len(sample_vqa(pool, len(pool) + 5, random.Random(0))) == len(pool)
+
+
+def test_router_fraction_thins_the_router_rows(tiny_init: Path) -> None:
+    model = RSMoEModel.from_pretrained(tiny_init)
+    records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:200]
+    ids = {str(r.image_path): r.image_id for r in records}
+    rows = stage2_samples(model.config, records, [], ids, random.Random(0), 0, router_fraction=0.25)
+    routed = sum(s.adapter == "router" for s in rows)
+    assert 25 <= routed <= 75  # about a quarter of 200 images (binomial, sd ~6)
+    assert sum(s.prompt.startswith("Describe this ") for s in rows) == 200  # every image keeps its concise row
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserInputError, match="router_fraction"):
+            TrainConfig.from_dict({"stage2": {"router_fraction": bad}})
 
 
 def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ class StageConfig:
     max_steps_per_epoch: int | None = None  # caps an epoch (smoke tests, quick runs)
     vqa_per_epoch: int = 0  # derived-VQA samples mixed into each epoch
     expert_targets_per_image: int = 3  # stage 2: sub-task targets drawn per image and epoch (of the experts)
+    router_fraction: float = 1.0  # stage 2: share of caption images and questions that also give a router row
 
 
 @dataclass
@@ -83,6 +84,9 @@ class TrainConfig:
             config = cls(**data)
         except TypeError as exc:
             raise UserInputError(f"invalid training config: {exc}") from exc
+        for name, stage in (("stage1", config.stage1), ("stage2", config.stage2)):
+            if not 0.0 < stage.router_fraction <= 1.0:
+                raise UserInputError(f"{name}.router_fraction must be in (0, 1], got {stage.router_fraction}")
         if config.precision not in ("bf16", "fp32"):
             raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
         try:  # the model config's own rule for the value stage 0 writes into it

@@ -7,10 +7,14 @@ router config), so the model is trained on exactly the prompts it receives at in
 - stage 2 (MoE): the router learns instruction -> plan (``scene: ... | experts: ...``); each expert
   learns its tailored prompt (with the true scene, as a trained router supplies it) -> its sub-task
   target, the theme expert also the concise caption, and each expert the derived-VQA questions routed to it.
+
+Derived-VQA pairs are drawn evenly across question types (:func:`sample_vqa`): presence questions are
+more than half of the pool, and would otherwise leave few scene and count questions in an epoch.
 """
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,12 +45,29 @@ def _answer_prompt(config: RSMoEConfig, expert: str, scene: str | None, question
     return expert_prompt(config, expert, RouterPlan(scene=scene, experts=[expert]), "ask", question)
 
 
+def sample_vqa(vqa: Sequence[VQARecord], count: int, rng: random.Random) -> list[VQARecord]:
+    """``count`` pairs (at most the pool) drawn evenly across question types: a type with fewer pairs than
+    its share gives all of them and the others share the rest."""
+    by_type: dict[str, list[VQARecord]] = defaultdict(list)
+    for q in vqa:
+        by_type[q.question_type or ""].append(q)
+    types = sorted(by_type, key=lambda t: (len(by_type[t]), t))
+    remaining = min(count, len(vqa))
+    chosen: list[VQARecord] = []
+    for index, question_type in enumerate(types):
+        share = remaining // (len(types) - index)
+        picked = rng.sample(by_type[question_type], min(share, len(by_type[question_type])))
+        chosen += picked
+        remaining -= len(picked)
+    return chosen
+
+
 def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
                    image_ids: dict[str, int], adapter: str, rng: random.Random, vqa_count: int) -> list[Sample]:
     """One random reference caption per image, plus ``vqa_count`` random derived-VQA pairs."""
     out = [Sample(r.image_id, _caption_prompt(config, adapter, None, "concise"), rng.choice(r.captions), adapter)
            for r in records]
-    for q in rng.sample(list(vqa), min(vqa_count, len(vqa))):
+    for q in sample_vqa(vqa, vqa_count, rng):
         out.append(Sample(image_ids[str(q.image_path)], _answer_prompt(config, adapter, None, q.question), q.answer, adapter))
     rng.shuffle(out)
     return out
@@ -54,9 +75,10 @@ def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
 
 def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
                    image_ids: dict[str, int], rng: random.Random, vqa_count: int,
-                   with_router: bool = True, targets_per_image: int = 3) -> list[Sample]:
+                   with_router: bool = True, targets_per_image: int = 3, router_fraction: float = 1.0) -> list[Sample]:
     """Router plans, expert sub-task targets (``targets_per_image`` experts drawn per image), concise
-    captions and routed VQA pairs."""
+    captions and routed VQA pairs; a random ``router_fraction`` of the images and questions also gives the
+    router a plan row (its plans are short and quickly learnt; the rest of the steps go to the experts)."""
     experts = config.expert_names
     scenes = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
     out: list[Sample] = []
@@ -69,19 +91,19 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
         concise_expert = next((e for e in config.router.concise_experts if e in experts), experts[0])
         out.append(Sample(r.image_id, _caption_prompt(config, concise_expert, scene, "concise"),
                           rng.choice(r.captions), concise_expert))
-        if with_router:
+        if with_router and rng.random() < router_fraction:
             instruction = rng.choice([config.router.caption_instruction, config.router.concise_instruction])
             out.append(Sample(r.image_id, config.router.prompt.format(instruction=instruction),
                               router_target(scene, experts=experts), ROUTER_ADAPTER))
     by_image = {r.image_id: r for r in records}
-    for q in rng.sample(list(vqa), min(vqa_count, len(vqa))):
+    for q in sample_vqa(vqa, vqa_count, rng):
         image_id = image_ids[str(q.image_path)]
         if image_id not in by_image:
             continue
         scene = scenes[image_id]
         chosen = [e for e in experts_for_question(q.question, q.question_type) if e in experts] or experts[:1]
         out.append(Sample(image_id, _answer_prompt(config, chosen[0], scene, q.question), q.answer, chosen[0]))
-        if with_router:
+        if with_router and rng.random() < router_fraction:
             out.append(Sample(image_id, config.router.prompt.format(instruction=q.question),
                               router_target(scene, q.question, q.question_type, experts=experts), ROUTER_ADAPTER))
     rng.shuffle(out)

@@ -12,7 +12,8 @@ start from fresh LoRA and the bridge trains together with them.
 
 Every ``checkpoint_every_steps`` the trainable tensors, the optimiser state and the position in the run
 are written (safetensors + JSON, atomically); re-running the same command resumes from there.
-After each epoch a val subset is captioned (concise) and scored; the best epoch (val CIDEr) is kept.
+After each epoch a val subset is captioned (concise) and scored, and when the stage learns VQA its derived
+questions are answered too; the best epoch (val CIDEr + val VQA accuracy, :func:`validate`) is kept.
 """
 from __future__ import annotations
 
@@ -186,10 +187,14 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torc
 
 # ----------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def validate(model: RSMoEModel, store: FeatureStore, records: Sequence[CaptionRecord], style: str = "concise",
+def validate(model: RSMoEModel, store: FeatureStore, records: Sequence[CaptionRecord],
+             questions: Sequence[VQARecord] = (), image_ids: dict[str, int] | None = None, style: str = "concise",
              batch_size: int = 16) -> dict[str, float]:
-    """Caption the val images from cached features and score them (BLEU, ROUGE-L, CIDEr; no METEOR)."""
-    from training.metrics import caption_metrics
+    """Caption the val images from cached features and score them (BLEU, ROUGE-L, CIDEr; no METEOR); with
+    ``questions`` (derived VQA on those images; ``image_ids`` maps their image paths) also answer them:
+    ``VQA`` overall accuracy and ``VQA-<type>`` per type. ``selection`` is the score that picks the epoch:
+    CIDEr, plus the VQA accuracy when questions are asked (a stage that learns both is chosen on both)."""
+    from training.metrics import caption_metrics, vqa_accuracy
 
     model.eval()
     predictions: dict[int, str] = {}
@@ -199,6 +204,19 @@ def validate(model: RSMoEModel, store: FeatureStore, records: Sequence[CaptionRe
         for r, result in zip(chunk, model.caption_features(visual, style)):
             predictions[r.image_id] = result.text
     scores = caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=False)
+    scores["selection"] = scores["CIDEr"]
+    if questions:
+        answers: dict[int, str] = {}
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            ids = [image_ids[str(q.image_path)] for q in chunk]
+            visual = store.get(ids, [0] * len(chunk), model.dtype).to(model.device)
+            for q, result in zip(chunk, model.ask_features(visual, [q.question for q in chunk])):
+                answers[q.question_id] = result.text
+        accuracy = vqa_accuracy(questions, answers)
+        scores["VQA"] = accuracy["overall"]
+        scores.update({f"VQA-{t}": a for t, a in accuracy["per_type"].items()})
+        scores["selection"] += accuracy["overall"]
     return scores
 
 
@@ -208,6 +226,7 @@ class StageData:
     train: list[CaptionRecord]
     val: list[CaptionRecord]
     vqa_train: list[VQARecord]
+    vqa_val: list[VQARecord]  # derived VQA on the val images (scored after each epoch of a stage that learns VQA)
     image_ids: dict[str, int]
     train_store: FeatureStore
     val_store: FeatureStore
@@ -274,11 +293,13 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
             started = time.perf_counter()
             if position.global_step % config.checkpoint_every_steps == 0 and accelerator.is_main_process:
                 save_checkpoint(checkpoint_dir, params, optimizer, position, best)
-        scores = validate(model, data.val_store, data.val) if accelerator.is_main_process else {}
+        questions = data.vqa_val if stage.vqa_per_epoch else []
+        scores = (validate(model, data.val_store, data.val, questions, data.image_ids)
+                  if accelerator.is_main_process else {})
         entry = {"epoch": position.epoch + 1, **scores, "train_seconds": round(position.seconds, 1)}
         position.history.append(entry)
         log.info("%s epoch %d: %s", name, position.epoch + 1, json.dumps(entry))
-        best = update_best(position, scores.get("CIDEr", -1.0), params, best)
+        best = update_best(position, scores.get("selection", -1.0), params, best)
         position.epoch += 1
         position.step_in_epoch = 0
         if accelerator.is_main_process:
@@ -337,11 +358,13 @@ def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
     vqa = derive_ucm_vqa(records)
     train_ids = {r.image_id for r in train}
     image_ids = {str(r.image_path): r.image_id for r in records}
+    val_ids = {r.image_id for r in val}
     vqa_train = [q for q in vqa if q.split == "train" and image_ids.get(str(q.image_path)) in train_ids]
+    vqa_val = [q for q in vqa if q.split == "val" and image_ids.get(str(q.image_path)) in val_ids]
     cache = Path(config.cache_dir)
     train_store = build_feature_store(model, train, cache, "train", variants=config.data.augment_variants)
     val_store = build_feature_store(model, val, cache, "val", variants=1)
-    return StageData(train, val, vqa_train, image_ids, train_store, val_store)
+    return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store)
 
 
 def save_stage_model(model: RSMoEModel, out_dir: Path, position: StagePosition, config: TrainConfig,
@@ -405,7 +428,8 @@ def train(config: TrainConfig) -> Path:
         rng = random.Random(config.seed * 1000 + 500 + epoch)
         return stage2_samples(model.config, data.train, data.vqa_train, data.image_ids, rng,
                               config.stage2.vqa_per_epoch, with_router=with_router,
-                              targets_per_image=config.stage2.expert_targets_per_image)
+                              targets_per_image=config.stage2.expert_targets_per_image,
+                              router_fraction=config.stage2.router_fraction)
 
     model.trained_adapters = set(experts) | ({ROUTER_ADAPTER} if with_router else set())
     position = run_stage("stage2", model, params, stage2_epoch, config.stage2, data, config, out)
