@@ -351,8 +351,9 @@ def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Opti
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
-    records = load_ucm_captions(config.data.ucm)
+def load_data(model: RSMoEModel, config: TrainConfig, records: Sequence[CaptionRecord] | None = None) -> StageData:
+    """The stages' records, derived VQA and cached features (``records``: the loaded UCM set, if at hand)."""
+    records = load_ucm_captions(config.data.ucm) if records is None else records
     train = evenly_spaced([r for r in records if r.split == "train"], config.data.max_train_images)
     val = evenly_spaced([r for r in records if r.split == "val"], config.data.max_val_images)
     vqa = derive_ucm_vqa(records)
@@ -388,14 +389,14 @@ def train(config: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = build_initial_model(config)
+    records = load_ucm_captions(config.data.ucm)
     if config.vision_tuning.blocks:
         from training.vision_tuning import tune_vision
 
-        records = load_ucm_captions(config.data.ucm)
         tune_vision(model, evenly_spaced([r for r in records if r.split == "train"], config.data.max_train_images),
                     evenly_spaced([r for r in records if r.split == "val"], config.vision_tuning.max_val_images),
                     config, out)
-    data = load_data(model, config)
+    data = load_data(model, config, records)
     experts = model.config.expert_names
     dense = experts[0]
     stage1_dir, stage2_dir = out / "stage1", out / "stage2"
