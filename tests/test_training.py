@@ -70,6 +70,29 @@ def test_two_stages_write_model_dirs_the_engine_loads(tiny_init: Path, tmp_path:
     assert moe.caption([SHARED / "ucm_captions" / "images" / "694.png"])[0].segments
 
 
+def test_stage1_validation_answers_with_the_dense_adapter_in_every_expert(
+        tiny_init: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template router sends presence and count questions to the objects expert: while stage 1 trains
+    only the dense adapter, its val answers must come from that adapter, as in the saved dense model."""
+    import training.train as tt
+
+    seen: list[tuple[str, bool]] = []
+    real_validate = tt.validate
+
+    def checking_validate(model: RSMoEModel, *args: object, **kwargs: object) -> dict:
+        dense = tt.lora_parameters(model, "theme")
+        objects = tt.lora_parameters(model, "objects")
+        same = all(torch.equal(v, objects[k.replace(".theme.", ".objects.")]) for k, v in dense.items())
+        seen.append((model.router_kind, same))
+        return real_validate(model, *args, **kwargs)
+
+    monkeypatch.setattr(tt, "validate", checking_validate)
+    tt.train(_config(tiny_init, tmp_path / "run"))
+    stage1_calls = [same for kind, same in seen[:2]]
+    assert len(seen) == 3 and stage1_calls == [True, True]  # 2 stage-1 epochs, then 1 stage-2 epoch
+    assert not seen[2][1]  # stage 2 trains the experts apart
+
+
 def test_killed_run_resumes_to_the_same_weights(tiny_init: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import training.train as tt
 

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -257,8 +257,10 @@ def prepare_optimisation(model: RSMoEModel, params: dict[str, nn.Parameter], sta
 
 
 def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], make_samples: Any,
-              stage: StageConfig, data: StageData, config: TrainConfig, out: Path) -> StagePosition:
-    """Train ``params`` on the samples ``make_samples(epoch)`` gives, with checkpoints and val selection."""
+              stage: StageConfig, data: StageData, config: TrainConfig, out: Path,
+              before_validation: Callable[[], None] | None = None) -> StagePosition:
+    """Train ``params`` on the samples ``make_samples(epoch)`` gives, with checkpoints and val selection
+    (``before_validation`` readies the model for it, e.g. stage 1 gives every expert the dense adapter)."""
     accelerator, module, optimizer = prepare_optimisation(model, params, stage, config.precision)
     checkpoint_dir = out / "checkpoints" / name
     position, best = StagePosition(), None
@@ -294,6 +296,8 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
             if position.global_step % config.checkpoint_every_steps == 0 and accelerator.is_main_process:
                 save_checkpoint(checkpoint_dir, params, optimizer, position, best)
         questions = data.vqa_val if stage.vqa_per_epoch else []
+        if before_validation is not None:
+            before_validation()
         scores = (validate(model, data.val_store, data.val, questions, data.image_ids)
                   if accelerator.is_main_process else {})
         entry = {"epoch": position.epoch + 1, **scores, "train_seconds": round(position.seconds, 1)}
@@ -413,8 +417,12 @@ def train(config: TrainConfig) -> Path:
                 return stage1_samples(model.config, data.train, data.vqa_train, data.image_ids, dense, rng,
                                       config.stage1.vqa_per_epoch)
 
-            position = run_stage("stage1", model, params, stage1_epoch, config.stage1, data, config, out)
-            copy_adapter(model, dense, experts[1:])
+            def as_dense_baseline() -> None:  # questions the template router sends to other experts, too
+                copy_adapter(model, dense, experts[1:])
+
+            position = run_stage("stage1", model, params, stage1_epoch, config.stage1, data, config, out,
+                                 before_validation=as_dense_baseline)
+            as_dense_baseline()
             model.trained_adapters = set(experts)  # the dense baseline: identical experts, template router
             save_stage_model(model, stage1_dir, position, config, "stage1")
         copy_adapter(model, dense, [ROUTER_ADAPTER])
