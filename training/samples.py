@@ -64,7 +64,7 @@ def sample_vqa(vqa: Sequence[VQARecord], count: int, rng: random.Random) -> list
 
 def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
                    image_ids: dict[str, int], adapter: str, rng: random.Random, vqa_count: int) -> list[Sample]:
-    """One random reference caption per image, plus ``vqa_count`` random derived-VQA pairs."""
+    """One random reference caption per image, plus ``vqa_count`` derived-VQA pairs (:func:`sample_vqa`)."""
     out = [Sample(r.image_id, _caption_prompt(config, adapter, None, "concise"), rng.choice(r.captions), adapter)
            for r in records]
     for q in sample_vqa(vqa, vqa_count, rng):
