@@ -63,7 +63,7 @@ class TrainConfig:
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
     one_stage: bool = False
-    precision: str = "bf16"  # bf16 | fp32 (bf16 autocast about halves CPU time on AVX-512-bf16)
+    precision: str = "bf16"  # bf16 | fp32 (bf16 autocast: 1.25-1.3x faster steps on an AVX-512-bf16 CPU)
     seed: int = 0
     cache_dir: str = "runs/cache"
     checkpoint_every_steps: int = 50
