@@ -80,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="where to write {url, token, pid} (default $RSMOE_HOME/engine.json or ~/.cache/rsmoe/engine.json)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    p.add_argument("--stop-on-stdin-eof", action="store_true",
+                   help="stop when standard input closes (the QGIS plugin's pipe: the engine ends with QGIS)")
     add_model_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -229,7 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserInputError("--max-body-mb must be positive")
     options = ServeOptions(host=args.host, port=args.port, token_file=args.token_file,
                            max_body_bytes=int(args.max_body_mb * 2**20),
-                           log_level="info" if args.verbose else "warning")
+                           log_level="info" if args.verbose else "warning",
+                           stop_on_stdin_eof=args.stop_on_stdin_eof)
     service = EngineService(_load_pipeline(args, batch_size=args.batch_size), options)
     sys.stdout.write(f"rsmoe engine serving on {service.url} (token in {service.token_file}); Ctrl+C stops it\n")
     sys.stdout.flush()

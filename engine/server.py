@@ -9,6 +9,11 @@ Security
     (``{"url": ..., "token": ..., "pid": ..., "version": ...}``), removed again at shutdown.
     Request bodies above ``max_body_bytes`` are refused with 413 before they are read in full.
 
+Lifetime
+    With ``stop_on_stdin_eof`` (``rsmoe serve --stop-on-stdin-eof``) the service stops cleanly when its
+    standard input reaches end-of-file. The QGIS plugin starts the engine with a pipe as stdin, so the
+    engine also stops when QGIS exits or crashes (the OS closes the pipe), on every platform.
+
 Errors
     Every failure is JSON ``{"error": "<message a person can act on>"}``: engine errors with their
     ``http_status`` (400 bad input, 404 missing file or job, 409 job state, 422 unreadable raster,
@@ -27,6 +32,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -326,6 +332,7 @@ class ServeOptions:
     token_file: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "warning"
+    stop_on_stdin_eof: bool = False
 
 
 def write_engine_file(path: Path, info: dict[str, Any]) -> None:
@@ -415,8 +422,23 @@ class EngineService:
         return self._server
 
     def run(self) -> None:
-        """Serve until interrupted (Ctrl+C / SIGTERM)."""
-        self._make_server().run(sockets=[self.socket])
+        """Serve until interrupted (Ctrl+C / SIGTERM), or until stdin closes with ``stop_on_stdin_eof``."""
+        server = self._make_server()
+        if self.options.stop_on_stdin_eof:
+            threading.Thread(target=self._stop_at_stdin_eof, name="rsmoe-stdin-watch", daemon=True).start()
+        server.run(sockets=[self.socket])
+
+    def _stop_at_stdin_eof(self) -> None:
+        """Read stdin to its end (nothing is expected on it), then ask uvicorn to shut down cleanly."""
+        stream = sys.stdin.buffer if sys.stdin is not None else None
+        try:
+            while stream is not None and stream.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        log.warning("standard input closed (the program that started the engine has gone): stopping")
+        if self._server is not None:
+            self._server.should_exit = True
 
     def start(self, timeout: float = 30.0) -> EngineService:
         """Serve in a background thread; returns when requests are answered."""

@@ -93,7 +93,7 @@ def engine_command(python: str, token_file: Path, settings: EngineSettings) -> l
         cmd = [str(path), "serve"]
     else:
         cmd = [str(path), "-m", "engine.cli", "serve"]
-    cmd += ["--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file)]
+    cmd += ["--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file), "--stop-on-stdin-eof"]
     if settings.model_dir:
         cmd += ["--model", str(Path(settings.model_dir).expanduser())]
     if settings.backend:
@@ -101,6 +101,16 @@ def engine_command(python: str, token_file: Path, settings: EngineSettings) -> l
     if settings.device:
         cmd += ["--device", settings.device]
     return cmd
+
+
+def _close_stdin(proc: subprocess.Popen) -> None:
+    """Close our end of the engine's stdin pipe (``--stop-on-stdin-eof``: the engine stops when it closes,
+    which the OS also does if QGIS crashes)."""
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
 
 
 def _tail(path: Path | None, lines: int = 6) -> str:
@@ -301,7 +311,7 @@ class EngineManager(QObject):
         else:
             kwargs["start_new_session"] = True
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log_file, stderr=subprocess.STDOUT,
                                     env=env, cwd=str(self._workdir), **kwargs)
         except OSError as exc:
             self._stop_locked(quiet=True)
@@ -322,6 +332,7 @@ class EngineManager(QObject):
                            + (f"\nLast lines of its log:\n{tail}" if tail else ""))
                 self._set_status(EngineStatus(STATE_FAILED, message, log_path=str(self._log_path)))
                 self._process = None
+                _close_stdin(proc)
                 raise EngineStartError(message)
             if client is None and token_file.is_file():
                 try:
@@ -380,6 +391,8 @@ class EngineManager(QObject):
                 proc.wait(timeout=5.0)
             except OSError:
                 pass
+        if proc is not None:
+            _close_stdin(proc)
         if self._log_file is not None:
             try:
                 self._log_file.close()

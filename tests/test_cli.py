@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +189,38 @@ def test_serve_binds_loopback_writes_the_token_file_and_cleans_up(tiny_dir: Path
             proc.communicate()
     assert f"serving on {info['url']}" in stdout and info["token"] not in stdout + stderr
     assert proc.returncode == 0 and not token_file.exists()
+
+
+def test_serve_stops_when_the_program_that_started_it_is_killed(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """As the QGIS plugin does: a parent starts the engine with a stdin pipe, then dies without a word (kill -9).
+    The OS closes the pipe and the engine shuts down cleanly (its token file goes)."""
+    token_file = tmp_path / "engine.json"
+    parent_code = ("import subprocess, sys, time\n"
+                   "subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE)\n"
+                   "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, RSMOE, "serve", "--model", str(tiny_dir),
+                               "--token-file", str(token_file), "--stop-on-stdin-eof"],
+                              env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not token_file.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.1)
+        engine_pid = json.loads(token_file.read_text())["pid"]
+        assert engine_pid != parent.pid
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while token_file.exists():
+            assert time.monotonic() < deadline, "the engine kept running after its parent was killed"
+            time.sleep(0.1)
+        stderr = parent.stderr.read().decode() if parent.stderr else ""
+        assert "standard input closed" in stderr
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if token_file.exists():
+            os.kill(json.loads(token_file.read_text())["pid"], signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------- README's main job

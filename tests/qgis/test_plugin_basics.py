@@ -95,7 +95,7 @@ def test_engine_command_accepts_interpreter_venv_or_rsmoe(tmp_path: Path) -> Non
     assert cmd[:4] == [str(venv / "bin" / "python"), "-m", "engine.cli", "serve"]
     assert cmd[cmd.index("--token-file") + 1] == str(token)
     assert cmd[cmd.index("--backend") + 1] == "onnx" and cmd[cmd.index("--device") + 1] == "cpu"
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "--stop-on-stdin-eof" in cmd
     assert engine_command(str(venv / "bin" / "rsmoe"), token, settings)[1] == "serve"
 
 
