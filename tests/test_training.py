@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,6 @@ def test_samples_use_the_engine_prompts_and_sub_task_targets(tiny_init: Path) ->
 
 
 def test_vqa_pairs_are_drawn_evenly_across_question_types() -> None:
-    from collections import Counter
 
     from training.data import derive_ucm_vqa
     from training.samples import sample_vqa
@@ -168,6 +168,24 @@ def test_router_fraction_thins_the_router_rows(tiny_init: Path) -> None:
     for bad in (0.0, 1.5):
         with pytest.raises(UserInputError, match="router_fraction"):
             TrainConfig.from_dict({"stage2": {"router_fraction": bad}})
+
+
+def test_concise_per_image_gives_distinct_references(tiny_init: Path) -> None:
+    model = RSMoEModel.from_pretrained(tiny_init)
+    records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:50]
+    ids = {str(r.image_path): r.image_id for r in records}
+    rows = stage2_samples(model.config, records, [], ids, random.Random(0), 0, concise_per_image=2)
+    concise: dict[int, list[str]] = {}
+    for s in rows:
+        if s.prompt.startswith("Describe this "):
+            concise.setdefault(s.image_id, []).append(s.target)
+    assert len(concise) == 50
+    for record in records:  # two rows per image: two different references of it (drawn without replacement)
+        targets = Counter(concise[record.image_id])
+        assert sum(targets.values()) == 2 and not targets - Counter(record.captions)
+    for bad in (0, 6):
+        with pytest.raises(UserInputError, match="concise_per_image"):
+            TrainConfig.from_dict({"stage2": {"concise_per_image": bad}})
 
 
 def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, tmp_path: Path) -> None:

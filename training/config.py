@@ -22,6 +22,7 @@ class StageConfig:
     vqa_per_epoch: int = 0  # derived-VQA samples mixed into each epoch
     expert_targets_per_image: int = 3  # stage 2: sub-task targets drawn per image and epoch (of the experts)
     router_fraction: float = 1.0  # stage 2: share of caption images and questions that also give a router row
+    concise_per_image: int = 1  # stage 2: concise-caption rows per image and epoch (distinct references)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class TrainConfig:
         for name, stage in (("stage1", config.stage1), ("stage2", config.stage2)):
             if not 0.0 < stage.router_fraction <= 1.0:
                 raise UserInputError(f"{name}.router_fraction must be in (0, 1], got {stage.router_fraction}")
+            if not 1 <= stage.concise_per_image <= 5:
+                raise UserInputError(f"{name}.concise_per_image must be 1..5 (UCM has 5 captions per image), "
+                                     f"got {stage.concise_per_image}")
         if config.precision not in ("bf16", "fp32"):
             raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
         try:  # the model config's own rule for the value stage 0 writes into it

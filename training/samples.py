@@ -75,10 +75,12 @@ def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
 
 def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
                    image_ids: dict[str, int], rng: random.Random, vqa_count: int,
-                   with_router: bool = True, targets_per_image: int = 3, router_fraction: float = 1.0) -> list[Sample]:
+                   with_router: bool = True, targets_per_image: int = 3, router_fraction: float = 1.0,
+                   concise_per_image: int = 1) -> list[Sample]:
     """Router plans, expert sub-task targets (``targets_per_image`` experts drawn per image), concise
-    captions and routed VQA pairs; a random ``router_fraction`` of the images and questions also gives the
-    router a plan row (its plans are short and quickly learnt; the rest of the steps go to the experts)."""
+    captions (``concise_per_image`` distinct references per image) and routed VQA pairs; a random
+    ``router_fraction`` of the images and questions also gives the router a plan row (its plans are short
+    and quickly learnt; the rest of the steps go to the experts)."""
     experts = config.expert_names
     scenes = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
     out: list[Sample] = []
@@ -89,8 +91,9 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
             if expert in targets:
                 out.append(Sample(r.image_id, _caption_prompt(config, expert, scene, "detailed"), targets[expert], expert))
         concise_expert = next((e for e in config.router.concise_experts if e in experts), experts[0])
-        out.append(Sample(r.image_id, _caption_prompt(config, concise_expert, scene, "concise"),
-                          rng.choice(r.captions), concise_expert))
+        concise_prompt = _caption_prompt(config, concise_expert, scene, "concise")
+        for caption in rng.sample(r.captions, min(concise_per_image, len(r.captions))):
+            out.append(Sample(r.image_id, concise_prompt, caption, concise_expert))
         if with_router and rng.random() < router_fraction:
             instruction = rng.choice([config.router.caption_instruction, config.router.concise_instruction])
             out.append(Sample(r.image_id, config.router.prompt.format(instruction=instruction),

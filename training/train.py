@@ -438,7 +438,8 @@ def train(config: TrainConfig) -> Path:
         return stage2_samples(model.config, data.train, data.vqa_train, data.image_ids, rng,
                               config.stage2.vqa_per_epoch, with_router=with_router,
                               targets_per_image=config.stage2.expert_targets_per_image,
-                              router_fraction=config.stage2.router_fraction)
+                              router_fraction=config.stage2.router_fraction,
+                              concise_per_image=config.stage2.concise_per_image)
 
     model.trained_adapters = set(experts) | ({ROUTER_ADAPTER} if with_router else set())
     position = run_stage("stage2", model, params, stage2_epoch, config.stage2, data, config, out)
