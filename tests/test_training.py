@@ -141,7 +141,6 @@ def test_samples_use_the_engine_prompts_and_sub_task_targets(tiny_init: Path) ->
 
 
 def test_vqa_pairs_are_drawn_evenly_across_question_types() -> None:
-
     from training.data import derive_ucm_vqa
     from training.samples import sample_vqa
 
