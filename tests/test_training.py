@@ -187,6 +187,54 @@ def test_concise_per_image_gives_distinct_references(tiny_init: Path) -> None:
             TrainConfig.from_dict({"stage2": {"concise_per_image": bad}})
 
 
+def test_wrong_scene_rows_name_the_confusable_scene_with_the_true_targets(tiny_init: Path) -> None:
+    """``wrong_scene_fraction``: that share of the caption rows names the image's confusable scene (the
+    scene head's best wrong class), keeping the image's own targets; router and VQA rows keep the truth."""
+    from training.data import derive_ucm_vqa
+    from training.data.subtasks import infer_scene
+    from training.features import FeatureStore
+    from training.train import confusable_scenes
+
+    model = RSMoEModel.from_pretrained(tiny_init)
+    records = load_ucm_captions(SHARED / "ucm_captions", split="train")
+    records = records[:30] + records[-30:]  # two classes: the split is class-ordered
+    truth = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
+    assert len(set(truth.values())) == 2
+    head = torch.nn.Linear(model.vision.num_features, 3)
+    with torch.no_grad():  # the same ranking for every image: the first class, then the second, then the third
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([3.0, 2.0, 1.0]))
+    first = truth[records[0].image_id]
+    model.set_scene_head([first, "beach", truth[records[-1].image_id]], head)
+    store = FeatureStore(torch.randn(len(records), 1, 4, model.vision.num_features), [r.image_id for r in records])
+    confusable = confusable_scenes(model, records, store)
+    assert confusable == {r.image_id: (first if truth[r.image_id] != first else "beach") for r in records}
+
+    ids = {str(r.image_path): r.image_id for r in records}
+    vqa = [q for q in derive_ucm_vqa(records) if q.split == "train"]
+    by_image = {r.image_id: r for r in records}
+    questions = {q.question for q in vqa}
+    for fraction in (0.0, 0.5):
+        rows = stage2_samples(model.config, records, vqa, ids, random.Random(0), 200, concise_per_image=2,
+                              confusable_scenes=confusable, wrong_scene_fraction=fraction)
+        asked = [s for s in rows if s.adapter != "router" and any(q in s.prompt for q in questions)]
+        captions = [s for s in rows if s.adapter != "router" and s not in asked]
+        assert len(asked) == min(200, len(vqa)) and len(captions) >= 120  # 2 concise + sub-tasks per image
+        assert all(truth[s.image_id] in s.prompt for s in asked)
+        assert all(truth[s.image_id] in s.target for s in rows if s.adapter == "router")
+        wrong = [s for s in captions if truth[s.image_id] not in s.prompt]
+        assert all(confusable[s.image_id] in s.prompt for s in wrong)
+        if fraction == 0.0:
+            assert not wrong
+        else:  # about half of them (binomial), with the image's own targets
+            assert 0.35 * len(captions) <= len(wrong) <= 0.65 * len(captions)
+            concise = [s for s in wrong if s.target in by_image[s.image_id].captions]
+            assert concise and len(concise) < len(wrong)  # concise captions and sub-task targets alike
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserInputError, match="wrong_scene_fraction"):
+            TrainConfig.from_dict({"stage2": {"wrong_scene_fraction": bad}})
+
+
 def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, tmp_path: Path) -> None:
     """`rsmoe evaluate` on any model dir: COCO-format captions keyed by the dataset's imgid, scored metrics."""
     from engine.cli import main

@@ -7,6 +7,9 @@ router config), so the model is trained on exactly the prompts it receives at in
 - stage 2 (MoE): the router learns instruction -> plan (``scene: ... | experts: ...``); each expert
   learns its tailored prompt (with the true scene, as a trained router supplies it) -> its sub-task
   target, the theme expert also the concise caption, and each expert the derived-VQA questions routed to it.
+  Optionally a share of the caption rows names a confusable scene instead (the scene head's best wrong
+  guess for the image) with the image's true targets, so that an expert learns to follow the image
+  when the router's scene is wrong, as it is for about one test image in ten.
 
 Derived-VQA pairs are drawn evenly across question types (:func:`sample_vqa`): presence questions are
 more than half of the pool, and would otherwise leave few scene and count questions in an epoch.
@@ -76,24 +79,34 @@ def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
 def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
                    image_ids: dict[str, int], rng: random.Random, vqa_count: int,
                    with_router: bool = True, targets_per_image: int = 3, router_fraction: float = 1.0,
-                   concise_per_image: int = 1) -> list[Sample]:
+                   concise_per_image: int = 1, confusable_scenes: dict[int, str] | None = None,
+                   wrong_scene_fraction: float = 0.0) -> list[Sample]:
     """Router plans, expert sub-task targets (``targets_per_image`` experts drawn per image), concise
     captions (``concise_per_image`` distinct references per image) and routed VQA pairs; a random
     ``router_fraction`` of the images and questions also gives the router a plan row (its plans are short
-    and quickly learnt; the rest of the steps go to the experts)."""
+    and quickly learnt; the rest of the steps go to the experts). A random ``wrong_scene_fraction`` of the
+    caption rows of images in ``confusable_scenes`` names that scene in the prompt instead of the true one."""
     experts = config.expert_names
     scenes = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
+    confusable_scenes = confusable_scenes or {}
+
+    def caption_scene(image_id: int) -> str | None:
+        if wrong_scene_fraction > 0 and image_id in confusable_scenes and rng.random() < wrong_scene_fraction:
+            return confusable_scenes[image_id]
+        return scenes[image_id]
+
     out: list[Sample] = []
     for r in records:
         scene = scenes[r.image_id]
         targets = targets_for_record(r).as_dict()
         for expert in rng.sample(experts, min(targets_per_image, len(experts))):
             if expert in targets:
-                out.append(Sample(r.image_id, _caption_prompt(config, expert, scene, "detailed"), targets[expert], expert))
+                prompt = _caption_prompt(config, expert, caption_scene(r.image_id), "detailed")
+                out.append(Sample(r.image_id, prompt, targets[expert], expert))
         concise_expert = next((e for e in config.router.concise_experts if e in experts), experts[0])
-        concise_prompt = _caption_prompt(config, concise_expert, scene, "concise")
         for caption in rng.sample(r.captions, min(concise_per_image, len(r.captions))):
-            out.append(Sample(r.image_id, concise_prompt, caption, concise_expert))
+            prompt = _caption_prompt(config, concise_expert, caption_scene(r.image_id), "concise")
+            out.append(Sample(r.image_id, prompt, caption, concise_expert))
         if with_router and rng.random() < router_fraction:
             instruction = rng.choice([config.router.caption_instruction, config.router.concise_instruction])
             out.append(Sample(r.image_id, config.router.prompt.format(instruction=instruction),

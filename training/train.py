@@ -24,7 +24,7 @@ import random
 import resource
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +39,7 @@ from engine.model.config import ROUTER_ADAPTER
 from training.config import StageConfig, TrainConfig
 from training.data import derive_ucm_vqa, load_ucm_captions
 from training.data.records import CaptionRecord, VQARecord, evenly_spaced
+from training.data.subtasks import infer_scene
 from training.features import FeatureStore, build_feature_store
 from training.samples import Sample, stage1_samples, stage2_samples
 
@@ -372,6 +373,24 @@ def load_data(model: RSMoEModel, config: TrainConfig, records: Sequence[CaptionR
     return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store)
 
 
+@torch.no_grad()
+def confusable_scenes(model: RSMoEModel, records: Sequence[CaptionRecord], store: FeatureStore) -> dict[int, str]:
+    """Each image's best wrong scene: the scene head's highest-scoring class that is not the image's own
+    (from the cached features of the image as is); empty without a scene head."""
+    classes = model.config.vision.scene_classes
+    if model.scene_head is None or not classes:
+        return {}
+    out: dict[int, str] = {}
+    for start in range(0, len(records), 256):
+        batch = records[start:start + 256]
+        visual = store.get([r.image_id for r in batch], [0] * len(batch), model.dtype)
+        ranking = model.scene_logits(visual).float().argsort(dim=-1, descending=True).tolist()
+        for record, order in zip(batch, ranking):
+            truth = infer_scene(record.captions, record.class_name)
+            out[record.image_id] = next(classes[i] for i in order if classes[i] != truth)
+    return out
+
+
 def save_stage_model(model: RSMoEModel, out_dir: Path, position: StagePosition, config: TrainConfig,
                      stage_name: str) -> None:
     dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[config.save_dtype]
@@ -432,6 +451,12 @@ def train(config: TrainConfig) -> Path:
         return stage2_dir
     params = stage_parameters(model, "stage2", one_stage=config.one_stage)
     with_router = model.config.router.type == "generative"
+    confusable = (confusable_scenes(model, data.train, data.train_store)
+                  if config.stage2.wrong_scene_fraction > 0 else {})
+    if confusable:
+        pairs = Counter((infer_scene(r.captions, r.class_name), confusable[r.image_id]) for r in data.train)
+        log.info("%.0f%% of stage-2 caption rows name a confusable scene; the commonest: %s",
+                 100 * config.stage2.wrong_scene_fraction, pairs.most_common(5))
 
     def stage2_epoch(epoch: int) -> list[Sample]:
         rng = random.Random(config.seed * 1000 + 500 + epoch)
@@ -439,7 +464,9 @@ def train(config: TrainConfig) -> Path:
                               config.stage2.vqa_per_epoch, with_router=with_router,
                               targets_per_image=config.stage2.expert_targets_per_image,
                               router_fraction=config.stage2.router_fraction,
-                              concise_per_image=config.stage2.concise_per_image)
+                              concise_per_image=config.stage2.concise_per_image,
+                              confusable_scenes=confusable,
+                              wrong_scene_fraction=config.stage2.wrong_scene_fraction)
 
     model.trained_adapters = set(experts) | ({ROUTER_ADAPTER} if with_router else set())
     position = run_stage("stage2", model, params, stage2_epoch, config.stage2, data, config, out)
