@@ -372,3 +372,32 @@ def test_evaluate_scores_the_scene_that_the_scene_head_names(tiny_init: Path, tm
     expected = sum(records[test[k]["imgid"]].class_name == "agricultural" for k in (0, 70, 140)) / 3
     assert metrics["scene"] == {"source": "scene head", "images": 3, "accuracy": round(expected, 4)}
     assert expected > 0  # the split is class-ordered: its first image is agricultural
+
+
+def test_scene_split_scores_right_and_wrong_scene_images_apart(tmp_path: Path) -> None:
+    """``python -m training.scene_split``: per-image CIDEr averaged over the images whose routed scene was
+    right and the others; over all images it is the corpus CIDEr of ``rsmoe evaluate``."""
+    from training.data.vocab import class_phrase
+    from training.metrics import caption_metrics
+    from training.scene_split import main
+
+    records = load_ucm_captions(SHARED / "ucm_captions", split="test")
+    records = records[:3] + records[-3:]  # two classes (the split is class-ordered)
+    wrong = {r.image_id for r in records[1:4]}
+    scene = {r.image_id: "beach" if r.image_id in wrong else class_phrase(r.class_name) for r in records}
+    segments = {str(i): [{"expert": "theme", "prompt": f"Describe this {s} image.", "text": ""}] for i, s in scene.items()}
+    captions = [{"image_id": r.image_id, "caption": "a red bus" if r.image_id in wrong else r.captions[0]}
+                for r in records]
+    (tmp_path / "segments.json").write_text(json.dumps(segments))
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    out = tmp_path / "split.json"
+    assert main(["--data", str(SHARED / "ucm_captions"), "--scenes", str(tmp_path / "segments.json"),
+                 str(tmp_path / "captions.json"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["models"][str(tmp_path / "captions.json")]
+    assert report["right_scene"]["images"] == 3 and report["wrong_scene"]["images"] == 3
+    assert report["wrong_scene"]["CIDEr"] == 0 and report["right_scene"]["CIDEr"] > 1
+    corpus = caption_metrics({c["image_id"]: c["caption"] for c in captions},
+                             {r.image_id: r.captions for r in records}, meteor=False)["CIDEr"]
+    assert report["all"]["CIDEr"] == pytest.approx(corpus, abs=1e-4)
+    assert main(["--data", str(SHARED / "ucm_captions"), "--scenes", str(tmp_path / "missing.json"),
+                 str(tmp_path / "captions.json")]) == 2

@@ -220,6 +220,15 @@ def caption_metrics(
     return {k: out[k] for k in CAPTION_METRICS if k in out}
 
 
+def per_image_cider(predictions: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> dict[int, float]:
+    """Each image's CIDEr (its mean over the images is :func:`caption_metrics`' CIDEr: IDF over them all)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, res = _prepare(predictions, references)
+    _, scores = Cider().compute_score(gts, res)
+    return {key: float(score) for key, score in zip(gts, scores)}
+
+
 # --------------------------------------------------------------------------- VQA
 def answers_match(prediction: str, gold: str) -> bool:
     """Exact match after :func:`normalize_answer`; yes/no gold compared with the prediction's first word."""

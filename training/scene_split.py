@@ -1,0 +1,87 @@
+"""Caption CIDEr split by whether the routed scene was right: where does one model lose to another?
+
+``python -m training.scene_split --data ../shared/data/ucm_captions --scenes EVAL/segments.json
+EVAL_A/captions.json EVAL_B/captions.json`` takes the images' routed scenes from one ``rsmoe evaluate``
+run (the scene named in each image's first expert prompt) and scores each caption file on those images,
+image by image (pycocoevalcap's per-image CIDEr, IDF over all of them), then averages over the images whose
+scene was the true class and over the others. Prints (and with ``--out`` writes) JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InputNotFoundError, UserInputError
+from training.data import load_karpathy
+from training.data.records import CaptionRecord
+from training.data.vocab import class_phrase
+from training.metrics import per_image_cider
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputNotFoundError(f"not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def right_scene_images(records: list[CaptionRecord], segments: dict[str, list[dict]]) -> set[int]:
+    """The images whose first expert prompt names their class phrase."""
+    right = set()
+    for record in records:
+        rows = segments[str(record.image_id)]
+        phrase = class_phrase(record.class_name)
+        if rows and phrase and f" {phrase} " in f" {rows[0]['prompt']} ":
+            right.add(record.image_id)
+    return right
+
+
+def scene_split(records: list[CaptionRecord], right: set[int], captions: list[dict]) -> dict[str, Any]:
+    """Mean per-image CIDEr of ``captions`` (COCO results format) over all, right-scene and wrong-scene images."""
+    predictions = {int(row["image_id"]): str(row["caption"]) for row in captions}
+    scores = per_image_cider(predictions, {r.image_id: r.captions for r in records})
+    out: dict[str, Any] = {}
+    for name, ids in (("all", list(scores)), ("right_scene", [i for i in scores if i in right]),
+                      ("wrong_scene", [i for i in scores if i not in right])):
+        out[name] = {"images": len(ids), "CIDEr": round(sum(scores[i] for i in ids) / len(ids), 4) if ids else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a folder with dataset.json (Karpathy format)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--scenes", type=Path, required=True, help="segments.json of the run whose scenes split")
+    parser.add_argument("captions", type=Path, nargs="+", help="captions.json files (COCO results format)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        segments = _read_json(args.scenes)
+        records = [r for r in load_karpathy(args.data / "dataset.json", images_dir=args.data / "images")
+                   if r.split == args.split and str(r.image_id) in segments]
+        if not records:
+            raise UserInputError(f"{args.scenes} names no image of the {args.split!r} split")
+        right = right_scene_images(records, segments)
+        report = {"scenes_from": str(args.scenes), "split": args.split,
+                  "models": {str(path): scene_split(records, right, _read_json(path)) for path in args.captions}}
+    except UserInputError as exc:
+        log.error("%s", exc)
+        return 2
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
