@@ -15,22 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InputNotFoundError, UserInputError
+from engine.errors import UserInputError
 from training.data import load_karpathy
+from training.data.loaders import read_json
 from training.data.records import CaptionRecord
 from training.data.vocab import class_phrase
 from training.metrics import per_image_cider
 
 log = logging.getLogger(__name__)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise InputNotFoundError(f"not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def right_scene_images(records: list[CaptionRecord], segments: dict[str, list[dict]]) -> set[int]:
@@ -65,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        segments = _read_json(args.scenes)
+        segments = read_json(args.scenes, "segments file")
         records = [r for r in load_karpathy(args.data / "dataset.json", images_dir=args.data / "images")
                    if r.split == args.split and str(r.image_id) in segments]
         if not records:
             raise UserInputError(f"{args.scenes} names no image of the {args.split!r} split")
         right = right_scene_images(records, segments)
         report = {"scenes_from": str(args.scenes), "split": args.split,
-                  "models": {str(path): scene_split(records, right, _read_json(path)) for path in args.captions}}
+                  "models": {str(path): scene_split(records, right, read_json(path, "captions file")) for path in args.captions}}
     except UserInputError as exc:
         log.error("%s", exc)
         return 2

@@ -29,10 +29,11 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 _MAX_LISTED_MISSING = 10
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path, what: str = "annotation file") -> Any:
+    """A JSON file's content; a missing, invalid or non-UTF-8 file raises a user-input error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise InputNotFoundError(f"annotation file not found: {path}")
+        raise InputNotFoundError(f"{what} not found: {path}")
     try:
         with path.open("r", encoding="utf-8") as fh:
             return json.load(fh)
@@ -92,7 +93,7 @@ def load_karpathy(
 ) -> list[CaptionRecord]:
     """Read a Karpathy-format ``dataset.json``; ``split`` keeps only those splits (``None``: all)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserInputError(f"{path} is not a Karpathy caption file: expected a dict with an 'images' list")
     name = dataset or str(data.get("dataset") or path.stem)
@@ -153,7 +154,7 @@ def load_rsicap(
     Records that share a filename are merged into one record with several captions.
     """
     path = Path(path)
-    items = _unwrap_list(_read_json(path), path, ("annotations", "data", "images"), "an RSICap file")
+    items = _unwrap_list(read_json(path), path, ("annotations", "data", "images"), "an RSICap file")
     base = Path(images_dir) if images_dir is not None else path.parent
     by_name: dict[str, CaptionRecord] = {}
     for index, item in enumerate(items):
@@ -196,7 +197,7 @@ def load_rsvqa(
     ``split`` labels records that have no ``split`` field and keeps only records of that split.
     """
     path = Path(path)
-    items = _unwrap_list(_read_json(path), path, ("questions", "data", "annotations"), "an RSVQA file")
+    items = _unwrap_list(read_json(path), path, ("questions", "data", "annotations"), "an RSVQA file")
     default_split = split or _split_from_filename(path) or "all"
     base = Path(images_dir) if images_dir is not None else path.parent
     records: list[VQARecord] = []
