@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -276,12 +277,30 @@ def test_scene_head_round_trip_and_the_router_takes_its_scene(tiny_dir: Path, tm
     monkeypatch.setattr(loaded, "generate_texts", lambda v, prompts, adapters, n: (
         [plan_text] * len(prompts) if adapters[0] == "router" else real(v, prompts, adapters, n)))
     results = loaded.ask_features(visual, ["Where is the road?", "Where is the road?"])
-    assert [r.plan for r in results] == [RouterPlan(scene="tennis court", experts=["relations"])] * 2
+    head_probability = math.exp(1.0) / (1.0 + math.exp(1.0))  # softmax of the logits (0, 1)
+    for result in results:
+        assert (result.plan.scene, result.plan.experts) == ("tennis court", ["relations"])
+        assert result.plan.scene_confidence == pytest.approx(head_probability, abs=1e-6)
     assert "tennis court" in results[0].segments[0].prompt
+    assert results[0].to_dict()["scene_confidence"] == pytest.approx(head_probability, abs=1e-6)
+    # below vision.scene_min_confidence the plan names no scene: the experts get the neutral phrase
+    loaded.config.vision.scene_min_confidence = 0.75
+    (gated,) = loaded.caption_features(visual[:1], "concise")
+    assert gated.plan.scene is None and gated.plan.scene_confidence == pytest.approx(head_probability, abs=1e-6)
+    assert "tennis court" not in gated.segments[0].prompt
+    assert loaded.config.router.unknown_scene in gated.segments[0].prompt
+    assert loaded.ask_features(visual[:1], ["Where is the road?"])[0].plan.scene == "tennis court"  # captions only
+    loaded.config.vision.scene_min_confidence = 0.7
+    assert loaded.caption_features(visual[:1], "concise")[0].plan.scene == "tennis court"
     loaded.trained_adapters.discard("router")  # no trained router (the dense baseline): template plan, no scene
     assert loaded.caption_features(visual, "concise")[0].plan.scene is None
 
     config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["vision"]["scene_min_confidence"] = 1.5
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match="scene_min_confidence"):
+        RSMoEModel.from_pretrained(tmp_path / "m")
+    config["vision"]["scene_min_confidence"] = 0.0
     config["vision"]["scene_classes"] = ["beach", "tennis court", "forest"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CorruptWeightsError, match="scene head"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -370,8 +371,24 @@ def test_evaluate_scores_the_scene_that_the_scene_head_names(tiny_init: Path, tm
     test = [i for i in dataset["images"] if i["split"] == "test"]
     records = {r.image_id: r for r in load_ucm_captions(SHARED / "ucm_captions", split="test")}
     expected = sum(records[test[k]["imgid"]].class_name == "agricultural" for k in (0, 70, 140)) / 3
-    assert metrics["scene"] == {"source": "scene head", "images": 3, "accuracy": round(expected, 4)}
+    assert metrics["scene"] == {"source": "scene head", "images": 3, "accuracy": round(expected, 4), "named": 3}
     assert expected > 0  # the split is class-ordered: its first image is agricultural
+    head_probability = math.exp(1.0) / (1.0 + math.exp(1.0))
+    scenes = json.loads((out / "scenes.json").read_text())
+    assert [s["scene"] for s in scenes.values()] == ["agricultural area"] * 3
+    assert [s["confidence"] for s in scenes.values()] == pytest.approx([head_probability] * 3, abs=1e-6)
+
+    gated = tmp_path / "gated"  # above the head's probability no caption plan names a scene
+    assert main(["-q", "evaluate", "--model", str(tmp_path / "m"), "--data", str(SHARED / "ucm_captions"),
+                 "--split", "test", "--out", str(gated), "--limit", "3", "--no-meteor",
+                 "--scene-min-confidence", "0.8"]) == 0
+    assert [s["scene"] for s in json.loads((gated / "scenes.json").read_text()).values()] == [None] * 3
+    metrics = json.loads((gated / "metrics.json").read_text())
+    assert metrics["scene_min_confidence"] == 0.8 and metrics["scene"]["accuracy"] == metrics["scene"]["named"] == 0
+    assert main(["-q", "evaluate", "--model", str(tmp_path / "m"), "--data", str(SHARED / "ucm_captions"),
+                 "--split", "test", "--out", str(tmp_path / "bad"), "--limit", "3", "--no-meteor",
+                 "--scene-min-confidence", "2"]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_scene_split_scores_right_and_wrong_scene_images_apart(tmp_path: Path) -> None:
@@ -401,3 +418,41 @@ def test_scene_split_scores_right_and_wrong_scene_images_apart(tmp_path: Path) -
     assert report["all"]["CIDEr"] == pytest.approx(corpus, abs=1e-4)
     assert main(["--data", str(SHARED / "ucm_captions"), "--scenes", str(tmp_path / "missing.json"),
                  str(tmp_path / "captions.json")]) == 2
+
+
+def test_scene_gate_picks_the_threshold_with_the_best_val_cider(tmp_path: Path) -> None:
+    """``python -m training.scene_gate``: per threshold, the neutral caption below it and the named one above;
+    the CIDEr at 0 is the named run's, at 1 the neutral run's, and the best threshold keeps each run's good
+    captions."""
+    from training.metrics import caption_metrics
+    from training.scene_gate import gate_scores, main
+
+    assert gate_scores({1: 2.0, 2: 1.0}, {1: 0.0, 2: 3.0}, {1: 0.9, 2: 0.3}, (0.0, 0.5, 1.0)) == [
+        {"threshold": 0.0, "neutral_images": 0, "CIDEr": 1.5},
+        {"threshold": 0.5, "neutral_images": 1, "CIDEr": 2.5},
+        {"threshold": 1.0, "neutral_images": 2, "CIDEr": 1.5}]
+    records = load_ucm_captions(SHARED / "ucm_captions", split="val")
+    records = records[:3] + records[-3:]
+    unsure = {r.image_id for r in records[:3]}  # the named run is wrong on these, the neutral run right
+    confidence = {r.image_id: 0.4 if r.image_id in unsure else 0.9 for r in records}
+    for name, good in (("named", lambda i: i not in unsure), ("neutral", lambda i: i in unsure)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "captions.json").write_text(json.dumps(
+            [{"image_id": r.image_id, "caption": r.captions[0] if good(r.image_id) else "a red bus"} for r in records]))
+        (run / "scenes.json").write_text(json.dumps(
+            {str(r.image_id): {"scene": "beach", "confidence": confidence[r.image_id]} for r in records}))
+    out = tmp_path / "gate.json"
+    args = ["--data", str(SHARED / "ucm_captions"), "--split", "val", "--named", str(tmp_path / "named"),
+            "--neutral", str(tmp_path / "neutral"), "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["best"]["threshold"] == 0.45 and report["best"]["neutral_images"] == 3
+    corpus = caption_metrics({r.image_id: r.captions[0] for r in records},
+                             {r.image_id: r.captions for r in records}, meteor=False)["CIDEr"]
+    assert report["best"]["CIDEr"] == pytest.approx(corpus, abs=1e-3)
+    first, last = report["thresholds"][0], report["thresholds"][-1]
+    assert first["neutral_images"] == 0 and last["neutral_images"] == 6
+    assert first["CIDEr"] < report["best"]["CIDEr"] and last["CIDEr"] < report["best"]["CIDEr"]
+    (tmp_path / "neutral" / "scenes.json").unlink()
+    assert main(args) == 2  # a clear error, not a traceback

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced over the split (all classes)")
     p.add_argument("--vqa", action="store_true", help="also score the UCM-derived VQA questions of the split")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a JVM)")
+    p.add_argument("--scene-min-confidence", type=float, default=None, metavar="P",
+                   help="override the model's vision.scene_min_confidence (0-1): below it plans name no scene")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -52,6 +54,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate(EvaluateArgs(args.model, args.data, args.split, args.out, args.style, args.backend,
                                     args.device, args.batch_size, args.limit, args.vqa, not args.no_meteor,
-                                    args.dtype))
+                                    args.dtype, args.scene_min_confidence))
     sys.stdout.write(json.dumps(metrics["captions"]) + "\n")
     return 0

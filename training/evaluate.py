@@ -2,6 +2,7 @@
 
 Writes ``OUT/captions.json`` in the COCO results format (``[{"image_id": <imgid>, "caption": "..."}]``),
 ``OUT/answers.json`` with ``--vqa`` (each question, its reference answer and the model's),
+``OUT/scenes.json`` (each image's plan scene and the scene head's probability for its best scene),
 ``OUT/metrics.json`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr after lowercasing and stripping punctuation;
 VQA accuracy per question type on the UCM-derived VQA set when asked; the share of images whose plan names
 their class, and whether the scene head or the router named it) and ``OUT/segments.json`` (what
@@ -39,6 +40,7 @@ class EvaluateArgs:
     vqa: bool = False
     meteor: bool = True
     dtype: str | None = None  # as ``--dtype`` (onnx: float32 | float16 | int8 | static)
+    scene_min_confidence: float | None = None  # overrides the model's vision.scene_min_confidence
 
 
 def _dataset_paths(data: Path) -> tuple[Path, Path]:
@@ -51,7 +53,8 @@ def _dataset_paths(data: Path) -> tuple[Path, Path]:
 
 
 def scene_accuracy(records: Sequence[CaptionRecord], scenes: dict[int, str | None], model: MoEInference) -> dict:
-    """How often the caption plans' scene is the image's class phrase, and where the scene came from."""
+    """How often the caption plans' scene is the image's class phrase, how many plans name a scene, and where
+    the scene came from."""
     from training.data.vocab import class_phrase
 
     labelled = [r for r in records if class_phrase(r.class_name)]
@@ -60,7 +63,8 @@ def scene_accuracy(records: Sequence[CaptionRecord], scenes: dict[int, str | Non
     source = "scene head" if model.config.vision.scene_classes else "router adapter"
     correct = sum(scenes.get(r.image_id) == class_phrase(r.class_name) for r in labelled)
     accuracy = round(correct / len(labelled), 4) if labelled else None
-    return {"source": source, "images": len(labelled), "accuracy": accuracy}
+    named = sum(scenes.get(r.image_id) is not None for r in labelled)  # below vision.scene_min_confidence: none
+    return {"source": source, "images": len(labelled), "accuracy": accuracy, "named": named}
 
 
 def evaluate(args: EvaluateArgs) -> dict:
@@ -75,17 +79,23 @@ def evaluate(args: EvaluateArgs) -> dict:
     records = evenly_spaced([r for r in all_records if r.split == args.split], args.limit)
     if not records:
         raise UserInputError(f"split {args.split!r} of {dataset_json} has no images")
+    if args.scene_min_confidence is not None and not 0.0 <= args.scene_min_confidence <= 1.0:
+        raise UserInputError(f"--scene-min-confidence must be between 0 and 1, got {args.scene_min_confidence}")
     model = load_model(args.model, args.backend, args.device, args.dtype)
+    if args.scene_min_confidence is not None:
+        model.config.vision.scene_min_confidence = args.scene_min_confidence
     started = time.perf_counter()
     predictions: dict[int, str] = {}
     segments: dict[int, list[dict]] = {}
     scenes: dict[int, str | None] = {}
+    confidences: dict[int, float | None] = {}
     for start in tqdm(range(0, len(records), args.batch_size), desc=f"captioning {args.split}", unit="batch"):
         chunk = records[start:start + args.batch_size]
         for record, result in zip(chunk, model.caption([r.image_path for r in chunk], style=args.style)):
             predictions[record.image_id] = result.text
             segments[record.image_id] = result.to_dict()["segments"]
             scenes[record.image_id] = result.plan.scene
+            confidences[record.image_id] = result.plan.scene_confidence
     caption_seconds = time.perf_counter() - started
     metrics: dict = {
         "model": str(args.model or "embedded rsmoe-lite"), "model_id": model.config.model_id,
@@ -95,6 +105,7 @@ def evaluate(args: EvaluateArgs) -> dict:
         "captions": caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=args.meteor),
         "caption_seconds": round(caption_seconds, 1),
         "scene": scene_accuracy(records, scenes, model),
+        "scene_min_confidence": model.config.vision.scene_min_confidence,
     }
     if args.vqa:
         wanted = {r.image_id for r in records}
@@ -118,6 +129,8 @@ def evaluate(args: EvaluateArgs) -> dict:
     (args.out / "captions.json").write_text(json.dumps(
         [{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))
     (args.out / "segments.json").write_text(json.dumps({str(k): v for k, v in segments.items()}, indent=1))
+    (args.out / "scenes.json").write_text(json.dumps(
+        {str(k): {"scene": scenes[k], "confidence": confidences[k]} for k in predictions}, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log.info("wrote %s", args.out / "metrics.json")
     return metrics

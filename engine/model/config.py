@@ -47,10 +47,17 @@ class VisionConfig:
     # the scene head averages its logits over this many dihedral views of the image (1: the image as it is;
     # up to 8: the four rotations, with and without a flip), a test-time augmentation for nadir imagery
     scene_views: int = 1
+    # a caption plan names the head's scene only when the head's probability for it (softmax over the
+    # view-averaged logits) reaches this; below it the plan names no scene and the experts get the neutral
+    # phrase (router.unknown_scene), as the dense model does. 0: always name the head's scene. Questions
+    # always get the head's scene (the answering experts learnt to answer scene questions from it)
+    scene_min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.scene_views) <= DIHEDRAL_VIEWS:
             raise ModelDirError(f"vision.scene_views must be between 1 and {DIHEDRAL_VIEWS}, got {self.scene_views}")
+        if not 0.0 <= float(self.scene_min_confidence) <= 1.0:
+            raise ModelDirError(f"vision.scene_min_confidence must be between 0 and 1, got {self.scene_min_confidence}")
 
 
 @dataclass

@@ -51,10 +51,12 @@ _TOKEN_SPLIT = re.compile(r"[,\s/+&]+|\band\b")
 
 @dataclass
 class RouterPlan:
-    """What the router decided: the recognised scene (``None`` if unknown) and the experts to run."""
+    """What the router decided: the recognised scene (``None`` if unknown), the experts to run and, when a
+    scene head was asked, its probability for its best scene (whether or not the plan names it)."""
 
     scene: str | None = None
     experts: list[str] = field(default_factory=list)
+    scene_confidence: float | None = None
 
     def to_text(self) -> str:
         return format_router_plan(self)

@@ -58,6 +58,7 @@ class ModelResult:
             "style": self.style,
             "router": self.router,
             "scene": self.plan.scene,
+            "scene_confidence": self.plan.scene_confidence,
             "experts": list(self.plan.experts),
             "segments": [asdict(s) for s in self.segments],
         }
@@ -187,14 +188,21 @@ class MoEInference:
         return self.scene_logits(concat_rows([visual] + [others[i * batch:(i + 1) * batch] for i in range(views - 1)],
                                              axis=1))
 
-    def recognise_scenes(self, visual: Any, scene_logits: Any | None = None) -> list[str] | None:
-        """The scene of each image from ``scene_logits`` (:meth:`view_scene_logits`), or from the scene head on
-        ``visual`` when not given; ``None`` for a model without a scene head."""
+    def scene_guesses(self, visual: Any, scene_logits: Any | None = None) -> list[SceneGuess] | None:
+        """The scene head's best scene for each image and its probability, from ``scene_logits``
+        (:meth:`view_scene_logits`), or from the head on ``visual`` when not given; ``None`` without a head."""
         logits = scene_logits if scene_logits is not None else self.scene_logits(visual)
         if logits is None:
             return None
+        probabilities = softmax_rows(logits)
         scenes = self.config.vision.scene_classes
-        return [scenes[int(i)] for i in logits.argmax(-1).tolist()]
+        best = probabilities.argmax(-1)
+        return [SceneGuess(scenes[int(i)], float(row[i])) for i, row in zip(best, probabilities)]
+
+    def recognise_scenes(self, visual: Any, scene_logits: Any | None = None) -> list[str] | None:
+        """The scene head's best scene for each image (:meth:`scene_guesses`); ``None`` without a head."""
+        guesses = self.scene_guesses(visual, scene_logits)
+        return None if guesses is None else [g.scene for g in guesses]
 
     # -- text in and out of the models: one implementation for every backend ---------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -229,21 +237,24 @@ class MoEInference:
 
     def route(self, visual: Any, task: str, style: str | None, instructions: Sequence[str],
               scene_logits: Any | None = None) -> tuple[list[RouterPlan], str]:
-        """One routing plan per image (generative router, with the template router as fallback)."""
+        """One routing plan per image (generative router, with the template router as fallback); a caption
+        plan names the scene head's scene only at ``vision.scene_min_confidence`` or above."""
         fallbacks = [template_plan(self.config, task, style, q if task == "ask" else None) for q in instructions]
         if self.router_kind != "generative":
             return fallbacks, "template"
         prompts = [self.config.router.prompt.format(instruction=q) for q in instructions]
         texts = self.generate_texts(visual, prompts, [ROUTER_ADAPTER] * len(prompts), self.config.router.max_new_tokens)
-        head_scenes = self.recognise_scenes(visual, scene_logits) or [None] * len(texts)
+        guesses = self.scene_guesses(visual, scene_logits) or [None] * len(texts)
+        threshold = self.config.vision.scene_min_confidence if task == "caption" else 0.0
         plans = []
-        for text, fallback, head_scene in zip(texts, fallbacks, head_scenes):
+        for text, fallback, guess in zip(texts, fallbacks, guesses):
             parsed = parse_router_plan(text, self.config.expert_names)
             if parsed is None:
                 log.debug("router output %r not a plan; using the template plan", text)
             plan = sanitize_plan(self.config, parsed, fallback, task, style)
-            if head_scene is not None:  # the scene head names the scene (measured more accurate than the LM's)
-                plan = RouterPlan(scene=head_scene, experts=plan.experts)
+            if guess is not None:  # the scene head names the scene (measured more accurate than the LM's)
+                scene = guess.scene if guess.confidence >= threshold else None
+                plan = RouterPlan(scene=scene, experts=plan.experts, scene_confidence=guess.confidence)
             plans.append(plan)
         return plans, "generative"
 
@@ -302,6 +313,23 @@ class MoEInference:
         """Ask the same question about each image."""
         visual, scene_logits = self.encode(images)
         return self.ask_features(visual, [question] * len(images), scene_logits)
+
+
+@dataclass
+class SceneGuess:
+    """The scene head's best scene for an image and its softmax probability."""
+
+    scene: str
+    confidence: float
+
+
+def softmax_rows(logits: Any) -> Any:
+    """Row-wise softmax of torch or NumPy logits (B, classes), as a float64 NumPy array."""
+    import numpy as np
+
+    values = np.asarray(logits.detach().float().cpu() if hasattr(logits, "detach") else logits, dtype=np.float64)
+    values = np.exp(values - values.max(axis=-1, keepdims=True))
+    return values / values.sum(axis=-1, keepdims=True)
 
 
 def concat_rows(parts: Sequence[Any], axis: int = 0) -> Any:
