@@ -232,8 +232,37 @@ def test_wrong_scene_rows_name_the_confusable_scene_with_the_true_targets(tiny_i
             concise = [s for s in wrong if s.target in by_image[s.image_id].captions]
             assert concise and len(concise) < len(wrong)  # concise captions and sub-task targets alike
     for bad in (-0.1, 1.0):
-        with pytest.raises(UserInputError, match="wrong_scene_fraction"):
-            TrainConfig.from_dict({"stage2": {"wrong_scene_fraction": bad}})
+        for key in ("wrong_scene_fraction", "neutral_scene_fraction"):
+            with pytest.raises(UserInputError, match=key):
+                TrainConfig.from_dict({"stage2": {key: bad}})
+
+
+def test_neutral_scene_rows_name_no_scene_with_the_true_targets() -> None:
+    """``neutral_scene_fraction``: that share of the caption rows gets the neutral phrase instead of the
+    scene (what the experts see when the scene head is unsure); questions keep the true scene."""
+    from engine.model import RSMoEConfig
+    from training.data import derive_ucm_vqa
+    from training.data.subtasks import infer_scene
+
+    config = RSMoEConfig.variant("lite")
+    neutral = config.router.unknown_scene
+    records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:40]
+    truth = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
+    ids = {str(r.image_path): r.image_id for r in records}
+    vqa = [q for q in derive_ucm_vqa(records) if q.split == "train"]
+    questions = {q.question for q in vqa}
+    for fraction in (0.0, 0.5):
+        rows = stage2_samples(config, records, vqa, ids, random.Random(0), 100, neutral_scene_fraction=fraction)
+        asked = [s for s in rows if s.adapter != "router" and any(q in s.prompt for q in questions)]
+        captions = [s for s in rows if s.adapter != "router" and s not in asked]
+        assert all(truth[s.image_id] in s.prompt for s in asked)
+        unnamed = [s for s in captions if truth[s.image_id] not in s.prompt]
+        assert all(neutral in s.prompt for s in unnamed)
+        if fraction == 0.0:
+            assert not unnamed
+        else:
+            assert 0.35 * len(captions) <= len(unnamed) <= 0.65 * len(captions)
+            assert {s.adapter for s in unnamed} == {"theme", "objects", "relations"}
 
 
 def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, tmp_path: Path) -> None:
@@ -456,3 +485,17 @@ def test_scene_gate_picks_the_threshold_with_the_best_val_cider(tmp_path: Path) 
     assert first["CIDEr"] < report["best"]["CIDEr"] and last["CIDEr"] < report["best"]["CIDEr"]
     (tmp_path / "neutral" / "scenes.json").unlink()
     assert main(args) == 2  # a clear error, not a traceback
+
+
+def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path) -> None:
+    """Cached vision features stay valid when only the scene head's settings change (views, threshold),
+    and not when the images do."""
+    from training.features import _cache_key
+
+    model = RSMoEModel.from_pretrained(tiny_init)
+    key = _cache_key(model, [1, 2, 3], variants=2)
+    model.config.vision.scene_views = 8
+    model.config.vision.scene_min_confidence = 0.8
+    assert _cache_key(model, [1, 2, 3], variants=2) == key
+    assert _cache_key(model, [1, 2, 4], variants=2) != key
+    assert _cache_key(model, [1, 2, 3], variants=1) != key

@@ -24,6 +24,7 @@ class StageConfig:
     router_fraction: float = 1.0  # stage 2: share of caption images and questions that also give a router row
     concise_per_image: int = 1  # stage 2: concise-caption rows per image and epoch (distinct references)
     wrong_scene_fraction: float = 0.0  # stage 2: caption rows whose prompt names a confusable scene (the head's)
+    neutral_scene_fraction: float = 0.0  # stage 2: caption rows whose prompt names no scene (the neutral phrase)
 
 
 @dataclass
@@ -92,8 +93,9 @@ class TrainConfig:
             if not 1 <= stage.concise_per_image <= 5:
                 raise UserInputError(f"{name}.concise_per_image must be 1..5 (UCM has 5 captions per image), "
                                      f"got {stage.concise_per_image}")
-            if not 0.0 <= stage.wrong_scene_fraction < 1.0:
-                raise UserInputError(f"{name}.wrong_scene_fraction must be in [0, 1), got {stage.wrong_scene_fraction}")
+            for key in ("wrong_scene_fraction", "neutral_scene_fraction"):
+                if not 0.0 <= getattr(stage, key) < 1.0:
+                    raise UserInputError(f"{name}.{key} must be in [0, 1), got {getattr(stage, key)}")
         if config.precision not in ("bf16", "fp32"):
             raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
         try:  # the model config's own rule for the value stage 0 writes into it

@@ -58,7 +58,7 @@ def _tuned_vision_digest(model: RSMoEModel) -> str | None:
 
 def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> str:
     vision = {k: v for k, v in model.config.vision.__dict__.items()
-              if k not in ("scene_classes", "scene_views")}  # the scene head: no effect on features
+              if not k.startswith("scene_")}  # the scene head and its use: no effect on features
     spec = {"vision": vision, "image": model.config.image.to_dict(), "variants": variants,
             "images": hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()}
     tuned = _tuned_vision_digest(model)

@@ -9,7 +9,8 @@ router config), so the model is trained on exactly the prompts it receives at in
   target, the theme expert also the concise caption, and each expert the derived-VQA questions routed to it.
   Optionally a share of the caption rows names a confusable scene instead (the scene head's best wrong
   guess for the image) with the image's true targets, so that an expert learns to follow the image
-  when the router's scene is wrong, as it is for about one test image in ten.
+  when the router's scene is wrong, as it is for about one test image in ten; and a share names no scene
+  (the neutral phrase), which the experts get when the scene head is unsure (``vision.scene_min_confidence``).
 
 Derived-VQA pairs are drawn evenly across question types (:func:`sample_vqa`): presence questions are
 more than half of the pool, and would otherwise leave few scene and count questions in an epoch.
@@ -80,17 +81,20 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
                    image_ids: dict[str, int], rng: random.Random, vqa_count: int,
                    with_router: bool = True, targets_per_image: int = 3, router_fraction: float = 1.0,
                    concise_per_image: int = 1, confusable_scenes: dict[int, str] | None = None,
-                   wrong_scene_fraction: float = 0.0) -> list[Sample]:
+                   wrong_scene_fraction: float = 0.0, neutral_scene_fraction: float = 0.0) -> list[Sample]:
     """Router plans, expert sub-task targets (``targets_per_image`` experts drawn per image), concise
     captions (``concise_per_image`` distinct references per image) and routed VQA pairs; a random
     ``router_fraction`` of the images and questions also gives the router a plan row (its plans are short
     and quickly learnt; the rest of the steps go to the experts). A random ``wrong_scene_fraction`` of the
-    caption rows of images in ``confusable_scenes`` names that scene in the prompt instead of the true one."""
+    caption rows of images in ``confusable_scenes`` names that scene in the prompt instead of the true one, and
+    a random ``neutral_scene_fraction`` of all caption rows names no scene."""
     experts = config.expert_names
     scenes = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
     confusable_scenes = confusable_scenes or {}
 
     def caption_scene(image_id: int) -> str | None:
+        if neutral_scene_fraction > 0 and rng.random() < neutral_scene_fraction:
+            return None
         if wrong_scene_fraction > 0 and image_id in confusable_scenes and rng.random() < wrong_scene_fraction:
             return confusable_scenes[image_id]
         return scenes[image_id]

@@ -466,7 +466,8 @@ def train(config: TrainConfig) -> Path:
                               router_fraction=config.stage2.router_fraction,
                               concise_per_image=config.stage2.concise_per_image,
                               confusable_scenes=confusable,
-                              wrong_scene_fraction=config.stage2.wrong_scene_fraction)
+                              wrong_scene_fraction=config.stage2.wrong_scene_fraction,
+                              neutral_scene_fraction=config.stage2.neutral_scene_fraction)
 
     model.trained_adapters = set(experts) | ({ROUTER_ADAPTER} if with_router else set())
     position = run_stage("stage2", model, params, stage2_epoch, config.stage2, data, config, out)
