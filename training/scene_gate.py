@@ -12,8 +12,6 @@ writes) JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,7 @@ from engine.errors import UserInputError
 from training.data import load_karpathy
 from training.data.loaders import read_json
 from training.metrics import per_image_cider
-
-log = logging.getLogger(__name__)
+from training.report_tool import run_report_tool
 
 #: Thresholds tried: 0, 0.05, ..., 1.
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
@@ -46,6 +43,27 @@ def _run_files(run: Path) -> tuple[dict[int, str], dict[str, Any]]:
     return {int(row["image_id"]): str(row["caption"]) for row in captions}, scenes
 
 
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    named, scenes = _run_files(args.named)
+    neutral, _ = _run_files(args.neutral)
+    if set(named) != set(neutral):
+        raise UserInputError(f"{args.named} and {args.neutral} caption different images")
+    missing = [i for i in named if (scenes.get(str(i)) or {}).get("confidence") is None]
+    if missing:
+        raise UserInputError(f"{args.named}/scenes.json has no scene-head probability for {len(missing)} images "
+                             "(a model without a scene head, or a template router)")
+    references = {r.image_id: r.captions for r in load_karpathy(args.data / "dataset.json",
+                                                                images_dir=args.data / "images")
+                  if r.split == args.split and r.image_id in named}
+    if set(references) != set(named):
+        raise UserInputError(f"the captions are not of the {args.split!r} split of {args.data}")
+    confidence = {i: float(scenes[str(i)]["confidence"]) for i in named}
+    rows = gate_scores(per_image_cider(named, references), per_image_cider(neutral, references), confidence)
+    best = max(rows, key=lambda row: (row["CIDEr"], -row["threshold"]))
+    return {"split": args.split, "named": str(args.named), "neutral": str(args.neutral), "images": len(named),
+            "best": best, "thresholds": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder with dataset.json (Karpathy format)")
@@ -54,34 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--neutral", type=Path, required=True, help="rsmoe evaluate output, --scene-min-confidence 1")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        named, scenes = _run_files(args.named)
-        neutral, _ = _run_files(args.neutral)
-        if set(named) != set(neutral):
-            raise UserInputError(f"{args.named} and {args.neutral} caption different images")
-        missing = [i for i in named if (scenes.get(str(i)) or {}).get("confidence") is None]
-        if missing:
-            raise UserInputError(f"{args.named}/scenes.json has no scene-head probability for {len(missing)} images "
-                                 "(a model without a scene head, or a template router)")
-        references = {r.image_id: r.captions for r in load_karpathy(args.data / "dataset.json",
-                                                                    images_dir=args.data / "images")
-                      if r.split == args.split and r.image_id in named}
-        if set(references) != set(named):
-            raise UserInputError(f"the captions are not of the {args.split!r} split of {args.data}")
-        confidence = {i: float(scenes[str(i)]["confidence"]) for i in named}
-        rows = gate_scores(per_image_cider(named, references), per_image_cider(neutral, references), confidence)
-    except UserInputError as exc:
-        log.error("%s", exc)
-        return 2
-    best = max(rows, key=lambda row: (row["CIDEr"], -row["threshold"]))
-    report = {"split": args.split, "named": str(args.named), "neutral": str(args.neutral), "images": len(named),
-              "best": best, "thresholds": rows}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    sys.stdout.write(text + "\n")
-    return 0
+    return run_report_tool(lambda: _report(args), args.out)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ scene was the true class and over the others. Prints (and with ``--out`` writes)
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,7 @@ from training.data.loaders import read_json
 from training.data.records import CaptionRecord
 from training.data.vocab import class_phrase
 from training.metrics import per_image_cider
-
-log = logging.getLogger(__name__)
+from training.report_tool import run_report_tool
 
 
 def right_scene_images(records: list[CaptionRecord], segments: dict[str, list[dict]]) -> set[int]:
@@ -47,6 +44,17 @@ def scene_split(records: list[CaptionRecord], right: set[int], captions: list[di
     return out
 
 
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    segments = read_json(args.scenes, "segments file")
+    records = [r for r in load_karpathy(args.data / "dataset.json", images_dir=args.data / "images")
+               if r.split == args.split and str(r.image_id) in segments]
+    if not records:
+        raise UserInputError(f"{args.scenes} names no image of the {args.split!r} split")
+    right = right_scene_images(records, segments)
+    return {"scenes_from": str(args.scenes), "split": args.split,
+            "models": {str(path): scene_split(records, right, read_json(path, "captions file")) for path in args.captions}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder with dataset.json (Karpathy format)")
@@ -55,24 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("captions", type=Path, nargs="+", help="captions.json files (COCO results format)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        segments = read_json(args.scenes, "segments file")
-        records = [r for r in load_karpathy(args.data / "dataset.json", images_dir=args.data / "images")
-                   if r.split == args.split and str(r.image_id) in segments]
-        if not records:
-            raise UserInputError(f"{args.scenes} names no image of the {args.split!r} split")
-        right = right_scene_images(records, segments)
-        report = {"scenes_from": str(args.scenes), "split": args.split,
-                  "models": {str(path): scene_split(records, right, read_json(path, "captions file")) for path in args.captions}}
-    except UserInputError as exc:
-        log.error("%s", exc)
-        return 2
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    sys.stdout.write(text + "\n")
-    return 0
+    return run_report_tool(lambda: _report(args), args.out)
 
 
 if __name__ == "__main__":

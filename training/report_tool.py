@@ -1,0 +1,28 @@
+"""The shared frame of the ``python -m training.<tool>`` report tools: JSON out, user errors as exit code 2."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def run_report_tool(build: Callable[[], dict[str, Any]], out: Path | None) -> int:
+    """Build the report, print it as JSON (and write it to ``out``); a user-input error is logged, exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = build()
+    except UserInputError as exc:
+        log.error("%s", exc)
+        return 2
+    text = json.dumps(report, indent=1)
+    if out:
+        out.write_text(text)
+    sys.stdout.write(text + "\n")
+    return 0
