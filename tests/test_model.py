@@ -289,7 +289,8 @@ def test_scene_head_round_trip_and_the_router_takes_its_scene(tiny_dir: Path, tm
     assert gated.plan.scene is None and gated.plan.scene_confidence == pytest.approx(head_probability, abs=1e-6)
     assert "tennis court" not in gated.segments[0].prompt
     assert loaded.config.router.unknown_scene in gated.segments[0].prompt
-    assert loaded.ask_features(visual[:1], ["Where is the road?"])[0].plan.scene == "tennis court"  # captions only
+    assert loaded.ask_features(visual[:1], ["Where is the road?"])[0].plan.scene == "tennis court"  # concise only
+    assert loaded.caption_features(visual[:1], "detailed")[0].plan.scene == "tennis court"
     loaded.config.vision.scene_min_confidence = 0.7
     assert loaded.caption_features(visual[:1], "concise")[0].plan.scene == "tennis court"
     loaded.trained_adapters.discard("router")  # no trained router (the dense baseline): template plan, no scene

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vqa", action="store_true", help="also score the UCM-derived VQA questions of the split")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a JVM)")
     p.add_argument("--scene-min-confidence", type=float, default=None, metavar="P",
-                   help="override the model's vision.scene_min_confidence (0-1): below it plans name no scene")
+                   help="override the model's vision.scene_min_confidence (0-1): below it concise-caption plans name no scene")
     p.set_defaults(func=cmd_evaluate)
 
 

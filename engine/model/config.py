@@ -47,10 +47,11 @@ class VisionConfig:
     # the scene head averages its logits over this many dihedral views of the image (1: the image as it is;
     # up to 8: the four rotations, with and without a flip), a test-time augmentation for nadir imagery
     scene_views: int = 1
-    # a caption plan names the head's scene only when the head's probability for it (softmax over the
-    # view-averaged logits) reaches this; below it the plan names no scene and the experts get the neutral
-    # phrase (router.unknown_scene), as the dense model does. 0: always name the head's scene. Questions
-    # always get the head's scene (the answering experts learnt to answer scene questions from it)
+    # a concise caption's plan names the head's scene only when the head's probability for it (softmax over
+    # the view-averaged logits) reaches this; below it the plan names no scene and the theme expert gets the
+    # neutral phrase (router.unknown_scene), the prompt the dense stage learnt. 0: always name the head's scene.
+    # Detailed captions and questions always get the head's scene (on val the gate lowered detailed captions,
+    # and the answering experts learnt to answer scene questions from the named scene)
     scene_min_confidence: float = 0.0
 
     def __post_init__(self) -> None:

@@ -237,15 +237,16 @@ class MoEInference:
 
     def route(self, visual: Any, task: str, style: str | None, instructions: Sequence[str],
               scene_logits: Any | None = None) -> tuple[list[RouterPlan], str]:
-        """One routing plan per image (generative router, with the template router as fallback); a caption
-        plan names the scene head's scene only at ``vision.scene_min_confidence`` or above."""
+        """One routing plan per image (generative router, with the template router as fallback); a concise
+        caption's plan names the scene head's scene only at ``vision.scene_min_confidence`` or above."""
         fallbacks = [template_plan(self.config, task, style, q if task == "ask" else None) for q in instructions]
         if self.router_kind != "generative":
             return fallbacks, "template"
         prompts = [self.config.router.prompt.format(instruction=q) for q in instructions]
         texts = self.generate_texts(visual, prompts, [ROUTER_ADAPTER] * len(prompts), self.config.router.max_new_tokens)
         guesses = self.scene_guesses(visual, scene_logits) or [None] * len(texts)
-        threshold = self.config.vision.scene_min_confidence if task == "caption" else 0.0
+        gated = task == "caption" and style == "concise"
+        threshold = self.config.vision.scene_min_confidence if gated else 0.0
         plans = []
         for text, fallback, guess in zip(texts, fallbacks, guesses):
             parsed = parse_router_plan(text, self.config.expert_names)
