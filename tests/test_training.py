@@ -431,13 +431,13 @@ def test_scene_split_scores_right_and_wrong_scene_images_apart(tmp_path: Path) -
     records = records[:3] + records[-3:]  # two classes (the split is class-ordered)
     wrong = {r.image_id for r in records[1:4]}
     scene = {r.image_id: "beach" if r.image_id in wrong else class_phrase(r.class_name) for r in records}
-    segments = {str(i): [{"expert": "theme", "prompt": f"Describe this {s} image.", "text": ""}] for i, s in scene.items()}
+    scenes = {str(i): {"scene": s, "confidence": 0.9} for i, s in scene.items()}
     captions = [{"image_id": r.image_id, "caption": "a red bus" if r.image_id in wrong else r.captions[0]}
                 for r in records]
-    (tmp_path / "segments.json").write_text(json.dumps(segments))
+    (tmp_path / "scenes.json").write_text(json.dumps(scenes))
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     out = tmp_path / "split.json"
-    assert main(["--data", str(SHARED / "ucm_captions"), "--scenes", str(tmp_path / "segments.json"),
+    assert main(["--data", str(SHARED / "ucm_captions"), "--scenes", str(tmp_path / "scenes.json"),
                  str(tmp_path / "captions.json"), "--out", str(out)]) == 0
     report = json.loads(out.read_text())["models"][str(tmp_path / "captions.json")]
     assert report["right_scene"]["images"] == 3 and report["wrong_scene"]["images"] == 3
@@ -447,6 +447,9 @@ def test_scene_split_scores_right_and_wrong_scene_images_apart(tmp_path: Path) -
     assert report["all"]["CIDEr"] == pytest.approx(corpus, abs=1e-4)
     assert main(["--data", str(SHARED / "ucm_captions"), "--scenes", str(tmp_path / "missing.json"),
                  str(tmp_path / "captions.json")]) == 2
+    (tmp_path / "segments.json").write_text(json.dumps({str(r.image_id): [] for r in records}))
+    assert main(["--data", str(SHARED / "ucm_captions"), "--scenes", str(tmp_path / "segments.json"),
+                 str(tmp_path / "captions.json")]) == 2  # not a scenes.json: a clear error
 
 
 def test_scene_gate_picks_the_threshold_with_the_best_val_cider(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
 """Caption CIDEr split by whether the routed scene was right: where does one model lose to another?
 
-``python -m training.scene_split --data ../shared/data/ucm_captions --scenes EVAL/segments.json
-EVAL_A/captions.json EVAL_B/captions.json`` takes the images' routed scenes from one ``rsmoe evaluate``
-run (the scene named in each image's first expert prompt) and scores each caption file on those images,
-image by image (pycocoevalcap's per-image CIDEr, IDF over all of them), then averages over the images whose
-scene was the true class and over the others. Prints (and with ``--out`` writes) JSON.
+``python -m training.scene_split --data ../shared/data/ucm_captions --scenes EVAL/scenes.json
+EVAL_A/captions.json EVAL_B/captions.json`` takes the images' plan scenes from one ``rsmoe evaluate`` run
+(its ``scenes.json``: the scene each image's caption plan named, ``null`` where none) and scores each caption
+file on those images, image by image (pycocoevalcap's per-image CIDEr, IDF over all of them), then averages
+over the images whose plan named their class and over the others. Prints (and with ``--out`` writes) JSON.
 """
 from __future__ import annotations
 
@@ -22,15 +22,10 @@ from training.metrics import per_image_cider
 from training.report_tool import run_report_tool
 
 
-def right_scene_images(records: list[CaptionRecord], segments: dict[str, list[dict]]) -> set[int]:
-    """The images whose first expert prompt names their class phrase."""
-    right = set()
-    for record in records:
-        rows = segments[str(record.image_id)]
-        phrase = class_phrase(record.class_name)
-        if rows and phrase and f" {phrase} " in f" {rows[0]['prompt']} ":
-            right.add(record.image_id)
-    return right
+def right_scene_images(records: list[CaptionRecord], scenes: dict[str, dict]) -> set[int]:
+    """The images whose plan named their class phrase (``scenes``: an evaluation's ``scenes.json``)."""
+    return {r.image_id for r in records
+            if class_phrase(r.class_name) and scenes[str(r.image_id)].get("scene") == class_phrase(r.class_name)}
 
 
 def scene_split(records: list[CaptionRecord], right: set[int], captions: list[dict]) -> dict[str, Any]:
@@ -45,12 +40,14 @@ def scene_split(records: list[CaptionRecord], right: set[int], captions: list[di
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    segments = read_json(args.scenes, "segments file")
+    scenes = read_json(args.scenes, "scenes file (written by rsmoe evaluate)")
+    if not isinstance(scenes, dict) or not all(isinstance(v, dict) for v in scenes.values()):
+        raise UserInputError(f"{args.scenes} is not a scenes.json of rsmoe evaluate (an object keyed by image id)")
     records = [r for r in load_karpathy(args.data / "dataset.json", images_dir=args.data / "images")
-               if r.split == args.split and str(r.image_id) in segments]
+               if r.split == args.split and str(r.image_id) in scenes]
     if not records:
         raise UserInputError(f"{args.scenes} names no image of the {args.split!r} split")
-    right = right_scene_images(records, segments)
+    right = right_scene_images(records, scenes)
     return {"scenes_from": str(args.scenes), "split": args.split,
             "models": {str(path): scene_split(records, right, read_json(path, "captions file")) for path in args.captions}}
 
@@ -59,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder with dataset.json (Karpathy format)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--scenes", type=Path, required=True, help="segments.json of the run whose scenes split")
+    parser.add_argument("--scenes", type=Path, required=True, help="scenes.json of the run whose scenes split")
     parser.add_argument("captions", type=Path, nargs="+", help="captions.json files (COCO results format)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
