@@ -19,7 +19,8 @@ Output
     failed or cancelled run leaves any earlier OUT.geojson as it was and never a half-written one.
     Feature properties: ``tile_index``, ``window``, ``caption``, ``skipped``, ``valid_fraction``,
     ``ground_resolution_m``, ``row``, ``col``, ``segments`` (per expert: ``expert``, ``text``),
-    ``router``, ``scene``, ``model_id``, ``backend`` and, with ``timing``, ``seconds`` (the tile's
+    ``router``, ``scene`` (``null`` where the model named none), ``scene_confidence`` (the scene head's
+    probability for its best scene, or ``null``), ``model_id``, ``backend`` and, with ``timing``, ``seconds`` (the tile's
     share of its batch's wall time: journalled with the tile, but left out by default because it
     differs between runs). The journal is deleted after a successful run unless ``keep_journal``.
 
@@ -338,10 +339,11 @@ def _annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, gro
         extra: dict[str, Any] = {"row": tile.row, "col": tile.col}
         res = results.get(i)
         if res is not None:
+            result = res.to_dict()
             extra.update(segments=[{"expert": s.expert, "text": s.text} for s in res.segments],
-                         router=res.router, scene=res.plan.scene)
+                         router=res.router, scene=res.plan.scene, scene_confidence=result["scene_confidence"])
         else:
-            extra.update(segments=None, router=None, scene=None)
+            extra.update(segments=None, router=None, scene=None, scene_confidence=None)
         extra.update(model_id=info.model_id, backend=info.backend)
         if res is not None:
             extra["seconds"] = seconds

@@ -76,6 +76,7 @@ class ModelAnswer:
     experts: list[str]
     router: str | None
     scene: str | None
+    scene_confidence: float | None
     window: list[int] | None
     cached: bool
     seconds: float
@@ -86,7 +87,8 @@ class ModelAnswer:
         segments = [Segment(str(s.get("expert", "")), str(s.get("text", ""))) for s in data.get("segments") or []]
         return cls(text=str(data.get("text", "")), task=str(data.get("task", "")), segments=segments,
                    experts=[str(e) for e in data.get("experts") or []], router=data.get("router"),
-                   scene=data.get("scene"), window=data.get("window"), cached=bool(data.get("cached", False)),
+                   scene=data.get("scene"), scene_confidence=data.get("scene_confidence"),
+                   window=data.get("window"), cached=bool(data.get("cached", False)),
                    seconds=float(data.get("seconds") or 0.0), raw=dict(data))
 
 

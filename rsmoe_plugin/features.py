@@ -4,7 +4,7 @@ It is the engine's schema (``engine.geo.feature_collection`` + ``engine.jobs``),
 annotated by the engine from a file and one annotated from QGIS renderings load, style and read
 the same: RFC 7946 FeatureCollection in EPSG:4326, ``id`` = tile index, properties
 ``tile_index, window, caption, skipped, valid_fraction, ground_resolution_m`` then, sorted,
-``backend, col, model_id, router, row, scene, segments`` (segments: ``[{expert, text}]``), and a
+``backend, col, model_id, router, row, scene, scene_confidence, segments`` (segments: ``[{expert, text}]``), and a
 top-level ``rsmoe`` member describing the run. Files are written atomically (temp file in the
 same folder, then ``os.replace``): a cancelled or failed run never leaves a half-written file.
 """
@@ -31,7 +31,7 @@ from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.tiling import PixelWindow
 
 CORE_PROPERTIES = ("tile_index", "window", "caption", "skipped", "valid_fraction", "ground_resolution_m")
-EXTRA_PROPERTIES = ("backend", "col", "model_id", "router", "row", "scene", "segments")
+EXTRA_PROPERTIES = ("backend", "col", "model_id", "router", "row", "scene", "scene_confidence", "segments")
 COORD_DECIMALS = 7
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 
@@ -65,6 +65,7 @@ def tile_properties(tile_index: int, window: PixelWindow, row: int, col: int, an
         "router": answer.router if answer is not None else None,
         "row": row,
         "scene": answer.scene if answer is not None else None,
+        "scene_confidence": answer.scene_confidence if answer is not None else None,
         "segments": [{"expert": s.expert, "text": s.text} for s in answer.segments] if answer is not None else None,
     }
     props.update({k: extra[k] for k in EXTRA_PROPERTIES})

@@ -106,7 +106,7 @@ def test_nodata_tiles_are_skipped_with_a_reason(pipeline: Pipeline, tmp_path: Pa
     assert result.skipped == len(skipped) > 0 and result.captioned > 0
     for f in skipped:
         assert f["properties"]["caption"] is None and "valid" in f["properties"]["skipped"]
-        assert f["properties"]["segments"] is None
+        assert f["properties"]["segments"] is None and f["properties"]["scene_confidence"] is None
     float_out = tmp_path / "nan.geojson"
     run_annotation(pipeline, AnnotateParams(raster=str(DATA / "s2_float32_nan.tif"), out=str(float_out),
                                             tile_size=64))
@@ -326,6 +326,12 @@ def test_real_lite_model_annotates_the_sentinel2_crop(tmp_path: Path) -> None:
     assert result.captioned == 4
     fc = _load(out)
     assert fc["rsmoe"]["model_id"] == "rsmoe-lite" and fc["rsmoe"]["model_variant"] == "lite"
+    threshold = lite.model.config.vision.scene_min_confidence
+    assert threshold > 0  # the embedded model gates unsure scenes out of its concise captions
     for f in fc["features"]:
-        assert len(f["properties"]["caption"].split()) >= 2  # real words from the real LM
+        p = f["properties"]
+        assert len(p["caption"].split()) >= 2  # real words from the real LM
+        assert 0 < p["scene_confidence"] <= 1  # the scene head's probability, on every tile
+        assert (p["scene"] is None) == (p["scene_confidence"] < threshold)
+        assert p["scene"] is None or p["scene"] in lite.model.config.vision.scene_classes
     _check_footprints(fc, S2)

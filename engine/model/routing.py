@@ -58,7 +58,8 @@ class ModelResult:
             "style": self.style,
             "router": self.router,
             "scene": self.plan.scene,
-            "scene_confidence": self.plan.scene_confidence,
+            "scene_confidence": (None if self.plan.scene_confidence is None
+                                 else round(self.plan.scene_confidence, 4)),
             "experts": list(self.plan.experts),
             "segments": [asdict(s) for s in self.segments],
         }

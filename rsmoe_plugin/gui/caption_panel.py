@@ -89,10 +89,17 @@ class CaptionPanel(QgsDockWidget):
                 text = " ".join(seg.text.split())
                 parts.append(f"<tr><td valign='top'><b>{esc(seg.expert)}</b></td><td>{esc(text)}</td></tr>")
             parts.append("</table>")
-        facts = [f"router: {answer.router or '-'}", f"scene: {answer.scene or '-'}",
+        facts = [f"router: {answer.router or '-'}", scene_fact(answer),
                  f"experts: {', '.join(answer.experts) or '-'}"]
         parts.append(f"<p><small>{esc(SEPARATOR.join(facts))}</small></p>")
         self.result_view.setHtml("".join(parts))
 
     def show_engine_status(self, status: EngineStatus) -> None:
         self.engine_label.setText(engine_status_html(status))
+
+
+def scene_fact(answer: ModelAnswer) -> str:
+    """``scene: harbor (0.93)``; ``scene: unsure (0.41)`` where the model named none below its threshold."""
+    if answer.scene_confidence is None:
+        return f"scene: {answer.scene or '-'}"
+    return f"scene: {answer.scene or 'unsure'} ({answer.scene_confidence:.2f})"

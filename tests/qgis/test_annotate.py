@@ -31,7 +31,7 @@ from tests.qgis.conftest import (
 
 ALG = "rsmoe:annotatetiles"
 CORE = ["tile_index", "window", "caption", "skipped", "valid_fraction", "ground_resolution_m"]
-EXTRA = ["backend", "col", "model_id", "router", "row", "scene", "segments"]
+EXTRA = ["backend", "col", "model_id", "router", "row", "scene", "scene_confidence", "segments"]
 
 
 class RecordingFeedback(QgsProcessingFeedback):

@@ -32,6 +32,8 @@ def test_caption_local_file_whole_layer_detailed(plugin, qgis_iface, qtbot, s2_l
     assert answer.text[:40] in html
     for expert in ("theme", "objects", "relations"):
         assert expert in html
+    assert answer.scene and 0 < answer.scene_confidence <= 1  # detailed captions always name the head's scene
+    assert f"scene: {answer.scene} ({answer.scene_confidence:.2f})" in html
     assert "Engine running" in panel.engine_label.text() and "no GPU" in panel.engine_label.text()
     assert any(answer.text[:40] in m for m in _successes(qgis_iface))
     panel.resize(560, 640)
