@@ -20,9 +20,9 @@ Output
     Feature properties: ``tile_index``, ``window``, ``caption``, ``skipped``, ``valid_fraction``,
     ``ground_resolution_m``, ``row``, ``col``, ``segments`` (per expert: ``expert``, ``text``),
     ``router``, ``scene`` (``null`` where the model named none), ``scene_confidence`` (the scene head's
-    probability for its best scene, or ``null``), ``model_id``, ``backend`` and, with ``timing``, ``seconds`` (the tile's
-    share of its batch's wall time: journalled with the tile, but left out by default because it
-    differs between runs). The journal is deleted after a successful run unless ``keep_journal``.
+    probability for its best scene, or ``null``), ``model_id``, ``backend`` and, with ``timing``,
+    ``seconds`` (the tile's share of its batch's wall time: journalled with the tile, but left out by
+    default because it differs between runs). The journal is deleted after a successful run unless ``keep_journal``.
 
 Service (:class:`JobManager`)
     Jobs queue and run one at a time in a worker thread over the service's one pipeline; interactive
