@@ -49,7 +49,8 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
         raise UserInputError(f"{args.scenes} names no image of the {args.split!r} split")
     right = right_scene_images(records, scenes)
     return {"scenes_from": str(args.scenes), "split": args.split,
-            "models": {str(path): scene_split(records, right, read_json(path, "captions file")) for path in args.captions}}
+            "models": {str(path): scene_split(records, right, read_json(path, "captions file"))
+                       for path in args.captions}}
 
 
 def main(argv: list[str] | None = None) -> int:
