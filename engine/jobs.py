@@ -339,9 +339,8 @@ def _annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, gro
         extra: dict[str, Any] = {"row": tile.row, "col": tile.col}
         res = results.get(i)
         if res is not None:
-            result = res.to_dict()
             extra.update(segments=[{"expert": s.expert, "text": s.text} for s in res.segments],
-                         router=res.router, scene=res.plan.scene, scene_confidence=result["scene_confidence"])
+                         router=res.router, scene=res.plan.scene, scene_confidence=res.scene_confidence)
         else:
             extra.update(segments=None, router=None, scene=None, scene_confidence=None)
         extra.update(model_id=info.model_id, backend=info.backend)

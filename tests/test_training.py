@@ -486,7 +486,7 @@ def test_scene_gate_picks_the_threshold_with_the_best_val_cider(tmp_path: Path) 
     first, last = report["thresholds"][0], report["thresholds"][-1]
     assert first["neutral_images"] == 0 and last["neutral_images"] == 6
     assert first["CIDEr"] < report["best"]["CIDEr"] and last["CIDEr"] < report["best"]["CIDEr"]
-    (tmp_path / "neutral" / "scenes.json").unlink()
+    (tmp_path / "named" / "scenes.json").unlink()
     assert main(args) == 2  # a clear error, not a traceback
 
 

@@ -14,13 +14,13 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from engine.errors import InputNotFoundError, UserInputError
-from engine.model.routing import MoEInference
+from engine.model.routing import ModelResult, MoEInference
 from training.data.records import CaptionRecord
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,12 @@ def evaluate(args: EvaluateArgs) -> dict:
         model.config.vision.scene_min_confidence = args.scene_min_confidence
     started = time.perf_counter()
     predictions: dict[int, str] = {}
-    segments: dict[int, list[dict]] = {}
-    scenes: dict[int, str | None] = {}
-    confidences: dict[int, float | None] = {}
+    results: dict[int, ModelResult] = {}
     for start in tqdm(range(0, len(records), args.batch_size), desc=f"captioning {args.split}", unit="batch"):
         chunk = records[start:start + args.batch_size]
         for record, result in zip(chunk, model.caption([r.image_path for r in chunk], style=args.style)):
             predictions[record.image_id] = result.text
-            segments[record.image_id] = result.to_dict()["segments"]
-            scenes[record.image_id] = result.plan.scene
-            confidences[record.image_id] = result.plan.scene_confidence
+            results[record.image_id] = result
     caption_seconds = time.perf_counter() - started
     metrics: dict = {
         "model": str(args.model or "embedded rsmoe-lite"), "model_id": model.config.model_id,
@@ -104,7 +100,7 @@ def evaluate(args: EvaluateArgs) -> dict:
         "images": len(records), "router": model.router_kind,
         "captions": caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=args.meteor),
         "caption_seconds": round(caption_seconds, 1),
-        "scene": scene_accuracy(records, scenes, model),
+        "scene": scene_accuracy(records, {i: r.plan.scene for i, r in results.items()}, model),
         "scene_min_confidence": model.config.vision.scene_min_confidence,
     }
     if args.vqa:
@@ -128,9 +124,10 @@ def evaluate(args: EvaluateArgs) -> dict:
         (args.out / "answers.json").write_text(json.dumps(answer_rows, indent=1))
     (args.out / "captions.json").write_text(json.dumps(
         [{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))
-    (args.out / "segments.json").write_text(json.dumps({str(k): v for k, v in segments.items()}, indent=1))
-    (args.out / "scenes.json").write_text(json.dumps(
-        {str(k): {"scene": scenes[k], "confidence": confidences[k]} for k in predictions}, indent=1))
+    (args.out / "segments.json").write_text(json.dumps(
+        {str(k): [asdict(s) for s in r.segments] for k, r in results.items()}, indent=1))
+    (args.out / "scenes.json").write_text(json.dumps(  # unrounded: training.scene_gate's thresholds are exact
+        {str(k): {"scene": r.plan.scene, "confidence": r.plan.scene_confidence} for k, r in results.items()}, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log.info("wrote %s", args.out / "metrics.json")
     return metrics

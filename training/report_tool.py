@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserInputError
+from training.data.loaders import read_json
 
 log = logging.getLogger(__name__)
 
@@ -26,3 +27,12 @@ def run_report_tool(build: Callable[[], dict[str, Any]], out: Path | None) -> in
         out.write_text(text)
     sys.stdout.write(text + "\n")
     return 0
+
+
+def read_captions(path: Path) -> dict[int, str]:
+    """A captions file in the COCO results format (``[{"image_id", "caption"}]``) as image id -> caption."""
+    rows = read_json(path, "captions file")
+    try:
+        return {int(row["image_id"]): str(row["caption"]) for row in rows}
+    except (TypeError, KeyError, ValueError) as exc:
+        raise UserInputError(f"{path} is not a COCO results file ([{{image_id, caption}}]): {exc}") from exc

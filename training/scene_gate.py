@@ -20,7 +20,7 @@ from engine.errors import UserInputError
 from training.data import load_karpathy
 from training.data.loaders import read_json
 from training.metrics import per_image_cider
-from training.report_tool import run_report_tool
+from training.report_tool import read_captions, run_report_tool
 
 #: Thresholds tried: 0, 0.05, ..., 1.
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
@@ -37,15 +37,9 @@ def gate_scores(named: dict[int, float], neutral: dict[int, float], confidence: 
     return rows
 
 
-def _run_files(run: Path) -> tuple[dict[int, str], dict[str, Any]]:
-    captions = read_json(run / "captions.json", "captions file")
-    scenes = read_json(run / "scenes.json", "scenes file (written by rsmoe evaluate)")
-    return {int(row["image_id"]): str(row["caption"]) for row in captions}, scenes
-
-
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    named, scenes = _run_files(args.named)
-    neutral, _ = _run_files(args.neutral)
+    named, neutral = read_captions(args.named / "captions.json"), read_captions(args.neutral / "captions.json")
+    scenes = read_json(args.named / "scenes.json", "scenes file (written by rsmoe evaluate)")
     if set(named) != set(neutral):
         raise UserInputError(f"{args.named} and {args.neutral} caption different images")
     missing = [i for i in named if (scenes.get(str(i)) or {}).get("confidence") is None]

@@ -19,7 +19,7 @@ from training.data.loaders import read_json
 from training.data.records import CaptionRecord
 from training.data.vocab import class_phrase
 from training.metrics import per_image_cider
-from training.report_tool import run_report_tool
+from training.report_tool import read_captions, run_report_tool
 
 
 def right_scene_images(records: list[CaptionRecord], scenes: dict[str, dict]) -> set[int]:
@@ -28,9 +28,8 @@ def right_scene_images(records: list[CaptionRecord], scenes: dict[str, dict]) ->
             if class_phrase(r.class_name) and scenes[str(r.image_id)].get("scene") == class_phrase(r.class_name)}
 
 
-def scene_split(records: list[CaptionRecord], right: set[int], captions: list[dict]) -> dict[str, Any]:
-    """Mean per-image CIDEr of ``captions`` (COCO results format) over all, right-scene and wrong-scene images."""
-    predictions = {int(row["image_id"]): str(row["caption"]) for row in captions}
+def scene_split(records: list[CaptionRecord], right: set[int], predictions: dict[int, str]) -> dict[str, Any]:
+    """Mean per-image CIDEr of ``predictions`` (image id -> caption) over all, right-scene and wrong-scene images."""
     scores = per_image_cider(predictions, {r.image_id: r.captions for r in records})
     out: dict[str, Any] = {}
     for name, ids in (("all", list(scores)), ("right_scene", [i for i in scores if i in right]),
@@ -49,7 +48,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
         raise UserInputError(f"{args.scenes} names no image of the {args.split!r} split")
     right = right_scene_images(records, scenes)
     return {"scenes_from": str(args.scenes), "split": args.split,
-            "models": {str(path): scene_split(records, right, read_json(path, "captions file"))
+            "models": {str(path): scene_split(records, right, read_captions(path))
                        for path in args.captions}}
 
 

@@ -51,6 +51,12 @@ class ModelResult:
     router: str  # "generative" | "template"
     segments: list[ExpertOutput] = field(default_factory=list)
 
+    @property
+    def scene_confidence(self) -> float | None:
+        """The scene head's probability for its best scene, to 4 places (``None`` without a head)."""
+        confidence = self.plan.scene_confidence
+        return None if confidence is None else round(confidence, 4)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
@@ -58,8 +64,7 @@ class ModelResult:
             "style": self.style,
             "router": self.router,
             "scene": self.plan.scene,
-            "scene_confidence": (None if self.plan.scene_confidence is None
-                                 else round(self.plan.scene_confidence, 4)),
+            "scene_confidence": self.scene_confidence,
             "experts": list(self.plan.experts),
             "segments": [asdict(s) for s in self.segments],
         }
