@@ -11,12 +11,21 @@ Caption / ask
     A region is read once, downsampled (:meth:`RasterSource.read_overview`, longer side at most the
     model input size), encoded by the vision encoder and then captioned or questioned.
 
+Ground resolution
+    Every image goes to the model with the ground resolution it shows (:func:`seen_resolution`: metres per
+    pixel of the model input, i.e. the window's native ground resolution times its longer side over the
+    model input size): models conditioned on it (``resolution.prompt``) get it in their prompts, and every
+    result reports it (``model_resolution_m``, beside the native ``ground_resolution_m``) and says when it
+    lies outside the trained range (``uncertain``, ``uncertainty``). Images without georeferencing have an
+    unknown resolution unless the request gives their native one (``ImageInput.ground_resolution_m``).
+
 Feature cache (:class:`FeatureCache`)
     The vision encoder's output for every image read (its tokens, and the scene head's logits over the
     image's dihedral views) is kept in an LRU bounded in entries and
     bytes, keyed by raster identity (path + size + mtime, or a hash of the bytes) + window + read
     size + resolved bands + model. A follow-up question about the same region, or about a tile a
-    batch job has just captioned, skips the vision encoder.
+    batch job has just captioned, skips the vision encoder. The ground resolution is not part of the
+    key: it only shapes the prompts, which are built at every call.
 
 Batching and threads
     Images go through the model ``batch_size`` at a time. Every model call holds
@@ -34,6 +43,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from math import isfinite
 from typing import TYPE_CHECKING, Any, Hashable, Iterator, Sequence
 
 import numpy as np
@@ -76,6 +86,9 @@ class ImageInput:
         CRS of ``extent`` (``"EPSG:4326"``, WKT, ...).
     bands
         Band choice (see :class:`engine.raster.BandSelection`).
+    ground_resolution_m
+        Metres per pixel of the image as given (its native ground resolution), for images without
+        georeferencing (e.g. a map rendering); when given it is used instead of the raster's own.
     """
 
     path: str | None = None
@@ -84,6 +97,7 @@ class ImageInput:
     extent: tuple[float, float, float, float] | None = None
     extent_crs: str | None = None
     bands: BandSelection = field(default_factory=BandSelection)
+    ground_resolution_m: float | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.data is None):
@@ -110,6 +124,12 @@ class ImageInput:
             object.__setattr__(self, "bands", BandSelection.parse(self.bands))
         if self.path is not None:
             object.__setattr__(self, "path", str(self.path))
+        if self.ground_resolution_m is not None:
+            value = self.ground_resolution_m
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (isfinite(value) and value > 0):
+                raise UserInputError(f"the ground resolution must be a positive number of metres per pixel, "
+                                     f"got {value!r}")
+            object.__setattr__(self, "ground_resolution_m", float(value))
 
     @classmethod
     def of(cls, item: ImageInput | str | Path | bytes, **region: Any) -> ImageInput:
@@ -177,6 +197,15 @@ def resolve_window(source: RasterSource, inp: ImageInput) -> Window:
     if inp.extent is not None:
         return extent_to_window(source, inp.extent, inp.extent_crs)
     return source.full_window
+
+
+def seen_resolution(ground_resolution_m: float | None, width: int, height: int, image_size: int) -> float | None:
+    """The ground resolution the model sees (metres per pixel of its ``image_size`` input) for a window of
+    ``width`` x ``height`` pixels at ``ground_resolution_m`` metres per pixel: the read resamples the window's
+    longer side to the input size. None when the native resolution is unknown."""
+    if ground_resolution_m is None or not ground_resolution_m > 0:
+        return None
+    return float(ground_resolution_m) * max(int(width), int(height)) / float(image_size)
 
 
 def check_input(inp: ImageInput) -> Window:
@@ -334,21 +363,55 @@ def _fingerprint(config: Any, directory: Path | None, backend: str, dtype: str) 
 # Results
 # --------------------------------------------------------------------------------------------
 @dataclass
+class RegionRead:
+    """A region read for the model: the pixels, the cache key, facts about the source, and the region's
+    native ground resolution (metres per raster pixel at its centre, or given by the request)."""
+
+    read: TileRead
+    key: tuple[Hashable, ...]
+    source: dict[str, Any]
+    ground_resolution_m: float | None
+
+    @property
+    def image(self) -> np.ndarray:
+        assert self.read.image is not None
+        return self.read.image
+
+    def seen_resolution(self, image_size: int) -> float | None:
+        """Metres per pixel of the model input (see :func:`seen_resolution`)."""
+        window = self.read.window
+        return seen_resolution(self.ground_resolution_m, window.width, window.height, image_size)
+
+
+@dataclass
 class RegionResult:
-    """A caption or an answer about one region, with where it came from."""
+    """A caption or an answer about one region, with where it came from.
+
+    ``ground_resolution_m``: the region's native ground resolution (metres per raster pixel); the
+    resolution the model saw is the result's ``model_resolution_m``."""
 
     result: ModelResult
     window: Window
     source: dict[str, Any]
     cached: bool
     seconds: float
+    ground_resolution_m: float | None = None
 
     @property
     def text(self) -> str:
         return self.result.text
 
+    @property
+    def model_resolution_m(self) -> float | None:
+        return self.result.model_resolution_m
+
+    @property
+    def uncertain(self) -> bool:
+        return self.result.uncertain
+
     def to_dict(self) -> dict[str, Any]:
-        return {**self.result.to_dict(), "window": self.window.to_list(), "source": self.source,
+        return {**self.result.to_dict(), "ground_resolution_m": self.ground_resolution_m,
+                "window": self.window.to_list(), "source": self.source,
                 "cached": self.cached, "seconds": round(self.seconds, 3)}
 
 
@@ -439,44 +502,65 @@ class Pipeline:
         return (self.info.fingerprint, key)
 
     def caption_images(self, images: Sequence[np.ndarray], style: str = "concise",
-                       keys: Sequence[Hashable | None] | None = None) -> list[ModelResult]:
-        """Caption HxWx3 uint8 images, ``batch_size`` at a time."""
+                       keys: Sequence[Hashable | None] | None = None,
+                       resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
+        """Caption HxWx3 uint8 images, ``batch_size`` at a time; ``resolutions``: each image's ground resolution
+        as the model sees it (metres per pixel of the model input, None where unknown)."""
         _check_style(style)
-        return self._run(images, keys, lambda visual, logits, rows: self.model.caption_features(visual, style, logits))
+        return self._run(images, keys, resolutions, lambda visual, logits, rows, res: self.model.caption_features(
+            visual, style, logits, resolutions=res))
 
     def ask_images(self, images: Sequence[np.ndarray], questions: Sequence[str],
-                   keys: Sequence[Hashable | None] | None = None) -> list[ModelResult]:
-        """Answer one question per image, ``batch_size`` at a time."""
+                   keys: Sequence[Hashable | None] | None = None,
+                   resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
+        """Answer one question per image, ``batch_size`` at a time (``resolutions`` as for :meth:`caption_images`)."""
         if len(questions) != len(images):
             raise ValueError("one question per image")
-        return self._run(images, keys, lambda visual, logits, rows: self.model.ask_features(
-            visual, [questions[i] for i in rows], logits))
+        return self._run(images, keys, resolutions, lambda visual, logits, rows, res: self.model.ask_features(
+            visual, [questions[i] for i in rows], logits, resolutions=res))
 
-    def _run(self, images: Sequence[np.ndarray], keys: Sequence[Hashable | None] | None, call: Any) -> list[ModelResult]:
+    def _run(self, images: Sequence[np.ndarray], keys: Sequence[Hashable | None] | None,
+             resolutions: Sequence[float | None] | None, call: Any) -> list[ModelResult]:
         keys = list(keys) if keys is not None else [None] * len(images)
+        resolutions = list(resolutions) if resolutions is not None else [None] * len(images)
+        if len(keys) != len(images) or len(resolutions) != len(images):
+            raise ValueError("one cache key and one resolution per image (or None)")
+        config = self.model.config
         results: list[ModelResult] = []
         for start in range(0, len(images), self.batch_size):
             rows = list(range(start, min(start + self.batch_size, len(images))))
             visual, scene_logits = self.encode([images[i] for i in rows], [keys[i] for i in rows])
             with self.lock:
-                results.extend(call(visual, scene_logits, rows))
+                batch = call(visual, scene_logits, rows, [resolutions[i] for i in rows])
                 self.stats.language_calls += 1
+            results.extend(r.assess(config) for r in batch)
         return results
 
     # -- regions -----------------------------------------------------------------------------
-    def read_region(self, inp: ImageInput) -> tuple[TileRead, tuple[Hashable, ...], dict[str, Any]]:
-        """Read an input's region downsampled to the model input: (read, cache key, source facts)."""
+    def read_region(self, inp: ImageInput) -> RegionRead:
+        """Read an input's region downsampled to the model input, with its cache key, source facts and
+        native ground resolution (the request's, else the raster's at the region centre)."""
         with open_input(inp) as (source, identity):
             window = resolve_window(source, inp)
             read = source.read_overview(window, max_size=self.image_size)
             facts = source.describe()
             if inp.data is not None:
                 facts["path"] = None
+            native = inp.ground_resolution_m
+            if native is None:
+                native = source.ground_resolution_of(window)
             key = (identity, tuple(window.to_list()), tuple(source.band_indices),
                    None if read.image is None else read.image.shape[:2])
         if read.image is None:
             raise RasterError(f"window {window.to_list()} of {inp.label} holds no valid pixels (all nodata)")
-        return read, key, facts
+        return RegionRead(read, key, facts, native)
+
+    def _log_outside(self, region: RegionRead, label: str) -> None:
+        seen = region.seen_resolution(self.image_size)
+        side = self.model.config.resolution.outside(seen)
+        if side is not None:
+            log.info("%s is seen at %.3g m/px, %s than the model's trained range: the result says it is uncertain",
+                     label, seen, side)
 
     def caption(self, item: ImageInput | str | Path | bytes, style: str = "concise", **region: Any) -> RegionResult:
         """Caption a raster, an image, or a window / extent of it (a downsampled read)."""
@@ -487,29 +571,36 @@ class Pipeline:
         _check_style(style)
         start = time.perf_counter()
         inputs = [ImageInput.of(item) for item in items]
-        reads = [self.read_region(inp) for inp in inputs]
-        hits = [self._key(key) in self.cache for _, key, _ in reads]
-        results = self.caption_images([r.image for r, _, _ in reads], style, [key for _, key, _ in reads])
+        regions = [self.read_region(inp) for inp in inputs]
+        for inp, region in zip(inputs, regions):
+            self._log_outside(region, inp.label)
+        hits = [self._key(r.key) in self.cache for r in regions]
+        results = self.caption_images([r.image for r in regions], style, [r.key for r in regions],
+                                      [r.seen_resolution(self.image_size) for r in regions])
         seconds = (time.perf_counter() - start) / max(1, len(inputs))
-        return [RegionResult(res, read.window, facts, hit, seconds)
-                for res, (read, _, facts), hit in zip(results, reads, hits)]
+        return [RegionResult(res, r.read.window, r.source, hit, seconds, r.ground_resolution_m)
+                for res, r, hit in zip(results, regions, hits)]
 
     def ask(self, item: ImageInput | str | Path | bytes, question: str, **region: Any) -> RegionResult:
         """Answer a question about a raster, an image, or a window / extent of it."""
         check_question(question)
         start = time.perf_counter()
-        read, key, facts = self.read_region(ImageInput.of(item, **region))
-        hit = self._key(key) in self.cache
-        (result,) = self.ask_images([read.image], [question], [key])
-        return RegionResult(result, read.window, facts, hit, time.perf_counter() - start)
+        inp = ImageInput.of(item, **region)
+        part = self.read_region(inp)
+        self._log_outside(part, inp.label)
+        hit = self._key(part.key) in self.cache
+        (result,) = self.ask_images([part.image], [question], [part.key], [part.seen_resolution(self.image_size)])
+        return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
+                            part.ground_resolution_m)
 
     # -- batch annotation --------------------------------------------------------------------
-    def annotate(self, raster: str | Path, tiling: Any = "512", out: str | Path = "annotations.geojson",
+    def annotate(self, raster: str | Path, tiling: Any = None, out: str | Path = "annotations.geojson",
                  progress: ProgressCallback | None = None, cancel: CancelFlag | None = None,
                  **options: Any) -> AnnotateResult:
         """Caption every tile of a raster into a GeoJSON file (see :func:`engine.jobs.run_annotation`).
 
-        ``tiling`` is a tile size (``512``, ``"500m"``) or an :class:`engine.geo.TilingParams`;
+        ``tiling`` is a tile size (``512``, ``"500m"``; None: the model's default, see
+        :func:`engine.jobs.default_tile_size`) or an :class:`engine.geo.TilingParams`;
         ``options`` are further :class:`engine.jobs.AnnotateParams` fields.
         """
         from engine.geo import TilingParams

@@ -204,8 +204,8 @@ def test_scene_logits_of_the_views_are_cached_with_the_tokens(tiny_dir: Path) ->
     images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
     visual, logits = pipe.encode(images, keys=["a", "b", "c"])
     assert spy.calls == 4  # two batches, each: the image, then its 7 other views
-    expected_visual, expected_logits = model.encode(images)
-    assert torch.equal(visual, expected_visual) and torch.equal(logits, expected_logits)
+    expected_visual, expected_logits = model.encode(images)  # one batch of 3 against batches of 2 + 1: float noise
+    assert torch.allclose(visual, expected_visual, atol=1e-5) and torch.allclose(logits, expected_logits, atol=1e-5)
     assert not torch.allclose(logits, model.scene_logits(visual))  # the views, not the image alone
     calls = spy.calls
     again_visual, again_logits = pipe.encode(images[1:], keys=["b", "c"])
@@ -331,3 +331,130 @@ def test_onnx_backend_through_the_pipeline(pipeline: Pipeline, tmp_path: Path) -
     assert onnx.ask(S2, "how many fields?", window=Window(0, 0, 256, 256)).cached
     result = onnx.annotate(S2, 256, tmp_path / "onnx.geojson")
     assert result.captioned == 4
+
+
+# ------------------------------------------------------------------------------------------- ground resolution
+RESOLUTION_PROMPT = "Ground resolution {resolution} per pixel."
+
+
+@pytest.fixture(scope="module")
+def conditioned(tiny_dir: Path) -> Pipeline:  # noqa: F811
+    """The tiny model conditioned on the ground resolution, trained on 0.3-12 m/px (a new config: its own
+    fingerprint, so its own cache entries)."""
+    from engine.model import RSMoEModel
+    from engine.model.config import ResolutionConfig
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    model.config.resolution = ResolutionConfig(prompt=RESOLUTION_PROMPT, min_m=0.3, max_m=12.0, tile_m=20.0)
+    return Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=2)
+
+
+def test_seen_resolution_of_a_window_of_a_real_raster() -> None:
+    from engine.pipeline import seen_resolution
+    from engine.raster import RasterSource
+
+    with RasterSource(S2) as source:  # Sentinel-2, 10 m
+        window = Window(0, 0, 256, 256)
+        native = source.ground_resolution_of(window)
+        assert 9.99 < native < 10.02
+        assert seen_resolution(native, 256, 256, 224) == pytest.approx(native * 256 / 224)
+        assert round(seen_resolution(native, 256, 256, 224), 1) == 11.4  # a 256 px window read to 224 px
+        assert seen_resolution(native, 256, 128, 224) == seen_resolution(native, 128, 256, 224)  # the longer side
+        assert seen_resolution(native, 112, 112, 224) == pytest.approx(native / 2)  # upsampled: finer
+    with RasterSource(DATA / "usgs_3857.tif") as source:  # EPSG:3857, 0.2022 map-m = 0.1524 m on the ground
+        native = source.ground_resolution_of(Window(0, 0, 512, 512))
+        assert seen_resolution(native, 512, 512, 224) == pytest.approx(0.1524 * 512 / 224, rel=0.01)
+    assert seen_resolution(None, 256, 256, 224) is None
+
+
+def test_results_report_native_and_seen_resolution(fresh: Pipeline) -> None:
+    size = fresh.image_size
+    res = fresh.caption(S2, window=Window(0, 0, 256, 128))
+    d = res.to_dict()
+    assert 9.99 < d["ground_resolution_m"] < 10.02
+    assert d["model_resolution_m"] == float(f"{d['ground_resolution_m'] * 256 / size:.3g}")  # 3 significant figures
+    assert res.result.plan.resolution_m == pytest.approx(d["ground_resolution_m"] * 256 / size)
+    assert d["uncertain"] is False and d["uncertainty"] == []  # the tiny model has no trained range
+    png = (DATA / "s2_plain.png").read_bytes()
+    plain = fresh.caption(png).to_dict()
+    assert plain["ground_resolution_m"] is None and plain["model_resolution_m"] is None  # unknown
+    told = fresh.ask(png, "what is this?", ground_resolution_m=0.5).to_dict()  # 256 px at 0.5 m
+    assert told["ground_resolution_m"] == 0.5 and told["model_resolution_m"] == float(f"{0.5 * 256 / size:.3g}")
+    with pytest.raises(UserInputError, match="ground resolution"):
+        ImageInput(data=png, ground_resolution_m=-1.0)
+
+
+def test_resolution_reaches_the_prompts_also_from_the_cache(conditioned: Pipeline) -> None:
+    config = conditioned.model.config
+    size = conditioned.image_size
+    res = conditioned.caption(S2, window=Window(0, 0, 256, 256), style="detailed")
+    seen = res.result.plan.resolution_m
+    phrase = config.resolution.phrase(seen)
+    assert phrase.startswith("Ground resolution about ") and seen == pytest.approx(10.0 * 256 / size, rel=0.01)
+    assert res.result.segments and all(s.prompt.startswith(phrase) for s in res.result.segments)
+    answer = conditioned.ask(S2, "how many fields are there?", window=Window(0, 0, 256, 256))
+    assert answer.cached and answer.result.segments[0].prompt.startswith(phrase)
+    png = (DATA / "s2_plain.png").read_bytes()
+    unknown = conditioned.caption(png)
+    assert not any(s.prompt.startswith("Ground resolution") for s in unknown.result.segments)
+    told = conditioned.caption(png, ground_resolution_m=0.05)  # the same pixels, from the cache, another resolution
+    assert told.cached and told.result.plan.resolution_m == pytest.approx(0.05 * 256 / size)
+    fine = config.resolution.phrase(0.05 * 256 / size)
+    assert fine != phrase and all(s.prompt.startswith(fine) for s in told.result.segments)
+
+
+def test_uncertain_when_the_resolution_is_outside_the_trained_range(conditioned: Pipeline) -> None:
+    size = conditioned.image_size
+    png = (DATA / "s2_plain.png").read_bytes()  # 256 px
+    inside = conditioned.caption(png, ground_resolution_m=4 * size / 256).to_dict()  # seen 4 m/px
+    assert inside["model_resolution_m"] == 4.0 and inside["uncertain"] is False and inside["uncertainty"] == []
+    fine = conditioned.caption(png, ground_resolution_m=0.05 * size / 256).to_dict()  # seen 0.05 m/px
+    assert fine["uncertain"] is True
+    assert fine["uncertainty"] == ["resolution 0.05 m/px is finer than the trained range 0.3-12 m/px"]
+    coarse = conditioned.ask(S2, "is there water?", window=Window(0, 0, 256, 256)).to_dict()  # ~80 m/px seen
+    assert coarse["uncertain"] is True and "coarser than the trained range 0.3-12 m/px" in coarse["uncertainty"][0]
+    edge = conditioned.caption(png, ground_resolution_m=0.25 * size / 256).to_dict()  # within 1.5x of 0.3
+    assert edge["uncertain"] is False
+
+
+def test_uncertainty_reasons() -> None:
+    from engine.model.config import ResolutionConfig, RSMoEConfig
+    from engine.model.router_plan import RouterPlan
+    from engine.model.routing import ModelResult, uncertainty_reasons
+
+    config = RSMoEConfig.variant("lite")
+    config.vision.scene_min_confidence = 0.8
+    config.resolution = ResolutionConfig(min_m=0.3, max_m=12.0)
+    assert uncertainty_reasons(config, RouterPlan(scene=None, scene_confidence=0.41)) == ["scene unsure (0.41)"]
+    assert uncertainty_reasons(config, RouterPlan(scene="beach", scene_confidence=0.8)) == []
+    assert uncertainty_reasons(config, RouterPlan()) == []  # no scene head, resolution unknown
+    both = uncertainty_reasons(config, RouterPlan(scene="beach", scene_confidence=0.5, resolution_m=0.0512))
+    assert both == ["scene unsure (0.50)", "resolution 0.0512 m/px is finer than the trained range 0.3-12 m/px"]
+    config.vision.scene_min_confidence = 0.0  # no gate: the head is never "unsure"
+    config.resolution = ResolutionConfig()  # an old model: no range
+    assert uncertainty_reasons(config, RouterPlan(scene_confidence=0.1, resolution_m=1000.0)) == []
+    result = ModelResult("a beach.", "caption", "concise", RouterPlan(scene_confidence=0.3), "generative")
+    d = result.to_dict()
+    assert d["uncertain"] is False and d["uncertainty"] == [] and d["scene_confidence"] == 0.3  # not assessed yet
+    config.vision.scene_min_confidence = 0.5
+    d = result.assess(config).to_dict()
+    assert d["uncertain"] is True and d["uncertainty"] == ["scene unsure (0.30)"] and d["scene"] is None
+
+
+def test_scene_unsure_makes_the_result_uncertain(tiny_dir: Path) -> None:  # noqa: F811
+    import torch
+
+    from engine.model import RSMoEModel
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    torch.manual_seed(1)
+    model.set_scene_head(["beach", "forest", "harbor"], torch.nn.Linear(model.vision.num_features, 3))
+    model.config.vision.scene_min_confidence = 0.99  # three random classes: the head is never that sure
+    pipe = Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=2)
+    for res in (pipe.caption(S2, window=Window(0, 0, 128, 128), style="concise"),
+                pipe.ask(S2, "is this a beach?", window=Window(0, 0, 128, 128))):
+        d = res.to_dict()
+        assert d["scene_confidence"] < 0.99 and d["uncertain"] is True
+        assert d["uncertainty"] == [f"scene unsure ({d['scene_confidence']:.2f})"]
+    model.config.vision.scene_min_confidence = 0.0
+    assert pipe.caption(S2, window=Window(0, 0, 128, 128)).to_dict()["uncertain"] is False

@@ -40,9 +40,37 @@ class ExpertOutput:
     text: str
 
 
+def round_resolution(resolution_m: float | None) -> float | None:
+    """A ground resolution as results report it: 3 significant figures (None stays None)."""
+    return None if resolution_m is None else float(f"{resolution_m:.3g}")
+
+
+def uncertainty_reasons(config: RSMoEConfig, plan: RouterPlan) -> list[str]:
+    """Why a result may be wrong, in short phrases (empty: nothing known against it).
+
+    ``"scene unsure (0.41)"`` where the scene head's probability is below ``vision.scene_min_confidence``;
+    ``"resolution 0.05 m/px is finer than the trained range 0.3-12 m/px"`` where the seen ground resolution
+    lies more than 1.5x outside ``resolution.min_m`` .. ``resolution.max_m``."""
+    reasons = []
+    confidence = plan.scene_confidence
+    if confidence is not None and confidence < config.vision.scene_min_confidence:
+        reasons.append(f"scene unsure ({confidence:.2f})")
+    res = config.resolution
+    side = res.outside(plan.resolution_m)
+    if side is not None:
+        low = "?" if res.min_m is None else f"{res.min_m:g}"
+        high = "?" if res.max_m is None else f"{res.max_m:g}"
+        reasons.append(f"resolution {round_resolution(plan.resolution_m):g} m/px is {side} than the trained range "
+                       f"{low}-{high} m/px")
+    return reasons
+
+
 @dataclass
 class ModelResult:
-    """A caption or an answer with its provenance (router plan and per-expert segments)."""
+    """A caption or an answer with its provenance (router plan and per-expert segments).
+
+    ``uncertainty`` lists why the result may be wrong (:func:`uncertainty_reasons`, filled by :meth:`assess`);
+    ``uncertain`` is true when it is not empty."""
 
     text: str
     task: str  # "caption" | "ask"
@@ -50,12 +78,27 @@ class ModelResult:
     plan: RouterPlan
     router: str  # "generative" | "template"
     segments: list[ExpertOutput] = field(default_factory=list)
+    uncertainty: list[str] = field(default_factory=list)
 
     @property
     def scene_confidence(self) -> float | None:
         """The scene head's probability for its best scene, to 4 places (``None`` without a head)."""
         confidence = self.plan.scene_confidence
         return None if confidence is None else round(confidence, 4)
+
+    @property
+    def uncertain(self) -> bool:
+        return bool(self.uncertainty)
+
+    @property
+    def model_resolution_m(self) -> float | None:
+        """The ground resolution the model saw (metres per input pixel), to 3 significant figures."""
+        return round_resolution(self.plan.resolution_m)
+
+    def assess(self, config: RSMoEConfig) -> ModelResult:
+        """Fill :attr:`uncertainty` from the model's config (scene threshold, trained resolution range)."""
+        self.uncertainty = uncertainty_reasons(config, self.plan)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +110,9 @@ class ModelResult:
             "scene_confidence": self.scene_confidence,
             "experts": list(self.plan.experts),
             "segments": [asdict(s) for s in self.segments],
+            "model_resolution_m": self.model_resolution_m,
+            "uncertain": self.uncertain,
+            "uncertainty": list(self.uncertainty),
         }
 
 
