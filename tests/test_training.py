@@ -281,7 +281,10 @@ def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["split"] == "test"
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(metrics["captions"])
-    assert metrics["scene"] == {"source": "none (template router)", "images": 3, "accuracy": None}
+    assert metrics["plan_scene"] == {"source": "none (template router)", "images": 3, "accuracy": None}
+    # UCM's images have a class: no scene head, so no class predictions (the error says so), captions written
+    assert metrics["scene"]["accuracy"] is None and "no scene head" in metrics["scene"]["error"]
+    assert not (out / "predictions.json").exists()
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) == metrics["vqa"]["count"] > 0
     assert {"question", "answer", "prediction", "question_type"} <= set(answers[0])
@@ -380,7 +383,8 @@ def test_one_stage2_step_trains_every_adapter_it_has_rows_for(tiny_init: Path, t
 
 
 def test_evaluate_scores_the_scene_that_the_scene_head_names(tiny_init: Path, tmp_path: Path) -> None:
-    """With a trained router and a scene head, metrics.json scores the plans' scenes against the classes."""
+    """With a trained router and a scene head, metrics.json scores the plans' scenes (``plan_scene``) and the
+    head's classes (``scene``, argmax among the set's classes, written to predictions.json) against the classes."""
     from engine.cli import main
     from tests.tiny_models import randomize_adapters
 
@@ -400,8 +404,11 @@ def test_evaluate_scores_the_scene_that_the_scene_head_names(tiny_init: Path, tm
     test = [i for i in dataset["images"] if i["split"] == "test"]
     records = {r.image_id: r for r in load_ucm_captions(SHARED / "ucm_captions", split="test")}
     expected = sum(records[test[k]["imgid"]].class_name == "agricultural" for k in (0, 70, 140)) / 3
-    assert metrics["scene"] == {"source": "scene head", "images": 3, "accuracy": round(expected, 4), "named": 3}
+    assert metrics["plan_scene"] == {"source": "scene head", "images": 3, "accuracy": round(expected, 4), "named": 3}
+    assert metrics["scene"]["accuracy"] == round(expected, 4) and metrics["scene"]["images"] == 3
     assert expected > 0  # the split is class-ordered: its first image is agricultural
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions == [{"filename": test[k]["filename"], "class": "agricultural"} for k in (0, 70, 140)]
     head_probability = math.exp(1.0) / (1.0 + math.exp(1.0))
     scenes = json.loads((out / "scenes.json").read_text())
     assert [s["scene"] for s in scenes.values()] == ["agricultural area"] * 3
@@ -413,7 +420,9 @@ def test_evaluate_scores_the_scene_that_the_scene_head_names(tiny_init: Path, tm
                  "--scene-min-confidence", "0.8"]) == 0
     assert [s["scene"] for s in json.loads((gated / "scenes.json").read_text()).values()] == [None] * 3
     metrics = json.loads((gated / "metrics.json").read_text())
-    assert metrics["scene_min_confidence"] == 0.8 and metrics["scene"]["accuracy"] == metrics["scene"]["named"] == 0
+    assert metrics["scene_min_confidence"] == 0.8
+    assert metrics["plan_scene"]["accuracy"] == metrics["plan_scene"]["named"] == 0
+    assert metrics["scene"]["accuracy"] == round(expected, 4)  # the head's classes are not gated
     assert main(["-q", "evaluate", "--model", str(tmp_path / "m"), "--data", str(SHARED / "ucm_captions"),
                  "--split", "test", "--out", str(tmp_path / "bad"), "--limit", "3", "--no-meteor",
                  "--scene-min-confidence", "2"]) == 2

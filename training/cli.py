@@ -18,14 +18,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="ablation: train the experts from scratch in one stage (no dense initialisation)")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("evaluate", help="caption a data split and score it (BLEU, METEOR, ROUGE-L, CIDEr)")
+    p = subparsers.add_parser(
+        "evaluate", help="run a model over a data split and score it: captions (BLEU, METEOR, ROUGE-L, CIDEr), "
+                         "classes (scene head accuracy) or RSVQA answers (accuracy per type)")
     add_model_options(p)
-    p.add_argument("--data", type=Path, required=True, help="a folder with dataset.json + images/ (Karpathy format)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="a data set folder, format detected: dataset.json + images/ (Karpathy captions and/or "
+                        "classes: UCM, AID, EuroSAT) or an RSVQA split folder "
+                        "(<prefix>split_<split>_*.json + images/)")
     p.add_argument("--split", default="test")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: metrics.json + captions.json / predictions.json / answers.json")
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced over the split (all classes)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only N images, evenly spaced over the split (all classes; RSVQA: all questions of N images)")
     p.add_argument("--vqa", action="store_true", help="also score the UCM-derived VQA questions of the split")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a JVM)")
     p.add_argument("--scene-min-confidence", type=float, default=None, metavar="P",
@@ -50,10 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import EvaluateArgs, evaluate
+    from training.evaluate import EvaluateArgs, evaluate, summary
 
     metrics = evaluate(EvaluateArgs(args.model, args.data, args.split, args.out, args.style, args.backend,
                                     args.device, args.batch_size, args.limit, args.vqa, not args.no_meteor,
                                     args.dtype, args.scene_min_confidence))
-    sys.stdout.write(json.dumps(metrics["captions"]) + "\n")
+    sys.stdout.write(json.dumps(summary(metrics)) + "\n")
     return 0

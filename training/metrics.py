@@ -19,11 +19,19 @@ skips it).
 VQA: exact match after :func:`normalize_answer` (lower-case, punctuation stripped, articles dropped, number
 words -> digits); a gold ``yes``/``no`` is compared with the first word of the prediction ("Yes, there is"
 counts as yes). Missing predictions count as wrong and are reported.
+
+RSVQA (:func:`rsvqa_accuracy`): the generated text is first put into the dataset's own answer vocabulary by
+:func:`normalize_rsvqa_answer`, per question type (``presence`` / ``comp``: ``yes`` | ``no``; ``rural_urban``:
+``rural`` | ``urban``; ``count``: an integer such as ``3``; ``area``: square metres such as ``120m2``), then
+counts and areas are right when they fall in the reference's RSVQA bucket (0, 1-10, 11-100, 101-1000, >1000;
+:func:`rsvqa_bucket`) and the other types on exact match. Accuracy is reported per type, as the average over
+the types (RSVQA's "AA") and over all questions ("OA").
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import shutil
 import subprocess
 import tempfile
@@ -267,4 +275,205 @@ def vqa_accuracy(records: Sequence[VQARecord], predictions: Mapping[Any, str]) -
         "count": n,
         "per_type_count": dict(sorted(total.items())),
         "missing": missing,
+    }
+
+
+
+# --------------------------------------------------------------------------- RSVQA
+#: RSVQA question types and the answer each gets when the generated text names none (the commoner or the
+#: safest answer: ``no``, ``rural``, ``0``, ``0m2``).
+RSVQA_DEFAULTS: dict[str, str] = {"presence": "no", "comp": "no", "rural_urban": "rural", "count": "0", "area": "0m2"}
+#: Upper bounds of the RSVQA buckets for counts and areas: 0, 1-10, 11-100, 101-1000, >1000.
+RSVQA_BUCKETS: tuple[float, ...] = (0, 10, 100, 1000)
+NUMERIC_TYPES: frozenset[str] = frozenset({"count", "area"})
+
+_YES = frozenset({"yes", "yeah", "yep", "true", "correct", "indeed", "certainly"})
+_NO = frozenset({"no", "not", "none", "nothing", "nope", "false", "neither", "nor", "zero", "0", "without",
+                 "isnt", "arent", "dont", "doesnt", "cannot", "cant", "absent", "never"})
+_AFFIRM = frozenset({"there", "is", "are", "present", "exists", "exist", "has", "have", "some", "more", "less",
+                     "fewer"})
+_URBAN = frozenset({"urban", "suburban", "city", "town", "downtown", "built", "residential"})
+_RURAL = frozenset({"rural", "countryside", "village", "farmland", "farmlands", "agricultural", "farm", "farms",
+                    "fields", "field", "forest", "meadow", "cropland"})
+_SMALL_NUMBERS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())} | {"single": 1}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
+_AREA_UNITS = {"unitkm": 1_000_000.0, "unitha": 10_000.0, "unitm": 1.0}
+# spellings of area units -> placeholder tokens (km before m; "m2" inside "120m2" too)
+_UNIT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?:(?<![a-z])km\s*(?:2|\u00b2|\^2)|sq\.?\s*km\b|square\s+kilomet(?:er|re)s?)"), " unitkm "),
+    (re.compile(r"(?:\bhectares?\b|(?<=\d)\s*ha\b)"), " unitha "),
+    (re.compile(r"(?:(?<![a-z])m\s*(?:2|\u00b2|\^2)(?!\d)|\bsq\.?\s*m\b|\bsqm\b|square\s+met(?:er|re)s?"
+                r"|(?<=\d)\s*m\b)"), " unitm "),
+)
+_TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+|[a-z]+")
+
+
+def _number_tokens(text: str) -> list[str]:
+    text = str(text).lower().replace("\u2019", "").replace("'", "")
+    for pattern, token in _UNIT_PATTERNS:
+        text = pattern.sub(token, text)
+    return _TOKEN.findall(text)
+
+
+def _is_digits(token: str) -> bool:
+    return token[:1].isdigit() or (token[:1] == "." and token[1:2].isdigit())
+
+
+def _is_number_word(tokens: Sequence[str], i: int) -> bool:
+    t = tokens[i]
+    if t in _SMALL_NUMBERS or t in _TENS:
+        return True
+    follows = tokens[i + 1] if i + 1 < len(tokens) else ""
+    return t in ("a", "an") and (follows in _SCALES or follows == "dozen")
+
+
+def _number_at(tokens: Sequence[str], i: int) -> tuple[float, int]:
+    """The number starting at ``tokens[i]`` (digits, or number words such as "twenty three", "a hundred",
+    "two thousand five hundred") and the index after it; "1.2 thousand" scales too."""
+    if _is_digits(tokens[i]):
+        value, j = float(tokens[i].replace(",", "")), i + 1
+        if j < len(tokens) and tokens[j] in _SCALES:
+            value, j = value * _SCALES[tokens[j]], j + 1
+        return value, j
+    total, current, j = 0.0, 0.0, i
+    if tokens[j] in ("a", "an"):
+        current, j = 1.0, j + 1
+    while j < len(tokens):
+        word = tokens[j]
+        if word in _SMALL_NUMBERS:
+            current += _SMALL_NUMBERS[word]
+        elif word in _TENS:
+            current += _TENS[word]
+        elif word == "dozen":
+            current = (current or 1.0) * 12
+        elif word == "hundred":
+            current = (current or 1.0) * 100
+        elif word in _SCALES:
+            total, current = total + (current or 1.0) * _SCALES[word], 0.0
+        elif not (word == "and" and j + 1 < len(tokens) and _is_number_word(tokens, j + 1)):
+            break
+        j += 1
+    return total + current, j
+
+
+def parse_quantity(text: str) -> tuple[float, str | None] | None:
+    """The first number in ``text`` and the area unit placeholder right after it (``unitm``, ``unitha``,
+    ``unitkm`` or None); None when the text holds no number."""
+    tokens = _number_tokens(text)
+    for i in range(len(tokens)):
+        if _is_digits(tokens[i]) or _is_number_word(tokens, i):
+            value, j = _number_at(tokens, i)
+            unit = tokens[j] if j < len(tokens) and tokens[j] in _AREA_UNITS else None
+            return value, unit
+    return None
+
+
+def _first_of(words: Sequence[str], *groups: frozenset[str]) -> int | None:
+    """Which group the earliest word of ``words`` that is in one of ``groups`` belongs to."""
+    for word in words:
+        for k, group in enumerate(groups):
+            if word in group:
+                return k
+    return None
+
+
+def normalize_rsvqa_answer(text: str, question_type: str) -> str:
+    """A generated (or reference) answer in RSVQA's own vocabulary for its question type.
+
+    - ``presence`` / ``comp``: ``yes`` | ``no``. A leading yes-word or no-word decides ("Yes, there is." ->
+      ``yes``); else any negation ("there are no buildings", "none") -> ``no``; else a statement of presence
+      or comparison ("There is a road.", "more roads") -> ``yes``; else ``no``.
+    - ``rural_urban``: ``rural`` | ``urban``, from the first word that names either ("an urban area", "a
+      city", "countryside"; "not urban" -> ``rural``); else ``rural``.
+    - ``count``: the first number as an integer, digits or words ("There are about twelve buildings" ->
+      ``12``, "1,200" -> ``1200``); no number: a negation -> ``0``, "there is a/an ..." -> ``1``, else ``0``.
+    - ``area``: the first number in square metres, rounded, with RSVQA's ``m2`` suffix ("about 120 m2", "120
+      square metres", "120m²" -> ``120m2``; "2 hectares" -> ``20000m2``; "0.5 km2" -> ``500000m2``; a bare
+      number counts as m2); no number -> ``0m2``.
+    - any other type: :func:`normalize_answer`.
+    The function is idempotent: a reference answer ("yes", "3", "120m2") maps to itself.
+    """
+    question_type = str(question_type)
+    words = normalize_caption(text).split()
+    if question_type in ("presence", "comp"):
+        if words and words[0] in _YES:
+            return "yes"
+        if words and words[0] in _NO:
+            return "no"
+        if any(w in _NO for w in words):
+            return "no"
+        if any(w in _YES or w in _AFFIRM for w in words):
+            return "yes"
+        return RSVQA_DEFAULTS[question_type]
+    if question_type == "rural_urban":
+        for i, word in enumerate(words):
+            negated = i > 0 and words[i - 1] in ("not", "non", "nor")
+            if word in _URBAN:
+                return "rural" if negated else "urban"
+            if word in _RURAL:
+                return "urban" if negated else "rural"
+        return RSVQA_DEFAULTS["rural_urban"]
+    if question_type in NUMERIC_TYPES:
+        quantity = parse_quantity(text)
+        if quantity is None:  # "there is a house": one; anything else without a number: the default 0
+            one = re.search(r"\bthere\s+is\s+(?:a|an)\b", " ".join(words)) and not any(w in _NO for w in words)
+            value = 1.0 if question_type == "count" and one else 0.0
+        else:
+            value = quantity[0] * (_AREA_UNITS[quantity[1]] if question_type == "area" and quantity[1] else 1.0)
+        number = str(int(round(max(value, 0.0))))
+        return number + "m2" if question_type == "area" else number
+    return normalize_answer(text)
+
+
+def rsvqa_bucket(value: float) -> int:
+    """RSVQA's bucket of a count or an area: 0 -> 0, 1-10 -> 1, 11-100 -> 2, 101-1000 -> 3, >1000 -> 4."""
+    if value <= 0:
+        return 0
+    for k, upper in enumerate(RSVQA_BUCKETS[1:], start=1):
+        if value <= upper:
+            return k
+    return len(RSVQA_BUCKETS)
+
+
+def rsvqa_answers_match(prediction: str, gold: str, question_type: str) -> bool:
+    """Both sides normalised for the type; counts and areas by bucket, the rest by exact match."""
+    p = normalize_rsvqa_answer(prediction, question_type)
+    g = normalize_rsvqa_answer(gold, question_type)
+    if question_type in NUMERIC_TYPES:
+        return rsvqa_bucket(float(p.removesuffix("m2"))) == rsvqa_bucket(float(g.removesuffix("m2")))
+    return p == g
+
+
+def rsvqa_accuracy(records: Sequence[VQARecord], predictions: Mapping[Any, str]) -> dict[str, Any]:
+    """RSVQA accuracy: ``per_type`` ({type: accuracy}), ``average`` (the mean over types, RSVQA's AA),
+    ``overall`` (over all questions, OA), ``count``, ``per_type_count``, ``missing`` (no prediction: wrong)
+    and the ``buckets`` counts and areas are scored in. ``predictions`` maps ``question_id`` to an answer
+    (raw or already normalised)."""
+    if not records:
+        raise UserInputError("no RSVQA questions to score")
+    by_str = {str(k): v for k, v in predictions.items()}
+    correct: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    missing = 0
+    for r in records:
+        pred = predictions.get(r.question_id, by_str.get(str(r.question_id)))
+        total[r.question_type] += 1
+        if pred is None:
+            missing += 1
+        elif rsvqa_answers_match(pred, r.answer, r.question_type):
+            correct[r.question_type] += 1
+    if missing:
+        log.warning("%d of %d questions have no prediction (counted as wrong)", missing, len(records))
+    per_type = {t: correct[t] / total[t] for t in sorted(total)}
+    return {
+        "average": sum(per_type.values()) / len(per_type),
+        "overall": sum(correct.values()) / sum(total.values()),
+        "per_type": per_type,
+        "count": sum(total.values()),
+        "per_type_count": dict(sorted(total.items())),
+        "missing": missing,
+        "buckets": "count and area: 0, 1-10, 11-100, 101-1000, >1000",
     }
