@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="vision-feature cache (overrides the config's)")
     p.add_argument("--one-stage", action="store_true",
                    help="ablation: train the experts from scratch in one stage (no dense initialisation)")
+    p.add_argument("--until", choices=["vision", "stage1", "stage2"], default="stage2",
+                   help="stop after this stage (vision = stage 0); the same command without it resumes")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
@@ -51,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.cache_dir = str(args.cache_dir)
     if args.one_stage:
         config.one_stage = True
-    final = train(config)
+    final = train(config, until=args.until)
     sys.stdout.write(f"trained model: {final}\n")
     return 0
 

@@ -41,6 +41,8 @@ class VisionTuningConfig:
     label_smoothing: float = 0.1
     dropout: float = 0.2
     max_val_images: int | None = None  # val images whose accuracy selects the epoch (None = the whole split)
+    max_train_per_set: dict[str, int] = field(default_factory=dict)  # e.g. {eurosat: 4000}: evenly spaced
+    max_val_per_set: dict[str, int] = field(default_factory=dict)
     scene_views: int = 1  # dihedral views the scene head averages at inference (the model's vision.scene_views)
 
 
@@ -48,7 +50,13 @@ class VisionTuningConfig:
 class DataConfig:
     """Where the data is and how much of it to use."""
 
-    ucm: str = "../shared/data/ucm_captions"
+    ucm: str | None = "../shared/data/ucm_captions"
+    aid: str | None = None  # AID scenes with RSICD's human captions (class-labelled Karpathy folder)
+    eurosat: str | None = None  # EuroSAT RGB (class-labelled folder, no captions: derived ones)
+    rsvqa_lr: str | None = None  # RSVQA-LR in the official split format
+    rsvqa_hr: str | None = None  # RSVQA-HR in the official split format
+    max_train_per_set: dict[str, int] = field(default_factory=dict)  # stages 1-2: images per set (evenly spaced)
+    max_val_per_set: dict[str, int] = field(default_factory=dict)  # val images per set scored after each epoch
     augment_variants: int = 8  # dihedral variants of each train image with cached features (1 = none)
     max_train_images: int | None = None
     max_val_images: int | None = 60  # val images captioned after each epoch for model selection
@@ -121,3 +129,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def set_roots(self) -> dict[str, str | None]:
+        """The configured sets' folders by name (None: not used)."""
+        d = self.data
+        return {"ucm": d.ucm, "aid": d.aid, "eurosat": d.eurosat, "rsvqa_lr": d.rsvqa_lr, "rsvqa_hr": d.rsvqa_hr}

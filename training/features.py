@@ -70,11 +70,13 @@ def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> st
 @torch.no_grad()
 def build_feature_store(model: RSMoEModel, records: Sequence[CaptionRecord], cache_dir: Path, name: str,
                         variants: int = 1, batch_size: int = 32,
-                        encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FeatureStore:
+                        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        variant_of: Callable[[np.ndarray, int, int], np.ndarray] | None = None) -> FeatureStore:
     """Encode ``records``' images (``variants`` symmetries each) or load them from the cache.
 
-    ``encode`` maps a pixel batch to what is stored (default: the visual tokens); ``name`` must tell
-    different encodings apart, since it is part of the file name."""
+    ``encode`` maps a pixel batch to what is stored (default: the visual tokens); ``variant_of(array,
+    variant, seed)`` makes an image's variants (default: its dihedral views); ``name`` must tell different
+    encodings and variant rules apart, since it is part of the file name."""
     encode = encode or model.encode_images
     from safetensors.torch import load_file, save_file
 
@@ -87,7 +89,8 @@ def build_feature_store(model: RSMoEModel, records: Sequence[CaptionRecord], cac
     jobs = [(r, v) for r in records for v in range(variants)]
     for start in tqdm(range(0, len(jobs), batch_size), desc=f"encoding {name} images", unit="batch"):
         batch = jobs[start:start + batch_size]
-        arrays = [dihedral(model.image_processor.to_array(r.image_path), v) for r, v in batch]
+        arrays = [variant_of(model.image_processor.to_array(r.image_path), v, r.image_id * 64 + v) if variant_of
+                  else dihedral(model.image_processor.to_array(r.image_path), v) for r, v in batch]
         chunks.append(encode(model.preprocess(arrays)).to(torch.float16).cpu())
     feats = torch.cat(chunks)
     feats = feats.view(len(records), variants, *feats.shape[1:]).contiguous()

@@ -12,6 +12,9 @@ router config), so the model is trained on exactly the prompts it receives at in
   when the router's scene is wrong, as it is for about one test image in ten; and a share names no scene
   (the neutral phrase), which the experts get when the scene head is unsure (``vision.scene_min_confidence``).
 
+Every prompt starts with the image's ground resolution where the model is conditioned on it and the image's
+resolution is known (``resolutions``: image id -> metres per pixel seen; :func:`engine.model.routing.router_prompt`).
+
 Derived-VQA pairs are drawn evenly across question types (:func:`sample_vqa`): presence questions are
 more than half of the pool, and would otherwise leave few scene and count questions in an epoch.
 """
@@ -24,7 +27,7 @@ from typing import Sequence
 
 from engine.model.config import ROUTER_ADAPTER, RSMoEConfig
 from engine.model.router_plan import RouterPlan
-from engine.model.routing import expert_prompt
+from engine.model.routing import expert_prompt, router_prompt
 from training.data.records import CaptionRecord, VQARecord
 from training.data.subtasks import experts_for_question, infer_scene, router_target, targets_for_record
 
@@ -39,14 +42,30 @@ class Sample:
     adapter: str
 
 
-def _caption_prompt(config: RSMoEConfig, expert: str, scene: str | None, style: str) -> str:
-    plan = RouterPlan(scene=scene, experts=[expert])
+def _caption_prompt(config: RSMoEConfig, expert: str, scene: str | None, style: str,
+                    resolution: float | None = None) -> str:
+    plan = RouterPlan(scene=scene, experts=[expert], resolution_m=resolution)
     instruction = config.router.concise_instruction if style == "concise" else config.router.caption_instruction
     return expert_prompt(config, expert, plan, "caption", instruction, style)
 
 
-def _answer_prompt(config: RSMoEConfig, expert: str, scene: str | None, question: str) -> str:
-    return expert_prompt(config, expert, RouterPlan(scene=scene, experts=[expert]), "ask", question)
+def _answer_prompt(config: RSMoEConfig, expert: str, scene: str | None, question: str,
+                   resolution: float | None = None) -> str:
+    return expert_prompt(config, expert, RouterPlan(scene=scene, experts=[expert], resolution_m=resolution), "ask",
+                         question)
+
+
+#: Sets whose captions are derived from question-answer facts: their images have no scene class, and the scene
+#: words in those captions (``farmland`` in ``A rural area with farmland and forest.``) are not the scene.
+SCENELESS_SETS: frozenset[str] = frozenset({"rsvqa_lr", "rsvqa_hr"})
+
+
+def record_scene(record: CaptionRecord) -> str | None:
+    """The scene a trained router names for an image: its class phrase, else the captions' scene words
+    (:func:`infer_scene`), none for the images of :data:`SCENELESS_SETS`."""
+    if record.dataset in SCENELESS_SETS and not record.class_name:
+        return None
+    return infer_scene(record.captions, record.class_name)
 
 
 def sample_vqa(vqa: Sequence[VQARecord], count: int, rng: random.Random) -> list[VQARecord]:
@@ -67,12 +86,17 @@ def sample_vqa(vqa: Sequence[VQARecord], count: int, rng: random.Random) -> list
 
 
 def stage1_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: Sequence[VQARecord],
-                   image_ids: dict[str, int], adapter: str, rng: random.Random, vqa_count: int) -> list[Sample]:
-    """One random reference caption per image, plus ``vqa_count`` derived-VQA pairs (:func:`sample_vqa`)."""
-    out = [Sample(r.image_id, _caption_prompt(config, adapter, None, "concise"), rng.choice(r.captions), adapter)
-           for r in records]
+                   image_ids: dict[str, int], adapter: str, rng: random.Random, vqa_count: int,
+                   resolutions: dict[int, float | None] | None = None) -> list[Sample]:
+    """One random reference caption per captioned image, plus ``vqa_count`` VQA pairs (:func:`sample_vqa`)."""
+    res = resolutions or {}
+    out = [Sample(r.image_id, _caption_prompt(config, adapter, None, "concise", res.get(r.image_id)),
+                  rng.choice(r.captions), adapter)
+           for r in records if r.captions]
     for q in sample_vqa(vqa, vqa_count, rng):
-        out.append(Sample(image_ids[str(q.image_path)], _answer_prompt(config, adapter, None, q.question), q.answer, adapter))
+        image_id = image_ids[str(q.image_path)]
+        out.append(Sample(image_id, _answer_prompt(config, adapter, None, q.question, res.get(image_id)), q.answer,
+                          adapter))
     rng.shuffle(out)
     return out
 
@@ -81,7 +105,8 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
                    image_ids: dict[str, int], rng: random.Random, vqa_count: int,
                    with_router: bool = True, targets_per_image: int = 3, router_fraction: float = 1.0,
                    concise_per_image: int = 1, confusable_scenes: dict[int, str] | None = None,
-                   wrong_scene_fraction: float = 0.0, neutral_scene_fraction: float = 0.0) -> list[Sample]:
+                   wrong_scene_fraction: float = 0.0, neutral_scene_fraction: float = 0.0,
+                   resolutions: dict[int, float | None] | None = None) -> list[Sample]:
     """Router plans, expert sub-task targets (``targets_per_image`` experts drawn per image), concise
     captions (``concise_per_image`` distinct references per image) and routed VQA pairs; a random
     ``router_fraction`` of the images and questions also gives the router a plan row (its plans are short
@@ -89,7 +114,9 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
     caption rows of images in ``confusable_scenes`` names that scene in the prompt instead of the true one, and
     a random ``neutral_scene_fraction`` of all caption rows names no scene."""
     experts = config.expert_names
-    scenes = {r.image_id: infer_scene(r.captions, r.class_name) for r in records}
+    res = resolutions or {}
+    records = [r for r in records if r.captions]
+    scenes = {r.image_id: record_scene(r) for r in records}
     confusable_scenes = confusable_scenes or {}
 
     def caption_scene(image_id: int) -> str | None:
@@ -105,15 +132,16 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
         targets = targets_for_record(r).as_dict()
         for expert in rng.sample(experts, min(targets_per_image, len(experts))):
             if expert in targets:
-                prompt = _caption_prompt(config, expert, caption_scene(r.image_id), "detailed")
+                prompt = _caption_prompt(config, expert, caption_scene(r.image_id), "detailed", res.get(r.image_id))
                 out.append(Sample(r.image_id, prompt, targets[expert], expert))
         concise_expert = next((e for e in config.router.concise_experts if e in experts), experts[0])
         for caption in rng.sample(r.captions, min(concise_per_image, len(r.captions))):
-            prompt = _caption_prompt(config, concise_expert, caption_scene(r.image_id), "concise")
+            prompt = _caption_prompt(config, concise_expert, caption_scene(r.image_id), "concise",
+                                     res.get(r.image_id))
             out.append(Sample(r.image_id, prompt, caption, concise_expert))
         if with_router and rng.random() < router_fraction:
             instruction = rng.choice([config.router.caption_instruction, config.router.concise_instruction])
-            out.append(Sample(r.image_id, config.router.prompt.format(instruction=instruction),
+            out.append(Sample(r.image_id, router_prompt(config, instruction, res.get(r.image_id)),
                               router_target(scene, experts=experts), ROUTER_ADAPTER))
     by_image = {r.image_id: r for r in records}
     for q in sample_vqa(vqa, vqa_count, rng):
@@ -122,9 +150,10 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
             continue
         scene = scenes[image_id]
         chosen = [e for e in experts_for_question(q.question, q.question_type) if e in experts] or experts[:1]
-        out.append(Sample(image_id, _answer_prompt(config, chosen[0], scene, q.question), q.answer, chosen[0]))
+        out.append(Sample(image_id, _answer_prompt(config, chosen[0], scene, q.question, res.get(image_id)), q.answer,
+                          chosen[0]))
         if with_router and rng.random() < router_fraction:
-            out.append(Sample(image_id, config.router.prompt.format(instruction=q.question),
+            out.append(Sample(image_id, router_prompt(config, q.question, res.get(image_id)),
                               router_target(scene, q.question, q.question_type, experts=experts), ROUTER_ADAPTER))
     rng.shuffle(out)
     return out

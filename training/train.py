@@ -37,8 +37,10 @@ from engine.errors import UserInputError
 from engine.model import RSMoEConfig, RSMoEModel
 from engine.model.config import ROUTER_ADAPTER
 from training.config import StageConfig, TrainConfig
-from training.data import derive_ucm_vqa, load_ucm_captions
-from training.data.records import CaptionRecord, VQARecord, evenly_spaced
+from training.data import derive_ucm_vqa
+from training.data.derived import rsvqa_image_records, with_derived_captions
+from training.data.records import CaptionRecord, VQARecord, evenly_spaced, seen_resolution
+from training.data.sets import CAPTION_SETS, load_mixture
 from training.data.subtasks import infer_scene
 from training.features import FeatureStore, build_feature_store
 from training.samples import Sample, stage1_samples, stage2_samples
@@ -190,7 +192,7 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torc
 @torch.no_grad()
 def validate(model: RSMoEModel, store: FeatureStore, records: Sequence[CaptionRecord],
              questions: Sequence[VQARecord] = (), image_ids: dict[str, int] | None = None, style: str = "concise",
-             batch_size: int = 16) -> dict[str, float]:
+             batch_size: int = 16, resolutions: dict[int, float | None] | None = None) -> dict[str, float]:
     """Caption the val images from cached features and score them (BLEU, ROUGE-L, CIDEr; no METEOR); with
     ``questions`` (derived VQA on those images; ``image_ids`` maps their image paths) also answer them:
     ``VQA`` overall accuracy and ``VQA-<type>`` per type. ``selection`` is the score that picks the epoch:
@@ -198,11 +200,13 @@ def validate(model: RSMoEModel, store: FeatureStore, records: Sequence[CaptionRe
     from training.metrics import caption_metrics, vqa_accuracy
 
     model.eval()
+    res = resolutions or {}
     predictions: dict[int, str] = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         visual = store.get([r.image_id for r in chunk], [0] * len(chunk), model.dtype).to(model.device)
-        for r, result in zip(chunk, model.caption_features(visual, style)):
+        for r, result in zip(chunk, model.caption_features(visual, style,
+                                                            resolutions=[res.get(r.image_id) for r in chunk])):
             predictions[r.image_id] = result.text
     scores = caption_metrics(predictions, {r.image_id: r.captions for r in records}, meteor=False)
     scores["selection"] = scores["CIDEr"]
@@ -212,7 +216,8 @@ def validate(model: RSMoEModel, store: FeatureStore, records: Sequence[CaptionRe
             chunk = questions[start:start + batch_size]
             ids = [image_ids[str(q.image_path)] for q in chunk]
             visual = store.get(ids, [0] * len(chunk), model.dtype).to(model.device)
-            for q, result in zip(chunk, model.ask_features(visual, [q.question for q in chunk])):
+            for q, result in zip(chunk, model.ask_features(visual, [q.question for q in chunk],
+                                                           resolutions=[res.get(i) for i in ids])):
                 answers[q.question_id] = result.text
         accuracy = vqa_accuracy(questions, answers)
         scores["VQA"] = accuracy["overall"]
@@ -231,6 +236,7 @@ class StageData:
     image_ids: dict[str, int]
     train_store: FeatureStore
     val_store: FeatureStore
+    resolutions: dict[int, float | None] = field(default_factory=dict)  # image id -> metres per pixel seen
 
 
 def _lr_at(step: int, total: int, stage: StageConfig) -> float:
@@ -299,7 +305,8 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
         questions = data.vqa_val if stage.vqa_per_epoch else []
         if before_validation is not None:
             before_validation()
-        scores = (validate(model, data.val_store, data.val, questions, data.image_ids)
+        scores = (validate(model, data.val_store, data.val, questions, data.image_ids,
+                           resolutions=data.resolutions)
                   if accelerator.is_main_process else {})
         entry = {"epoch": position.epoch + 1, **scores, "train_seconds": round(position.seconds, 1)}
         position.history.append(entry)
@@ -356,21 +363,60 @@ def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Opti
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def load_data(model: RSMoEModel, config: TrainConfig, records: Sequence[CaptionRecord] | None = None) -> StageData:
-    """The stages' records, derived VQA and cached features (``records``: the loaded UCM set, if at hand)."""
-    records = load_ucm_captions(config.data.ucm) if records is None else records
-    train = evenly_spaced([r for r in records if r.split == "train"], config.data.max_train_images)
-    val = evenly_spaced([r for r in records if r.split == "val"], config.data.max_val_images)
-    vqa = derive_ucm_vqa(records)
-    train_ids = {r.image_id for r in train}
-    image_ids = {str(r.image_path): r.image_id for r in records}
-    val_ids = {r.image_id for r in val}
-    vqa_train = [q for q in vqa if q.split == "train" and image_ids.get(str(q.image_path)) in train_ids]
-    vqa_val = [q for q in vqa if q.split == "val" and image_ids.get(str(q.image_path)) in val_ids]
+def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
+    """The stages' records from every configured set (:mod:`training.data.sets`), their questions (UCM-derived
+    VQA and RSVQA), each image's seen ground resolution and the cached features.
+
+    Train images: every set's (EuroSAT with derived captions, RSVQA tiles with captions derived from their
+    answers). Val: ``max_val_images`` captioned images of each human-captioned set (UCM, AID), the UCM-derived
+    questions on them and ``max_val_images`` questions of each RSVQA set."""
+    data = config.data
+    roots = config.set_roots()
+    size = model.config.image.image_size
+
+    def limits(per_set: dict[str, int], default: int | None) -> dict[str, int]:
+        return {name: per_set.get(name, default) for name in roots if per_set.get(name, default)}
+
+    train_mix = load_mixture(roots, "train", limits(data.max_train_per_set, data.max_train_images))
+    val_mix = load_mixture(roots, "val", limits(data.max_val_per_set, None))
+    train = [with_derived_captions(r) for r in train_mix.captions] + rsvqa_image_records(train_mix.questions, size)
+    val = [r for name, records in val_mix.by_set().items() if name in ("ucm", "aid")
+           for r in evenly_spaced(records, data.max_val_images)]
+    rsvqa_val = [q for name in ("rsvqa_lr", "rsvqa_hr")
+                 for q in evenly_spaced([q for q in val_mix.questions if q.dataset == name], data.max_val_images)]
+    val_images = val + rsvqa_image_records(rsvqa_val, size)
+    ucm = [r for r in train_mix.captions + val_mix.captions if r.dataset == "ucm"]
+    ucm_vqa = derive_ucm_vqa(ucm) if ucm else []
+    image_ids = {str(r.image_path): r.image_id for r in train + val_images}
+    train_ids, val_ids = {r.image_id for r in train}, {r.image_id for r in val}
+    vqa_train = [q for q in ucm_vqa if q.split == "train" and image_ids.get(str(q.image_path)) in train_ids]
+    vqa_train += train_mix.questions
+    vqa_val = [q for q in ucm_vqa if q.split == "val" and image_ids.get(str(q.image_path)) in val_ids] + rsvqa_val
+    resolutions = {r.image_id: seen_resolution(r.ground_resolution_m, r.width, size) for r in train + val_images}
+    log.info("stage data: %d train images (%s), %d val captioned, %d train / %d val questions",
+             len(train), dict(Counter(r.dataset for r in train)), len(val), len(vqa_train), len(vqa_val))
     cache = Path(config.cache_dir)
-    train_store = build_feature_store(model, train, cache, "train", variants=config.data.augment_variants)
-    val_store = build_feature_store(model, val, cache, "val", variants=1)
-    return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store)
+    train_store = build_feature_store(model, train, cache, "train", variants=data.augment_variants)
+    val_store = build_feature_store(model, val_images, cache, "val", variants=1)
+    return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store, resolutions)
+
+
+def record_trained_resolutions(model_config: RSMoEConfig, data: StageData) -> None:
+    """Write the seen resolution range of each training set, the overall range and the read footprint the model
+    knows (``tile_m``: the finest seen resolution times the input size) into the model config."""
+    by_set: dict[str, list[float | None]] = defaultdict(list)
+    for r in data.train:
+        by_set[r.dataset].append(data.resolutions.get(r.image_id))
+    trained: dict[str, list[float | None]] = {}
+    for name, values in sorted(by_set.items()):
+        known = [v for v in values if v is not None]
+        trained[name] = [round(min(known), 3), round(max(known), 3)] if known else [None, None]
+    known_all = [v for pair in trained.values() for v in pair if v is not None]
+    resolution = model_config.resolution
+    resolution.trained_m = trained
+    resolution.min_m = min(known_all) if known_all else None
+    resolution.max_m = max(known_all) if known_all else None
+    resolution.tile_m = round(resolution.min_m * model_config.image.image_size) if resolution.min_m else None
 
 
 @torch.no_grad()
@@ -404,22 +450,26 @@ def stage_done(out_dir: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("done", False)
 
 
-def train(config: TrainConfig) -> Path:
-    """Run (or resume) the configured stages; returns the final model directory."""
+def train(config: TrainConfig, until: str = "stage2") -> Path:
+    """Run (or resume) the configured stages, up to ``until`` (vision, stage1, stage2); returns the last
+    stage's output directory."""
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = build_initial_model(config)
-    records = load_ucm_captions(config.data.ucm)
     if config.vision_tuning.blocks:
         from training.vision_tuning import tune_vision
 
-        tune_vision(model, evenly_spaced([r for r in records if r.split == "train"], config.data.max_train_images),
-                    evenly_spaced([r for r in records if r.split == "val"], config.vision_tuning.max_val_images),
-                    config, out)
-    data = load_data(model, config, records)
+        tuning = config.vision_tuning
+        roots = {k: v for k, v in config.set_roots().items() if k in CAPTION_SETS}
+        tune_vision(model, load_mixture(roots, "train", tuning.max_train_per_set).captions,
+                    load_mixture(roots, "val", tuning.max_val_per_set).captions, config, out)
+        if until == "vision":
+            return out / "vision"
+    data = load_data(model, config)
+    record_trained_resolutions(model.config, data)
     experts = model.config.expert_names
     dense = experts[0]
     stage1_dir, stage2_dir = out / "stage1", out / "stage2"
@@ -434,7 +484,7 @@ def train(config: TrainConfig) -> Path:
             def stage1_epoch(epoch: int) -> list[Sample]:
                 rng = random.Random(config.seed * 1000 + epoch)
                 return stage1_samples(model.config, data.train, data.vqa_train, data.image_ids, dense, rng,
-                                      config.stage1.vqa_per_epoch)
+                                      config.stage1.vqa_per_epoch, data.resolutions)
 
             def as_dense_baseline() -> None:  # questions the template router sends to other experts, too
                 copy_adapter(model, dense, experts[1:])
@@ -444,6 +494,8 @@ def train(config: TrainConfig) -> Path:
             as_dense_baseline()
             model.trained_adapters = set(experts)  # the dense baseline: identical experts, template router
             save_stage_model(model, stage1_dir, position, config, "stage1")
+        if until == "stage1":
+            return stage1_dir
         copy_adapter(model, dense, [ROUTER_ADAPTER])
 
     if stage_done(stage2_dir):
@@ -467,7 +519,8 @@ def train(config: TrainConfig) -> Path:
                               concise_per_image=config.stage2.concise_per_image,
                               confusable_scenes=confusable,
                               wrong_scene_fraction=config.stage2.wrong_scene_fraction,
-                              neutral_scene_fraction=config.stage2.neutral_scene_fraction)
+                              neutral_scene_fraction=config.stage2.neutral_scene_fraction,
+                              resolutions=data.resolutions)
 
     model.trained_adapters = set(experts) | ({ROUTER_ADAPTER} if with_router else set())
     position = run_stage("stage2", model, params, stage2_epoch, config.stage2, data, config, out)

@@ -8,6 +8,7 @@ against the model directory).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -131,6 +132,53 @@ class RouterConfig:
     concise_experts: list[str] = field(default_factory=lambda: ["theme"])
 
 
+#: The values a ground resolution is rounded to in prompts (metres per pixel): few distinct phrases to learn.
+RESOLUTION_STEPS_M: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50,
+                                         70, 100, 150, 200, 300, 500, 1000)
+
+
+@dataclass
+class ResolutionConfig:
+    """Ground resolution (metres per pixel of what the model sees, after resampling to the input size).
+
+    ``prompt`` (with ``{resolution}``, e.g. ``"about 10 m"``) is put before every router and expert prompt when
+    a request's resolution is known; empty: the model is not conditioned on it (models trained before it).
+    ``trained_m``: the seen resolution range of each training set, ``[min, max]`` (null where unknown);
+    ``min_m`` / ``max_m``: the range the model was trained on; ``tile_m``: the ground size of a read
+    footprint the model knows, which tiling uses for imagery finer than ``min_m``."""
+
+    prompt: str = ""
+    trained_m: dict[str, list[float | None]] = field(default_factory=dict)
+    min_m: float | None = None
+    max_m: float | None = None
+    tile_m: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("min_m", "max_m", "tile_m"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ModelDirError(f"resolution.{key} must be a positive number or null, got {value!r}")
+        if self.prompt and "{resolution}" not in self.prompt:
+            raise ModelDirError("resolution.prompt must contain '{resolution}'")
+
+    def phrase(self, resolution_m: float | None) -> str:
+        """The prompt prefix for a resolution (rounded to :data:`RESOLUTION_STEPS_M`), '' when unknown or off."""
+        if not self.prompt or resolution_m is None or not resolution_m > 0:
+            return ""
+        step = min(RESOLUTION_STEPS_M, key=lambda s: abs(math.log(s / resolution_m)))
+        return self.prompt.format(resolution=f"about {step:g} m") + " "
+
+    def outside(self, resolution_m: float | None) -> str | None:
+        """``finer`` / ``coarser`` when ``resolution_m`` lies more than 1.5x outside the trained range, else None."""
+        if resolution_m is None:
+            return None
+        if self.min_m is not None and resolution_m < self.min_m / 1.5:
+            return "finer"
+        if self.max_m is not None and resolution_m > self.max_m * 1.5:
+            return "coarser"
+        return None
+
+
 @dataclass
 class GenerationSettings:
     """Greedy decoding limits (deterministic)."""
@@ -153,6 +201,7 @@ class RSMoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     image: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     seed: int = 0
     model_id: str = "rsmoe"
 
@@ -188,6 +237,7 @@ class RSMoEConfig:
                 "lora": LoRASettings,
                 "router": RouterConfig,
                 "generation": GenerationSettings,
+                "resolution": ResolutionConfig,
             }
             for key, sub in nested.items():
                 if key in data:

@@ -57,6 +57,7 @@ class RouterPlan:
     scene: str | None = None
     experts: list[str] = field(default_factory=list)
     scene_confidence: float | None = None
+    resolution_m: float | None = None  # the image's ground resolution as the model sees it (None: unknown)
 
     def to_text(self) -> str:
         return format_router_plan(self)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from engine.errors import UserInputError
@@ -146,12 +146,13 @@ def sanitize_plan(config: RSMoEConfig, plan: RouterPlan | None, fallback: Router
         known = known[:1] or fallback.experts
     if not known:
         known = fallback.experts
-    return RouterPlan(scene=plan.scene, experts=known)
+    return RouterPlan(scene=plan.scene, experts=known, resolution_m=plan.resolution_m)
 
 
 def expert_prompt(config: RSMoEConfig, expert: str, plan: RouterPlan, task: str, instruction: str,
                   style: str | None = None) -> str:
-    """The tailored prompt one expert receives (the recognised scene filled in)."""
+    """The tailored prompt one expert receives (the recognised scene filled in, after the ground resolution
+    where the model is conditioned on it and the plan knows it)."""
     scene = plan.scene or config.router.unknown_scene
     if task != "caption":
         template = config.router.answer_prompt
@@ -159,7 +160,12 @@ def expert_prompt(config: RSMoEConfig, expert: str, plan: RouterPlan, task: str,
         template = config.router.concise_prompt
     else:
         template = config.expert(expert).prompt
-    return template.format(scene=scene, instruction=instruction.strip())
+    return config.resolution.phrase(plan.resolution_m) + template.format(scene=scene, instruction=instruction.strip())
+
+
+def router_prompt(config: RSMoEConfig, instruction: str, resolution_m: float | None = None) -> str:
+    """The Instruction Router's prompt for an instruction (after the ground resolution, as for the experts)."""
+    return config.resolution.phrase(resolution_m) + config.router.prompt.format(instruction=instruction)
 
 
 def _first_sentence(text: str) -> str:
@@ -288,13 +294,17 @@ class MoEInference:
         return "template"
 
     def route(self, visual: Any, task: str, style: str | None, instructions: Sequence[str],
-              scene_logits: Any | None = None) -> tuple[list[RouterPlan], str]:
+              scene_logits: Any | None = None,
+              resolutions: Sequence[float | None] | None = None) -> tuple[list[RouterPlan], str]:
         """One routing plan per image (generative router, with the template router as fallback); a concise
-        caption's plan names the scene head's scene only at ``vision.scene_min_confidence`` or above."""
-        fallbacks = [template_plan(self.config, task, style, q if task == "ask" else None) for q in instructions]
+        caption's plan names the scene head's scene only at ``vision.scene_min_confidence`` or above. Each
+        plan carries its image's ground resolution (``resolutions``, metres per pixel seen; None: unknown)."""
+        resolutions = list(resolutions) if resolutions is not None else [None] * len(instructions)
+        fallbacks = [replace(template_plan(self.config, task, style, q if task == "ask" else None), resolution_m=r)
+                     for q, r in zip(instructions, resolutions)]
         if self.router_kind != "generative":
             return fallbacks, "template"
-        prompts = [self.config.router.prompt.format(instruction=q) for q in instructions]
+        prompts = [router_prompt(self.config, q, r) for q, r in zip(instructions, resolutions)]
         texts = self.generate_texts(visual, prompts, [ROUTER_ADAPTER] * len(prompts), self.config.router.max_new_tokens)
         guesses = self.scene_guesses(visual, scene_logits) or [None] * len(texts)
         gated = task == "caption" and style == "concise"
@@ -307,14 +317,16 @@ class MoEInference:
             plan = sanitize_plan(self.config, parsed, fallback, task, style)
             if guess is not None:  # the scene head names the scene (measured more accurate than the LM's)
                 scene = guess.scene if guess.confidence >= threshold else None
-                plan = RouterPlan(scene=scene, experts=plan.experts, scene_confidence=guess.confidence)
+                plan = RouterPlan(scene=scene, experts=plan.experts, scene_confidence=guess.confidence,
+                                  resolution_m=plan.resolution_m)
             plans.append(plan)
         return plans, "generative"
 
     def run_experts(self, visual: Any, task: str, style: str | None, instructions: Sequence[str],
-                    scene_logits: Any | None = None) -> list[ModelResult]:
+                    scene_logits: Any | None = None,
+                    resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
         """Route, then decode every (image, expert) pair in one mixed-adapter batch, then fuse."""
-        plans, router = self.route(visual, task, style, instructions, scene_logits)
+        plans, router = self.route(visual, task, style, instructions, scene_logits, resolutions)
         rows: list[tuple[int, str, str]] = []
         for i, plan in enumerate(plans):
             for expert in plan.experts:
@@ -328,24 +340,26 @@ class MoEInference:
             results.append(ModelResult(text, task, style, plan, router, segments))
         return results
 
-    def caption_features(self, visual: Any, style: str = "detailed",
-                         scene_logits: Any | None = None) -> list[ModelResult]:
+    def caption_features(self, visual: Any, style: str = "detailed", scene_logits: Any | None = None,
+                         resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
         """Captions for already-encoded images (B, N, D); ``scene_logits`` from :meth:`view_scene_logits`
-        (default: the scene head on ``visual`` alone)."""
+        (default: the scene head on ``visual`` alone); ``resolutions``: each image's ground resolution in
+        metres per pixel of the model input (None where unknown)."""
         if style not in CAPTION_STYLES:
             raise UserInputError(f"unknown caption style {style!r}; use one of {', '.join(CAPTION_STYLES)}")
         instruction = self.config.router.concise_instruction if style == "concise" else self.config.router.caption_instruction
-        return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0], scene_logits)
+        return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0], scene_logits, resolutions)
 
-    def ask_features(self, visual: Any, questions: Sequence[str], scene_logits: Any | None = None) -> list[ModelResult]:
-        """Answers for already-encoded images, one question per image (``scene_logits`` as for
-        :meth:`caption_features`)."""
+    def ask_features(self, visual: Any, questions: Sequence[str], scene_logits: Any | None = None,
+                     resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
+        """Answers for already-encoded images, one question per image (``scene_logits`` and ``resolutions``
+        as for :meth:`caption_features`)."""
         for q in questions:
             if not q or not q.strip():
                 raise UserInputError("the question is empty")
             if len(q) > MAX_QUESTION_CHARS:
                 raise UserInputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
-        return self.run_experts(visual, "ask", None, list(questions), scene_logits)
+        return self.run_experts(visual, "ask", None, list(questions), scene_logits, resolutions)
 
     def encode(self, images: Sequence[Any]) -> tuple[Any, Any | None]:
         """Images (arrays, PIL images or paths) -> visual tokens (B, N, D) and the scene logits of
@@ -357,15 +371,17 @@ class MoEInference:
             return visual, None
         return visual, self.view_scene_logits(pixels, visual)
 
-    def caption(self, images: Sequence[Any], style: str = "detailed") -> list[ModelResult]:
+    def caption(self, images: Sequence[Any], style: str = "detailed",
+                resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
         """Caption a batch of images (arrays, PIL images or paths)."""
         visual, scene_logits = self.encode(images)
-        return self.caption_features(visual, style, scene_logits)
+        return self.caption_features(visual, style, scene_logits, resolutions)
 
-    def ask(self, images: Sequence[Any], question: str) -> list[ModelResult]:
+    def ask(self, images: Sequence[Any], question: str,
+            resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
         """Ask the same question about each image."""
         visual, scene_logits = self.encode(images)
-        return self.ask_features(visual, [question] * len(images), scene_logits)
+        return self.ask_features(visual, [question] * len(images), scene_logits, resolutions)
 
 
 @dataclass

@@ -98,3 +98,33 @@ def collate_records(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "records": [item["record"] for item in batch],
         "indices": [item["index"] for item in batch],
     }
+
+
+def scene_variant(array: np.ndarray, variant: int, seed: int) -> np.ndarray:
+    """Variant ``variant`` of an HxWx3 uint8 image for scene-head training: dihedral view ``variant % 8``;
+    variants above 0 also get a random zoom (a square crop of 65-100% of the side), a brightness / contrast /
+    saturation change, in some a percentile stretch like the engine's raster reads or a blur (coarser
+    imagery), all drawn from ``seed``. Variant 0 is the image as it is. The scene class stays true under all of
+    these, while sensors, resolutions and stretches vary."""
+    from engine.model.image_processing import dihedral
+
+    out = dihedral(array, variant % 8)
+    if variant == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    h, w = out.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.65, 1.0))
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    x = out[top:top + side, left:left + side].astype(np.float32)
+    if rng.random() < 0.3:  # the engine's 2-98 percentile stretch
+        lo, hi = np.percentile(x, 2), np.percentile(x, 98)
+        x = (x - lo) * (255.0 / max(hi - lo, 1.0))
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(0.7, 1.3)  # saturation
+    x = (x - x.mean()) * rng.uniform(0.75, 1.25) + x.mean() * rng.uniform(0.8, 1.2)  # contrast, brightness
+    if rng.random() < 0.2:  # a blur: what a coarser sensor gives
+        t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None]
+        small = max(8, int(side * rng.uniform(0.3, 0.6)))
+        t = torch.nn.functional.interpolate(t, size=(small, small), mode="bilinear", antialias=True)
+        x = torch.nn.functional.interpolate(t, size=(side, side), mode="bilinear")[0].permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(np.clip(x, 0, 255).astype(np.uint8))

@@ -4,6 +4,11 @@
   ``{"dataset": ..., "images": [{"filename", "imgid", "split", "sentences": [{"raw", "tokens"}], "class"?, "filepath"?}]}``
 - RSICap / RSIEval (RSGPT): a JSON list of ``{"filename", "caption"}`` (a dict wrapping that list under
   ``annotations`` / ``data`` / ``images`` is accepted too). The file has no split: the caller names it.
+- Class-labelled sets (EuroSAT, AID): the same ``dataset.json`` with ``classes`` and ``class`` on every image;
+  ``sentences`` where the set has them (AID: RSICD's human captions), none for EuroSAT; optional
+  ``ground_resolution_m`` and ``image_size`` for the whole set. Images are under ``images/``.
+- RSVQA official split format: ``<prefix>split_<split>_{images,questions,answers}.json`` (``LR_`` for
+  RSVQA-LR, ``USGS_`` for RSVQA-HR) with images ``images/<id>.tif``; only ``active`` records count.
 - RSVQA: a JSON list of ``{"question", "answer", "image", "question_id", "type"}`` (optionally wrapped under
   ``questions`` / ``data`` / ``annotations``). The split is the record's ``split`` field if present, else the
   ``split`` argument, else read from the file name (``test_qa.json`` -> ``test``), else ``all``.
@@ -90,13 +95,23 @@ def load_karpathy(
     split: str | Iterable[str] | None = None,
     dataset: str | None = None,
     check_images: bool = True,
+    ground_resolution_m: float | None = None,
 ) -> list[CaptionRecord]:
-    """Read a Karpathy-format ``dataset.json``; ``split`` keeps only those splits (``None``: all)."""
+    """Read a Karpathy-format ``dataset.json``; ``split`` keeps only those splits (``None``: all).
+
+    A class-labelled file (a ``classes`` list) keeps its images without sentences (their ``captions`` are
+    empty); otherwise such images are skipped. The native ground resolution is the file's
+    ``ground_resolution_m``, else ``ground_resolution_m``; the width the image's ``width``, else the file's
+    ``image_size``."""
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserInputError(f"{path} is not a Karpathy caption file: expected a dict with an 'images' list")
     name = dataset or str(data.get("dataset") or path.stem)
+    class_labelled = isinstance(data.get("classes"), list)
+    set_gsd = _positive_number(data.get("ground_resolution_m"), path, "ground_resolution_m")
+    set_gsd = set_gsd if set_gsd is not None else ground_resolution_m
+    set_width = _positive_number(data.get("image_size"), path, "image_size")
     wanted = _split_filter(split)
     base = Path(images_dir) if images_dir is not None else path.parent
     records: list[CaptionRecord] = []
@@ -117,11 +132,14 @@ def load_karpathy(
             text = _collapse(raw or "")
             if text:
                 captions.append(text)
-        if not captions:
+        class_name = item.get("class")
+        if class_labelled and not class_name:
+            raise UserInputError(f"{path}: image entry {index} has no 'class' (the file lists 'classes')")
+        if not captions and not class_labelled:
             skipped += 1
             continue
         rel = Path(item["filepath"]) / item["filename"] if item.get("filepath") else Path(item["filename"])
-        class_name = item.get("class")
+        width = _positive_number(item.get("width"), path, "width") or set_width
         records.append(
             CaptionRecord(
                 image_id=int(item.get("imgid", index)),
@@ -131,6 +149,8 @@ def load_karpathy(
                 captions=captions,
                 dataset=name,
                 filename=str(rel),
+                ground_resolution_m=set_gsd,
+                width=int(width) if width else None,
             )
         )
     if skipped:
@@ -140,6 +160,14 @@ def load_karpathy(
         check_images_exist((r.image_path for r in records), Path(images_dir), path)
     log.info("loaded %d caption records from %s", len(records), path)
     return records
+
+
+def _positive_number(value: Any, path: Path, key: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UserInputError(f"{path}: {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def load_rsicap(
@@ -257,4 +285,78 @@ def load_ucm_captions(
     """UCM-captions from its folder (``dataset.json`` + ``images/``); default: the shared data copy."""
     root = Path(root) if root is not None else shared_data_dir() / "ucm_captions"
     return load_karpathy(root / "dataset.json", images_dir=root / "images", split=split, dataset="ucm",
+                         check_images=check_images, ground_resolution_m=KNOWN_RESOLUTIONS_M["ucm"])
+
+
+#: Native ground resolution of sets whose files do not say it (metres per pixel).
+KNOWN_RESOLUTIONS_M: dict[str, float] = {"ucm": 0.3048}
+
+RSVQA_PREFIXES: tuple[str, ...] = ("LR_", "USGS_", "")
+
+
+def load_class_folder(root: str | Path, split: str | Iterable[str] | None = None,
+                      check_images: bool = True) -> list[CaptionRecord]:
+    """A class-labelled set laid out as ``root/dataset.json`` + ``root/images/<Class>/<file>`` (EuroSAT, AID)."""
+    root = Path(root)
+    return load_karpathy(root / "dataset.json", images_dir=root / "images", split=split,
                          check_images=check_images)
+
+
+def rsvqa_split_prefix(root: str | Path) -> str | None:
+    """The file prefix of an RSVQA official-split folder (``LR_``, ``USGS_``), or None if it is not one."""
+    root = Path(root)
+    for prefix in RSVQA_PREFIXES:
+        if list(root.glob(f"{prefix}split_*_questions.json")):
+            return prefix
+    return None
+
+
+def load_rsvqa_split(root: str | Path, split: str, dataset: str | None = None,
+                     check_images: bool = True) -> list[VQARecord]:
+    """The active questions of one split of an RSVQA folder in the official format
+    (``<prefix>split_<split>_{images,questions,answers}.json``, images ``images/<id>.tif``).
+
+    A question is kept when it, its image and its answer are active; ``question_id`` is the file's ``id``;
+    ``image`` is ``<id>.tif``; the native ground resolution comes from the images file's ``res_x``
+    (``"10m"``) where present."""
+    root = Path(root)
+    prefix = rsvqa_split_prefix(root)
+    if prefix is None:
+        raise UserInputError(f"{root} is not an RSVQA folder: no <prefix>split_<split>_questions.json in it")
+    name = dataset or ("rsvqa_lr" if prefix == "LR_" else "rsvqa_hr" if prefix == "USGS_" else root.name)
+    files = {kind: root / f"{prefix}split_{split}_{kind}.json" for kind in ("images", "questions", "answers")}
+    if not files["questions"].is_file():
+        splits = sorted(p.name[len(prefix) + 6:-len("_questions.json")]
+                        for p in root.glob(f"{prefix}split_*_questions.json"))
+        raise UserInputError(f"{root} has no split {split!r}; its splits are {splits}")
+    tables = {kind: _unwrap_list(read_json(path), path, (kind,), f"an RSVQA {kind} file")
+              for kind, path in files.items()}
+    images = {item["id"]: item for item in tables["images"] if isinstance(item, dict) and item.get("active")}
+    answers: dict[Any, str] = {}
+    for item in tables["answers"]:
+        if isinstance(item, dict) and item.get("active", True) and "question_id" in item:
+            answers.setdefault(item["question_id"], _collapse(item.get("answer", "")))
+    records: list[VQARecord] = []
+    for index, item in enumerate(tables["questions"]):
+        if not isinstance(item, dict) or any(k not in item for k in ("id", "img_id", "question")):
+            raise UserInputError(f"{files['questions']}: record {index} needs 'id', 'img_id' and 'question'")
+        if not item.get("active", True) or item["img_id"] not in images or item["id"] not in answers:
+            continue
+        image = f"{item['img_id']}.tif"
+        records.append(VQARecord(
+            image_path=root / "images" / image, question=_collapse(item["question"]), answer=answers[item["id"]],
+            question_type=str(item.get("type", "unknown")), question_id=item["id"], split=split, image=image,
+            dataset=name, ground_resolution_m=_resolution_from_text(images[item["img_id"]].get("res_x"))))
+    if not records:
+        raise UserInputError(f"{files['questions']} has no active question with an active image and answer")
+    if check_images:
+        check_images_exist(sorted({r.image_path for r in records}), root / "images", files["images"])
+    log.info("loaded %d VQA records (%d images) from %s split %s", len(records),
+             len({r.image for r in records}), root, split)
+    return records
+
+
+def _resolution_from_text(value: Any) -> float | None:
+    """``"10m"`` / ``"0.15m"`` / 10 -> metres; anything else -> None."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*m?\s*", str(value)) if value is not None else None
+    return float(match.group(1)) if match and float(match.group(1)) > 0 else None

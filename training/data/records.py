@@ -26,7 +26,10 @@ class CaptionRecord:
     ``image_id``: the dataset's image id (Karpathy ``imgid``; the list index for RSICap).
     ``split``: as written in the file (``train`` / ``val`` / ``test``; RSICap has none and gets the loader's).
     ``class_name``: the land-use class when the file has one (UCM ``class``), else ``None``.
-    ``captions``: the reference sentences as written (whitespace collapsed, nothing else changed).
+    ``captions``: the reference sentences as written (whitespace collapsed, nothing else changed); empty for
+    a class-labelled set without sentences (EuroSAT).
+    ``ground_resolution_m`` / ``width``: the image's native ground sample distance and width, where known, from
+    which :func:`seen_resolution` gives the metres per pixel of what the model sees.
     """
 
     image_id: int
@@ -36,6 +39,8 @@ class CaptionRecord:
     captions: list[str]
     dataset: str = ""
     filename: str = ""
+    ground_resolution_m: float | None = None  # native metres per pixel of the image file (None: unknown)
+    width: int | None = None  # the image file's width in pixels, when the dataset says it
 
 
 @dataclass
@@ -55,3 +60,13 @@ class VQARecord:
     image: str = ""
     dataset: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    ground_resolution_m: float | None = None  # native metres per pixel of the image (None: unknown)
+    width: int | None = None
+
+
+def seen_resolution(native_m: float | None, width: int | None, input_size: int) -> float | None:
+    """Metres per pixel of what the model sees: the native ground sample distance of an image ``width``
+    pixels wide, resampled to ``input_size`` pixels (None when either is unknown)."""
+    if native_m is None or not width:
+        return None
+    return native_m * width / input_size

@@ -108,6 +108,12 @@ OTHER_CLASS_PHRASES: dict[str, str] = {
     "ground_track_field": "ground track field",
     "thermal_power_station": "thermal power station",
     "sea_ice": "sea ice",
+    # EuroSAT (Sentinel-2 land cover)
+    "annualcrop": "annual cropland",
+    "permanentcrop": "permanent cropland",
+    "herbaceousvegetation": "herbaceous vegetation",
+    "sealake": "sea or lake",
+    "residential": "residential area",
 }
 
 #: Words that name a scene when the class is unknown (RSICD / NWPU / Sydney scene names and generic ones).
