@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])
     p.add_argument("--json", action="store_true", help="print one JSON object per input (with expert segments)")
     add_region_options(p)
+    add_resolution_option(p)
     add_model_options(p)
     p.set_defaults(func=cmd_caption)
 
@@ -52,13 +53,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("question")
     p.add_argument("--json", action="store_true")
     add_region_options(p)
+    add_resolution_option(p)
     add_model_options(p)
     p.set_defaults(func=cmd_ask)
 
     p = subparsers.add_parser("annotate", help="caption every tile of a raster into a GeoJSON layer (resumable)")
     p.add_argument("raster", type=Path, help="the raster to annotate")
     p.add_argument("--out", type=Path, required=True, help="GeoJSON to write (its journal lies beside it)")
-    p.add_argument("--tile-size", default="512", help="tile size in pixels (512) or ground metres (500m, 2km)")
+    p.add_argument("--tile-size", default=None,
+                   help="tile size in pixels (512) or ground metres (500m, 2km); default: the model's ground "
+                        "footprint (resolution.tile_m) for georeferenced rasters fine enough for it, else 512")
     p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
     add_region_options(p, window_help="annotate only this pixel window col_off,row_off,width,height")
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])
@@ -94,6 +98,13 @@ def add_region_options(parser: argparse.ArgumentParser,
                         help="an extent in the raster CRS or --extent-crs (negative numbers: --extent=-77.5,...)")
     parser.add_argument("--extent-crs", default=None, metavar="CRS", help="CRS of --extent, e.g. EPSG:4326")
     parser.add_argument("--bands", default=None, help="bands as R,G,B (4,3,2 or B04,B03,B02) or one band")
+
+
+def add_resolution_option(parser: argparse.ArgumentParser) -> None:
+    """``--ground-resolution``: metres per pixel of an image without georeferencing."""
+    parser.add_argument("--ground-resolution", type=float, default=None, metavar="M",
+                        help="metres per pixel of the image (default: from its georeferencing, else unknown); "
+                             "the model is told the resolution it sees")
 
 
 def _numbers(text: str | None, what: str, kind: type) -> list | None:
@@ -152,6 +163,19 @@ def _print_result(path: Path, result, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def _model_config(args: argparse.Namespace):
+    """The model directory's config (read before the weights load), or None when it cannot be read yet
+    (loading the model then reports why)."""
+    from engine.errors import RSMoEError
+    from engine.model import RSMoEConfig
+    from engine.runtime import default_model_dir
+
+    try:
+        return RSMoEConfig.load(Path(args.model) if args.model else default_model_dir())
+    except (RSMoEError, OSError, ValueError):
+        return None
+
+
 def _load_pipeline(args: argparse.Namespace, **options):
     from engine.pipeline import Pipeline
 
@@ -161,7 +185,8 @@ def _load_pipeline(args: argparse.Namespace, **options):
 def cmd_caption(args: argparse.Namespace) -> int:
     from engine.pipeline import ImageInput, check_input
 
-    inputs = [ImageInput(path=str(path), **_region(args)) for path in args.inputs]
+    inputs = [ImageInput(path=str(path), ground_resolution_m=args.ground_resolution, **_region(args))
+              for path in args.inputs]
     for inp in inputs:  # every input is checked before the model loads
         check_input(inp)
     pipeline = _load_pipeline(args)
@@ -173,7 +198,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from engine.pipeline import ImageInput, check_input, check_question
 
-    inp = ImageInput(path=str(args.input), **_region(args))
+    inp = ImageInput(path=str(args.input), ground_resolution_m=args.ground_resolution, **_region(args))
     check_question(args.question)
     check_input(inp)
     pipeline = _load_pipeline(args)
@@ -194,7 +219,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, gpkg=str(args.gpkg) if args.gpkg else None,
                             restart=args.restart, min_valid_fraction=args.min_valid, timing=args.timing,
                             keep_journal=args.keep_journal)
-    check_annotation(params)  # bad raster / extent / tiling / output fail before the model loads
+    check_annotation(params, config=_model_config(args))  # bad raster / extent / tiling / output fail early
     pipeline = _load_pipeline(args)
     bars: list = []
 

@@ -1,7 +1,10 @@
 """Batch annotation jobs: caption every tile of a raster into GeoJSON, with progress, cancel and resume.
 
 One run (:func:`run_annotation`)
-    The raster (or a window / extent of it) is cut into tiles (:func:`engine.geo.plan_tiles`).
+    The raster (or a window / extent of it) is cut into tiles (:func:`engine.geo.plan_tiles`) of the
+    given size, or of :func:`default_tile_size` (a ground footprint the model knows where its config sets one,
+    else :data:`DEFAULT_TILE_PX` pixels); a tiling whose tiles the model sees outside its trained ground
+    resolution range is logged as a warning that names a tile size in metres that would be in range.
     Tiles go through the model in fixed groups of ``batch_size`` consecutive tile indices (the
     same groups on every run, so a resumed run feeds the model exactly the batches an
     uninterrupted run does). Tiles with too little valid data are not captioned: their
@@ -18,9 +21,11 @@ Output
     Written only when every tile is done, atomically (:func:`engine.geo.write_geojson_atomic`): a
     failed or cancelled run leaves any earlier OUT.geojson as it was and never a half-written one.
     Feature properties: ``tile_index``, ``window``, ``caption``, ``skipped``, ``valid_fraction``,
-    ``ground_resolution_m``, ``row``, ``col``, ``segments`` (per expert: ``expert``, ``text``),
+    ``ground_resolution_m`` (native), ``row``, ``col``, ``segments`` (per expert: ``expert``, ``text``),
     ``router``, ``scene`` (``null`` where the model named none), ``scene_confidence`` (the scene head's
-    probability for its best scene, or ``null``), ``model_id``, ``backend`` and, with ``timing``,
+    probability for its best scene, or ``null``), ``model_resolution_m`` (metres per pixel of the model
+    input), ``uncertain`` and ``uncertainty`` (the reasons; ``null`` for skipped tiles), ``model_id``,
+    ``backend`` and, with ``timing``,
     ``seconds`` (the tile's share of its batch's wall time: journalled with the tile, but left out by
     default because it differs between runs). The journal is deleted after a successful run unless ``keep_journal``.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -41,13 +47,19 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from engine.errors import CancelledError, JobError, JobNotFoundError, RSMoEError, UserInputError
-from engine.geo import (TileJournal, TileRecord, TilingParams, feature_collection, journal_path, parse_tile_size,
-                        plan_tiles, raster_identity, write_geojson_atomic, write_gpkg)
+from engine.geo import (TileJournal, TileRecord, TileSize, TilingParams, feature_collection, journal_path,
+                        parse_tile_size, plan_tiles, raster_identity, write_geojson_atomic, write_gpkg)
 from engine import __version__
-from engine.pipeline import ImageInput, ModelInfo, Pipeline, open_input, resolve_window
+from engine.model.config import RSMoEConfig
+from engine.model.routing import round_resolution
+from engine.pipeline import ImageInput, ModelInfo, Pipeline, open_input, resolve_window, seen_resolution
 from engine.raster import BandSelection, RasterSource, Window
 
 log = logging.getLogger(__name__)
+
+#: The tile size when none is given and the model config names no ground footprint (or the raster has no
+#: georeferencing, or its pixels are too coarse for that footprint).
+DEFAULT_TILE_PX = 512
 
 #: Properties journalled with each tile but written to the GeoJSON only on request (they vary run to run).
 VOLATILE_PROPERTIES = ("seconds",)
@@ -67,7 +79,8 @@ class AnnotateParams:
     out
         The GeoJSON to write (its folder is created; its journal lies beside it).
     tile_size
-        Pixels (``512``, ``"512px"``) or ground metres (``"500m"``, ``"2km"``).
+        Pixels (``512``, ``"512px"``) or ground metres (``"500m"``, ``"2km"``); None: the model's default
+        (:func:`default_tile_size`).
     overlap
         Pixels shared by neighbouring tiles.
     window, extent, extent_crs
@@ -93,7 +106,7 @@ class AnnotateParams:
 
     raster: str
     out: str
-    tile_size: str | int = 512
+    tile_size: str | int | None = None
     overlap: int = 0
     window: Window | None = None
     extent: tuple[float, float, float, float] | None = None
@@ -116,7 +129,8 @@ class AnnotateParams:
             object.__setattr__(self, "bands", BandSelection.parse(self.bands))
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
-        parse_tile_size(self.tile_size)  # fail early on a malformed size
+        if self.tile_size is not None:
+            parse_tile_size(self.tile_size)  # fail early on a malformed size
 
     def image_input(self) -> ImageInput:
         assert isinstance(self.bands, BandSelection)
@@ -171,6 +185,8 @@ class AnnotationPlan:
     region: Window
     header: dict[str, Any]
     metadata: dict[str, Any]
+    tile_size: TileSize | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,10 +207,67 @@ def _check_params(params: AnnotateParams) -> None:
         raise UserInputError("--out would overwrite the raster itself; choose another output file")
 
 
-def _plan(source: RasterSource, params: AnnotateParams, info: ModelInfo | None) -> AnnotationPlan:
+def default_tile_size(source: RasterSource, region: Window, config: RSMoEConfig | None) -> TileSize:
+    """The tile size of a job that gives none: ``resolution.tile_m`` metres (a ground footprint the model was
+    trained on) when the model config sets it, the raster is georeferenced and its pixels are fine enough for
+    such a tile to fill the model input without upsampling (so imagery finer than the trained range is read
+    in footprints the model knows instead of fixed pixel tiles that it would see far too sharp);
+    else :data:`DEFAULT_TILE_PX` pixels."""
+    tile_m = config.resolution.tile_m if config is not None else None
+    native = source.ground_resolution_of(region) if tile_m else None
+    if tile_m and native is not None and native <= tile_m / config.image.image_size:  # type: ignore[union-attr]
+        return TileSize(float(tile_m), "m")
+    return TileSize(DEFAULT_TILE_PX)
+
+
+def tile_resolution_warning(source: RasterSource, region: Window, size: TileSize, tiles: list[Any],
+                            config: RSMoEConfig | None) -> str | None:
+    """A warning when the model sees a tiling's tiles more than 1.5x outside its trained ground resolution
+    range, naming a tile size in metres that would be in range; None when in range or unknown."""
+    if config is None or not tiles:
+        return None
+    res = config.resolution
+    image_size = config.image.image_size
+    native = source.ground_resolution_of(region)
+    first = tiles[0].window
+    seen = seen_resolution(native, first.width, first.height, image_size)
+    side = res.outside(seen)
+    if side is None or native is None or seen is None:
+        return None
+    low = "?" if res.min_m is None else f"{res.min_m:g}"
+    high = "?" if res.max_m is None else f"{res.max_m:g}"
+    message = (f"tiles of {size} ({first.width} x {first.height} px at {native:.3g} m/px) are seen by the model at "
+               f"{round_resolution(seen):g} m/px, {side} than its trained range {low}-{high} m/px: their "
+               f"captions will be marked uncertain")
+    if res.max_m is not None and native > res.max_m:
+        return message + f"; the raster's own pixels ({native:.3g} m) are coarser than that range"
+    # tiles of lo..hi metres are seen in range without being upsampled (at least image_size pixels)
+    lo = max(res.min_m or 0.0, native) * image_size
+    hi = res.max_m * image_size if res.max_m is not None else None
+    if res.tile_m and lo <= res.tile_m and (hi is None or res.tile_m <= hi):
+        suggest = float(res.tile_m)
+    else:
+        suggest = math.sqrt(lo * hi) if hi is not None else lo
+    span = f"{_metres(lo)} to {_metres(hi)}" if hi is not None else f"at least {_metres(lo)}"
+    return message + f"; tiles of {span} would be in range, e.g. tile size {_metres(suggest)}"
+
+
+def _metres(value: float) -> str:
+    """A ground length as a tile size reads it: ``67.2m``, ``2.69km``."""
+    return f"{value:.3g}m" if value < 1000 else f"{value / 1000:.3g}km"
+
+
+def _plan(source: RasterSource, params: AnnotateParams, info: ModelInfo | None,
+          config: RSMoEConfig | None = None) -> AnnotationPlan:
     region = resolve_window(source, params.image_input())
-    tiles = plan_tiles(source, params.tile_size, params.overlap, region)
-    tiling = TilingParams(parse_tile_size(params.tile_size), params.overlap, region)
+    if params.tile_size is None:
+        size = default_tile_size(source, region, config)
+        log.info("no tile size given: tiles of %s (the model's default for this raster)", size)
+    else:
+        size = parse_tile_size(params.tile_size)
+    tiles = plan_tiles(source, size, params.overlap, region)
+    warning = tile_resolution_warning(source, region, size, tiles, config)
+    tiling = TilingParams(size, params.overlap, region)
     model = {"id": info.model_id, "fingerprint": info.fingerprint, "backend": info.backend} if info else None
     header = {
         "raster": raster_identity(params.raster),
@@ -217,21 +290,25 @@ def _plan(source: RasterSource, params: AnnotateParams, info: ModelInfo | None) 
         "backend": info.backend if info else None,
         "engine_version": __version__,
     }
-    return AnnotationPlan(params, tiles, region, header, metadata)
+    return AnnotationPlan(params, tiles, region, header, metadata, size, [warning] if warning else [])
 
 
-def check_annotation(params: AnnotateParams, info: ModelInfo | None = None) -> AnnotationPlan:
+def check_annotation(params: AnnotateParams, info: ModelInfo | None = None,
+                     config: RSMoEConfig | None = None) -> AnnotationPlan:
     """Validate a job without running it (no model needed): the raster opens, region and tiling are
-    valid, the outputs are file names. Raises the error the run would raise."""
+    valid, the outputs are file names. Raises the error the run would raise. Without the model's
+    ``config`` a job without a tile size is checked with :data:`DEFAULT_TILE_PX` pixels."""
     _check_params(params)
-    geo_log = logging.getLogger("engine.geo")
-    level = geo_log.level
-    geo_log.setLevel(max(logging.WARNING, geo_log.getEffectiveLevel()))  # the run logs the plan itself
+    quiet = [logging.getLogger(name) for name in ("engine.geo", __name__)]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(max(logging.WARNING, lg.getEffectiveLevel()))  # the run logs the plan itself
     try:
         with open_input(params.image_input(), params.min_valid_fraction) as (source, _):
-            return _plan(source, params, info)
+            return _plan(source, params, info, config)
     finally:
-        geo_log.setLevel(level)
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
 
 
 def _groups(tiles: list[Any], size: int) -> list[list[Any]]:
@@ -254,7 +331,9 @@ def run_annotation(pipeline: Pipeline, params: AnnotateParams, progress: Progres
     out = Path(params.out)
     batch_size = int(params.batch_size or pipeline.batch_size)
     with open_input(params.image_input(), params.min_valid_fraction) as (source, identity):
-        plan = _plan(source, params, pipeline.info)
+        plan = _plan(source, params, pipeline.info, pipeline.model.config)
+        for warning in plan.warnings:
+            log.warning("%s", warning)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -327,10 +406,12 @@ def _annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, gro
     reads = [source.read_tile(tile.window, size) for tile in group]
     valid = [i for i, r in enumerate(reads) if r.image is not None]
     bands = tuple(source.band_indices)
+    natives = [source.ground_resolution_of(tile.window) for tile in group]
     results = {}
     if valid:
         keys = [(identity, tuple(reads[i].window.to_list()), bands, (size, size)) for i in valid]
-        captions = pipeline.caption_images([reads[i].image for i in valid], style, keys)
+        seen = [seen_resolution(natives[i], reads[i].window.width, reads[i].window.height, size) for i in valid]
+        captions = pipeline.caption_images([reads[i].image for i in valid], style, keys, seen)
         results = dict(zip(valid, captions))
     seconds = round((time.perf_counter() - start) / max(1, len(valid)), 3)
     info = pipeline.info
@@ -340,14 +421,17 @@ def _annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, gro
         res = results.get(i)
         if res is not None:
             extra.update(segments=[{"expert": s.expert, "text": s.text} for s in res.segments],
-                         router=res.router, scene=res.plan.scene, scene_confidence=res.scene_confidence)
+                         router=res.router, scene=res.plan.scene, scene_confidence=res.scene_confidence,
+                         model_resolution_m=res.model_resolution_m, uncertain=res.uncertain,
+                         uncertainty=list(res.uncertainty))
         else:
-            extra.update(segments=None, router=None, scene=None, scene_confidence=None)
+            extra.update(segments=None, router=None, scene=None, scene_confidence=None, model_resolution_m=None,
+                         uncertain=None, uncertainty=None)
         extra.update(model_id=info.model_id, backend=info.backend)
         if res is not None:
             extra["seconds"] = seconds
         records.append(TileRecord.from_read(tile.index, read, res.text if res is not None else None,
-                                            source.ground_resolution_of(tile.window), **extra))
+                                            natives[i], **extra))
     return records
 
 
@@ -371,6 +455,8 @@ class Job:
     message: str = "queued"
     error: str | None = None
     result: AnnotateResult | None = None
+    tile_size: str | None = None
+    warnings: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -386,7 +472,8 @@ class Job:
             "id": self.id, "state": self.state, "done": self.done, "total": self.total, "skipped": self.skipped,
             "resumed": self.resumed, "message": self.message, "error": self.error,
             "cancel_requested": self.cancel_event.is_set(),
-            "out": p.out, "gpkg": p.gpkg, "raster": p.raster,
+            "out": p.out, "gpkg": p.gpkg, "raster": p.raster, "tile_size": self.tile_size,
+            "warnings": list(self.warnings),
             "created": self.created, "started": self.started, "finished": self.finished,
             "result": self.result.to_dict() if self.result else None,
         }
@@ -407,13 +494,14 @@ class JobManager:
 
     def submit(self, params: AnnotateParams) -> Job:
         """Validate and queue a job; bad parameters raise at once (nothing is queued)."""
-        plan = check_annotation(params, self.pipeline.info)
+        plan = check_annotation(params, self.pipeline.info, self.pipeline.model.config)
         out = Path(params.out).resolve()
         with self._lock:
             for other in self._jobs.values():
                 if other.active and Path(other.params.out).resolve() == out:
                     raise JobError(f"job {other.id} is already writing '{params.out}'; wait for it or cancel it")
-            job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", params=params, total=len(plan.tiles))
+            job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", params=params, total=len(plan.tiles),
+                      tile_size=str(plan.tile_size), warnings=list(plan.warnings))
             self._jobs[job.id] = job
             self._prune()
         self._queue.put(job)

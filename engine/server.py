@@ -85,6 +85,9 @@ class RegionRequest(_Strict):
                                        description="[minx, miny, maxx, maxy] in the raster CRS or extent_crs")
     extent_crs: str | None = Field(None, description="CRS of extent, e.g. EPSG:4326")
     bands: str | list[int | str] | None = Field(None, description='band choice, e.g. "4,3,2" or ["B04","B03","B02"]')
+    ground_resolution_m: float | None = Field(
+        None, gt=0, description="metres per pixel of the image as sent (e.g. a rendered map image without "
+                                "georeferencing); default: from the raster's georeferencing, else unknown")
 
     def image_input(self) -> ImageInput:
         data = None
@@ -95,7 +98,8 @@ class RegionRequest(_Strict):
                 raise UserInputError("image_base64 is not valid base64") from None
         return ImageInput(path=self.path, data=data, window=Window.from_list(self.window) if self.window else None,
                           extent=tuple(self.extent) if self.extent else None,  # type: ignore[arg-type]
-                          extent_crs=self.extent_crs, bands=BandSelection.parse(self.bands))
+                          extent_crs=self.extent_crs, bands=BandSelection.parse(self.bands),
+                          ground_resolution_m=self.ground_resolution_m)
 
 
 class CaptionRequest(RegionRequest):
@@ -111,7 +115,9 @@ class JobRequest(_Strict):
 
     path: str = Field(..., description="the raster to annotate (on the engine's machine)")
     out: str = Field(..., description="the GeoJSON file to write")
-    tile_size: str | int = Field(512, description='pixels (512) or ground size ("500m")')
+    tile_size: str | int | None = Field(None, description='pixels (512) or ground size ("500m"); default: the '
+                                                          "model's ground footprint where it has one and the raster "
+                                                          "is georeferenced, else 512 pixels")
     overlap: int = Field(0, ge=0)
     window: list[int] | None = Field(None, min_length=4, max_length=4)
     extent: list[float] | None = Field(None, min_length=4, max_length=4)
@@ -238,7 +244,9 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
     Endpoints (all need the token; bodies and answers are JSON):
 
     - ``GET /health``: model id, variant, trained, backend, device, providers, gpu, version, jobs.
-    - ``POST /caption``: :class:`CaptionRequest` -> caption with expert segments and the window read.
+    - ``POST /caption``: :class:`CaptionRequest` -> caption with expert segments and the window read, the
+      native and the seen ground resolution (``ground_resolution_m``, ``model_resolution_m``) and whether the
+      model is unsure (``uncertain``, ``uncertainty``).
     - ``POST /ask``: :class:`AskRequest` -> answer.
     - ``POST /jobs``: :class:`JobRequest` -> 202 and the job's status.
     - ``GET /jobs``: every job's status. ``GET /jobs/{id}``: one job's status.
@@ -276,7 +284,11 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
     @app.get("/health", summary="model, backend, device and whether a GPU is used")
     def health() -> dict[str, Any]:
         jobs_now = jobs.list()
+        res = pipeline.model.config.resolution
         return {"status": "ok", **pipeline.info.to_dict(), "batch_size": pipeline.batch_size,
+                "image_size": pipeline.image_size,
+                "resolution": {"conditioned": bool(res.prompt), "min_m": res.min_m, "max_m": res.max_m,
+                               "tile_m": res.tile_m},
                 "uptime_s": round(time.time() - started, 1), "pid": os.getpid(),
                 "cache": pipeline.cache.stats(),
                 "jobs": {"active": sum(j.active for j in jobs_now), "total": len(jobs_now)}}

@@ -47,6 +47,27 @@ def test_caption_and_ask_go_through_the_pipeline(tiny_dir: Path, capsys: pytest.
     assert code == 0 and out.count("\n") == 1
 
 
+def test_ground_resolution_option_and_json_fields(tiny_dir: Path, tmp_path: Path,  # noqa: F811
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _main(capsys, "caption", "--model", str(tiny_dir), "--json", "--ground-resolution", "0.5",
+                         str(DATA / "s2_plain.png"), str(S2))
+    plain, s2 = (json.loads(line) for line in out.splitlines())
+    assert code == 0 and plain["ground_resolution_m"] == 0.5 and plain["model_resolution_m"] == 4.0  # 256 px -> 32
+    assert s2["ground_resolution_m"] == 0.5 and s2["model_resolution_m"] == 8.0  # given: it wins over the raster's
+    assert plain["uncertain"] is False and plain["uncertainty"] == []
+    code, out, _ = _main(capsys, "ask", "--model", str(tiny_dir), "--json", str(DATA / "s2_plain.png"), "Is it?")
+    answer = json.loads(out)
+    assert code == 0 and answer["ground_resolution_m"] is None and answer["model_resolution_m"] is None
+    code, _, err = _main(capsys, "caption", "--model", str(tiny_dir), "--ground-resolution", "-2", str(S2))
+    assert code == 2 and "ground resolution" in err
+    geojson = tmp_path / "default.geojson"  # no --tile-size: the tiny model names no footprint, so 512 px
+    code, out, _ = _main(capsys, "annotate", str(S2), "--out", str(geojson), "--model", str(tiny_dir))
+    fc = json.loads(geojson.read_text())
+    assert code == 0 and fc["rsmoe"]["tiling"]["tile_size"] == "512px" and len(fc["features"]) == 1
+    p = fc["features"][0]["properties"]
+    assert p["model_resolution_m"] == float(f"{p['ground_resolution_m'] * 512 / 32:.3g}") and p["uncertain"] is False
+
+
 def test_bad_input_one_line_error_exit_code_and_no_model_load(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import engine.pipeline

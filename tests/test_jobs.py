@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import warnings
 from pathlib import Path
@@ -15,8 +16,9 @@ from shapely.geometry import shape
 
 from engine.errors import CancelledError, InputNotFoundError, JobError, JobNotFoundError, RasterError, UserInputError
 from engine.geo import journal_path
-from engine.jobs import AnnotateParams, JobManager, JobProgress, check_annotation, run_annotation
-from engine.pipeline import Pipeline
+from engine.jobs import (DEFAULT_TILE_PX, AnnotateParams, JobManager, JobProgress, check_annotation,
+                         default_tile_size, run_annotation)
+from engine.pipeline import ModelInfo, Pipeline
 from engine.raster import Window
 from tests.engine_helpers import DATA, S2, lite_ready, one_thread, tiny_dir  # noqa: F401 - fixtures
 
@@ -73,6 +75,8 @@ def test_annotate_sentinel2_valid_geojson_matching_the_geotransform(pipeline: Pi
         assert p["segments"] and {"expert", "text"} <= set(p["segments"][0])
         assert p["model_id"] == "rsmoe-tiny" and p["backend"] == "torch" and p["tile_index"] == f["id"]
         assert 9.9 < p["ground_resolution_m"] < 10.1 and "seconds" not in p
+        seen = p["ground_resolution_m"] * 128 / pipeline.image_size  # 128 px tiles read to the model input
+        assert p["model_resolution_m"] == float(f"{seen:.3g}") and p["uncertain"] is False and p["uncertainty"] == []
         lon, lat = f["geometry"]["coordinates"][0][0]
         assert -76.0 < lon < -75.5 and 37.6 < lat < 37.8  # Virginia's Eastern Shore, lon first
     _check_footprints(fc, S2)
@@ -107,6 +111,7 @@ def test_nodata_tiles_are_skipped_with_a_reason(pipeline: Pipeline, tmp_path: Pa
     for f in skipped:
         assert f["properties"]["caption"] is None and "valid" in f["properties"]["skipped"]
         assert f["properties"]["segments"] is None and f["properties"]["scene_confidence"] is None
+        assert f["properties"]["model_resolution_m"] is None and f["properties"]["uncertain"] is None
     float_out = tmp_path / "nan.geojson"
     run_annotation(pipeline, AnnotateParams(raster=str(DATA / "s2_float32_nan.tif"), out=str(float_out),
                                             tile_size=64))
@@ -312,6 +317,86 @@ def test_job_manager_cancel_and_failure(pipeline: Pipeline, tmp_path: Path, monk
 def test_check_annotation_needs_no_model(tmp_path: Path) -> None:
     plan = check_annotation(AnnotateParams(raster=str(S2), out=str(tmp_path / "o.geojson"), tile_size=100))
     assert len(plan.tiles) == 36 and plan.region == Window(0, 0, 512, 512)
+    plan = check_annotation(AnnotateParams(raster=str(S2), out=str(tmp_path / "o.geojson")))  # no size, no model
+    assert str(plan.tile_size) == f"{DEFAULT_TILE_PX}px" and len(plan.tiles) == 1 and plan.warnings == []
+
+
+# ------------------------------------------------------------------------------------------- resolution-aware tiling
+USGS = DATA / "usgs_3857.tif"  # 512 x 512, 0.1524 m on the ground: finer than the range below
+
+
+@pytest.fixture(scope="module")
+def conditioned(tiny_dir: Path) -> Pipeline:  # noqa: F811
+    """The tiny model with a trained range of 0.3-12 m/px and a 20 m default footprint (seen at 20 / 32 px)."""
+    from engine.model import RSMoEModel
+    from engine.model.config import ResolutionConfig
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    model.config.resolution = ResolutionConfig(prompt="Ground resolution {resolution} per pixel.", min_m=0.3,
+                                               max_m=12.0, tile_m=20.0)
+    return Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=4)
+
+
+def test_default_tile_size_is_the_models_footprint_for_fine_imagery(conditioned: Pipeline, tmp_path: Path) -> None:
+    from engine.raster import RasterSource
+
+    config = conditioned.model.config
+    with RasterSource(USGS) as fine, RasterSource(S2) as s2, RasterSource(DATA / "s2_plain.png") as plain:
+        assert str(default_tile_size(fine, fine.full_window, config)) == "20m"
+        assert str(default_tile_size(fine, fine.full_window, None)) == "512px"  # no model config: as before
+        assert str(default_tile_size(s2, s2.full_window, config)) == "512px"  # 10 m pixels: too coarse for 20 m
+        assert str(default_tile_size(plain, plain.full_window, config)) == "512px"  # no georeferencing
+    out = tmp_path / "fine.geojson"
+    region = Window(0, 0, 262, 264)  # 2 x 2 tiles of 20 m (about 131 px at 0.1524 m)
+    run_annotation(conditioned, AnnotateParams(raster=str(USGS), out=str(out), window=region))
+    fc = _load(out)
+    assert fc["rsmoe"]["tiling"]["tile_size"] == "20m" and len(fc["features"]) == 4
+    size = conditioned.image_size
+    for f in fc["features"]:
+        p = f["properties"]
+        width, height = p["window"][2:]
+        assert 130 <= width <= 132 and 130 <= height <= 132  # 20 m of 0.1524 m pixels, whatever the pixel default
+        assert 0.15 < p["ground_resolution_m"] < 0.155  # native
+        seen = p["ground_resolution_m"] * max(width, height) / size
+        assert p["model_resolution_m"] == float(f"{seen:.3g}") and 0.6 < seen < 0.65  # in range
+        assert p["uncertain"] is False and p["uncertainty"] == []
+    explicit = tmp_path / "explicit.geojson"  # an explicit size is kept, even a poor one
+    run_annotation(conditioned, AnnotateParams(raster=str(USGS), out=str(explicit), window=Window(0, 0, 64, 32),
+                                               tile_size=32))
+    fc = _load(explicit)
+    assert fc["rsmoe"]["tiling"]["tile_size"] == "32px" and len(fc["features"]) == 2
+    for f in fc["features"]:
+        p = f["properties"]  # 32 px of 0.15 m seen at 0.15 m/px: finer than 0.3 / 1.5
+        assert p["uncertain"] is True and p["uncertainty"][0].startswith("resolution 0.152 m/px is finer than")
+
+
+def test_tiles_outside_the_trained_range_log_a_warning_with_a_tile_size_in_metres(
+        conditioned: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = conditioned.model.config
+    out = str(tmp_path / "w.geojson")
+    plan = check_annotation(AnnotateParams(raster=str(USGS), out=out, tile_size=32), config=config)
+    assert str(plan.tile_size) == "32px" and len(plan.warnings) == 1
+    warning = plan.warnings[0]
+    assert "finer than its trained range 0.3-12 m/px" in warning
+    assert "tiles of 9.6m to 384m would be in range, e.g. tile size 20m" in warning  # 0.3 and 12 m x 32 px
+    plan = check_annotation(AnnotateParams(raster=str(USGS), out=out, tile_size="20m"), config=config)
+    assert plan.warnings == []
+    plan = check_annotation(AnnotateParams(raster=str(DATA / "rgb_byte_nodata.tif"), out=out, tile_size=256),
+                            config=config)  # Landsat, 300 m pixels
+    assert "coarser than its trained range" in plan.warnings[0] and "own pixels (300 m)" in plan.warnings[0]
+    assert check_annotation(AnnotateParams(raster=str(USGS), out=out, tile_size=32)).warnings == []  # no config
+    manager = JobManager(conditioned)
+    try:
+        job = manager.submit(AnnotateParams(raster=str(USGS), out=out, tile_size=32, window=Window(0, 0, 32, 32)))
+        assert job.status()["warnings"] and job.status()["tile_size"] == "32px"
+        caplog.set_level(logging.WARNING, logger="engine.jobs")
+        assert manager.wait(job.id, timeout=120).state == "done"
+        assert any("would be in range" in r.getMessage() for r in caplog.records if r.name == "engine.jobs")
+        auto = manager.submit(AnnotateParams(raster=str(USGS), out=str(tmp_path / "auto.geojson")))
+        assert auto.status()["tile_size"] == "20m" and auto.status()["warnings"] == [] and auto.total == 16
+        manager.cancel(auto.id)
+    finally:
+        manager.shutdown()
 
 
 # ------------------------------------------------------------------------------------------- real lite model
@@ -334,4 +419,7 @@ def test_real_lite_model_annotates_the_sentinel2_crop(tmp_path: Path) -> None:
         assert 0 < p["scene_confidence"] <= 1  # the scene head's probability, on every tile
         assert (p["scene"] is None) == (p["scene_confidence"] < threshold)
         assert p["scene"] is None or p["scene"] in lite.model.config.vision.scene_classes
+        unsure = f"scene unsure ({p['scene_confidence']:.2f})"
+        assert (unsure in p["uncertainty"]) == (p["scene_confidence"] < threshold)  # said, not hidden
+        assert p["uncertain"] == bool(p["uncertainty"])
     _check_footprints(fc, S2)

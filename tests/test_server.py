@@ -76,6 +76,8 @@ def test_health_reports_model_backend_and_device(client: httpx.Client) -> None:
     assert h["trained"] is True and h["backend"] == "torch" and h["device"] == "cpu"
     assert h["providers"] == ["cpu"] and h["gpu"] is False and h["version"]
     assert {"entries", "bytes", "hits"} <= set(h["cache"]) and "jobs" in h
+    assert h["image_size"] == 32  # the tiny model's input; an old-style model: no trained resolution range
+    assert h["resolution"] == {"conditioned": False, "min_m": None, "max_m": None, "tile_m": None}
 
 
 # ------------------------------------------------------------------------------------------- caption / ask
@@ -85,8 +87,12 @@ def test_caption_path_and_follow_up_question_reuses_features(client: httpx.Clien
     body = r.json()
     assert isinstance(body["text"], str) and body["window"] == [0, 0, 256, 256] and body["cached"] is False
     assert [s["expert"] for s in body["segments"]] == ["theme", "objects", "relations"]
+    assert 9.99 < body["ground_resolution_m"] < 10.02  # native, of the window
+    assert body["model_resolution_m"] == float(f"{body['ground_resolution_m'] * 256 / 32:.3g}")  # read to 32 px
+    assert body["uncertain"] is False and body["uncertainty"] == []
     a = client.post("/ask", json={"path": str(S2), "window": [0, 0, 256, 256], "question": "how many fields?"})
     assert a.status_code == 200 and a.json()["cached"] is True and a.json()["task"] == "ask"
+    assert a.json()["model_resolution_m"] == body["model_resolution_m"] and a.json()["uncertain"] is False
 
 
 def test_caption_image_bytes_and_extent(client: httpx.Client) -> None:
@@ -98,6 +104,11 @@ def test_caption_image_bytes_and_extent(client: httpx.Client) -> None:
                                       "extent_crs": "EPSG:4326", "bands": "3,2,1"})
     assert r.status_code == 200, r.text
     assert r.json()["source"]["bands"] == [3, 2, 1]
+    plain = client.post("/caption", json={"image_base64": _b64(DATA / "s2_plain.png")}).json()
+    assert plain["ground_resolution_m"] is None and plain["model_resolution_m"] is None  # not georeferenced
+    told = client.post("/ask", json={"image_base64": _b64(DATA / "s2_plain.png"), "question": "what is this?",
+                                     "ground_resolution_m": 0.5}).json()  # a map rendering: 256 px of 0.5 m
+    assert told["ground_resolution_m"] == 0.5 and told["model_resolution_m"] == 4.0 and told["cached"] is True
 
 
 def test_bad_requests_get_4xx_json_and_the_service_keeps_serving(client: httpx.Client) -> None:
@@ -121,6 +132,8 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_serving(client: httpx.C
         (client.post("/caption", json=[1, 2, 3]), 422, "invalid request"),
         (client.post("/ask", json={"path": str(S2), "question": "x" * 10_000}), 400, "10000 characters"),
         (client.post("/ask", json={"path": str(S2)}), 422, "question"),
+        (client.post("/caption", json={"path": str(S2), "ground_resolution_m": 0}), 422, "ground_resolution_m"),
+        (client.post("/caption", json={"path": str(S2), "ground_resolution_m": "fine"}), 422, "ground_resolution_m"),
         (client.get("/nowhere"), 404, "no such endpoint"),
         (client.get("/caption"), 405, ""),
     ]
@@ -167,6 +180,12 @@ def test_job_round_trip(client: httpx.Client, tmp_path: Path) -> None:
     result = client.get(f"/jobs/{job['id']}/result").json()
     assert result["out"] == str(out) and result["gpkg"] == str(tmp_path / "job.gpkg")
     assert len(result["geojson"]["features"]) == 12 and result["skipped"] == status["skipped"]
+    for feature in result["geojson"]["features"]:
+        p = feature["properties"]
+        assert {"ground_resolution_m", "model_resolution_m", "uncertain", "uncertainty"} <= set(p)
+        if p["caption"] is not None:  # 256 px of 300 m read to 32 px
+            assert p["model_resolution_m"] == float(f"{p['ground_resolution_m'] * 8:.3g}") and p["uncertain"] is False
+    assert status["tile_size"] == "256px" and status["warnings"] == []
     assert "geojson" not in client.get(f"/jobs/{job['id']}/result", params={"content": "false"}).json()
     assert any(j["id"] == job["id"] for j in client.get("/jobs").json()["jobs"])
 
@@ -190,6 +209,47 @@ def test_job_errors_and_cancel(client: httpx.Client, tmp_path: Path) -> None:
     assert out.read_text() == "PREVIOUS" and Path(str(out) + ".journal").exists()
     _error(client.get(f"/jobs/{job['id']}/result"), 409, "cancelled")
     assert client.get("/health").status_code == 200
+
+
+def test_resolution_aware_model_over_http(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A model conditioned on the ground resolution (trained on 0.3-12 m/px, 20 m footprint): the request's
+    resolution reaches its prompts, the answer says when it is outside the range, jobs default to 20 m tiles."""
+    from engine.model import RSMoEModel
+    from engine.model.config import ResolutionConfig
+    from engine.pipeline import ModelInfo
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    model.config.resolution = ResolutionConfig(prompt="Ground resolution {resolution} per pixel.", min_m=0.3,
+                                               max_m=12.0, tile_m=20.0)
+    pipeline = Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=4)
+    svc = EngineService(pipeline, ServeOptions(token_file=tmp_path / "engine.json")).start()
+    try:
+        with httpx.Client(base_url=svc.url, headers={"X-RSMoE-Token": svc.token}, timeout=120) as c:
+            h = c.get("/health").json()
+            assert h["resolution"] == {"conditioned": True, "min_m": 0.3, "max_m": 12.0, "tile_m": 20.0}
+            png = _b64(DATA / "s2_plain.png")  # 256 px read to 32: seen at 8 x the given resolution
+            fine = c.post("/caption", json={"image_base64": png, "ground_resolution_m": 0.005, "style": "detailed"})
+            body = fine.json()
+            assert fine.status_code == 200 and body["model_resolution_m"] == 0.04 and body["uncertain"] is True
+            assert body["uncertainty"] == ["resolution 0.04 m/px is finer than the trained range 0.3-12 m/px"]
+            phrase = model.config.resolution.phrase(0.04)
+            assert all(s["prompt"].startswith(phrase) for s in body["segments"])
+            ok = c.post("/ask", json={"image_base64": png, "ground_resolution_m": 0.5, "question": "is there water?"})
+            assert ok.json()["model_resolution_m"] == 4.0 and ok.json()["uncertain"] is False
+            assert ok.json()["segments"][0]["prompt"].startswith(model.config.resolution.phrase(4.0))
+            job = c.post("/jobs", json={"path": str(DATA / "usgs_3857.tif"), "out": str(tmp_path / "u.geojson"),
+                                        "window": [0, 0, 131, 131]}).json()
+            assert job["tile_size"] == "20m" and job["total"] == 1 and job["warnings"] == []
+            status = _wait(c, job["id"])
+            assert status["state"] == "done", status
+            (feature,) = json.loads((tmp_path / "u.geojson").read_text())["features"]
+            assert 0.6 < feature["properties"]["model_resolution_m"] < 0.65  # ~131 px of 0.1524 m read to 32 px
+            small = c.post("/jobs", json={"path": str(DATA / "usgs_3857.tif"), "out": str(tmp_path / "s.geojson"),
+                                          "window": [0, 0, 32, 32], "tile_size": 32}).json()
+            assert small["tile_size"] == "32px" and "would be in range" in small["warnings"][0]  # kept, with a warning
+            assert _wait(c, small["id"])["state"] == "done"
+    finally:
+        svc.stop()
 
 
 def test_token_file_removed_at_shutdown(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
