@@ -458,3 +458,24 @@ def test_scene_unsure_makes_the_result_uncertain(tiny_dir: Path) -> None:  # noq
         assert d["uncertainty"] == [f"scene unsure ({d['scene_confidence']:.2f})"]
     model.config.vision.scene_min_confidence = 0.0
     assert pipe.caption(S2, window=Window(0, 0, 128, 128)).to_dict()["uncertain"] is False
+
+
+def test_resolution_survives_a_plan_written_by_the_router(conditioned: Pipeline,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trained router writes a plan the engine parses: the image's resolution must stay in that plan too
+    (the shipped model's router always writes one)."""
+    model = conditioned.model
+    original = model.generate_texts
+
+    def router_writes_a_plan(visual, prompts, adapters, max_new_tokens):
+        if all(a == "router" for a in adapters):
+            return ["scene: beach | experts: objects"] * len(prompts)
+        return original(visual, prompts, adapters, max_new_tokens)
+
+    monkeypatch.setattr(model, "generate_texts", router_writes_a_plan)
+    answer = conditioned.ask(S2, "how many boats are there?", window=Window(0, 0, 256, 256))
+    assert answer.result.plan.experts == ["objects"] and answer.result.plan.scene == "beach"  # the router's plan
+    seen = answer.result.plan.resolution_m
+    assert seen == pytest.approx(10.0 * 256 / conditioned.image_size, rel=0.01)
+    assert answer.result.segments[0].prompt.startswith(model.config.resolution.phrase(seen))
+    assert answer.to_dict()["model_resolution_m"] is not None and answer.to_dict()["uncertain"] is True

@@ -146,7 +146,9 @@ def sanitize_plan(config: RSMoEConfig, plan: RouterPlan | None, fallback: Router
         known = known[:1] or fallback.experts
     if not known:
         known = fallback.experts
-    return RouterPlan(scene=plan.scene, experts=known, resolution_m=plan.resolution_m)
+    # a plan parsed from the router's text knows no resolution: the request's (the fallback's) stays
+    resolution_m = plan.resolution_m if plan.resolution_m is not None else fallback.resolution_m
+    return RouterPlan(scene=plan.scene, experts=known, resolution_m=resolution_m)
 
 
 def expert_prompt(config: RSMoEConfig, expert: str, plan: RouterPlan, task: str, instruction: str,
