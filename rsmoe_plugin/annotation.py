@@ -11,6 +11,10 @@ Two ways, one output schema (:mod:`rsmoe_plugin.features`):
 
 Both report through a :class:`QgsFeedback` (a Processing feedback or a task's) and raise
 :class:`~rsmoe_plugin.errors.CancelledByUser` when cancelled.
+
+A tile size of 0 means the engine's default: for an engine job the engine chooses (the model's ground
+footprint, ``resolution.tile_m`` metres, on georeferenced rasters fine enough for it, else 512 px); for
+rendered tiles :func:`default_rendered_tile` applies the same rule with the facts of ``GET /health``.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qgis.core import QgsCoordinateReferenceSystem, QgsFeedback, QgsRasterLayer, QgsRectangle
+from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsFeedback, QgsRasterLayer, QgsRectangle
 
 from rsmoe_plugin.engine_manager import EngineManager, log
 from rsmoe_plugin.errors import BadLayerError, CancelledByUser, EngineRequestError
@@ -37,6 +41,7 @@ from rsmoe_plugin.tiling import RenderGrid, native_resolution
 
 STYLES = ("concise", "detailed")
 POLL_INTERVAL_S = 0.4
+DEFAULT_TILE_PX = 512  # the engine's default without a model footprint
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ class AnnotateParameters:
     Parameters
     ----------
     tile_size, overlap
-        Pixels (of the file, or of the rendering at ``resolution``).
+        Pixels (of the file, or of the rendering at ``resolution``); tile size 0: the engine's default
+        (see the module docstring).
     style
         ``concise`` (one sentence per tile) or ``detailed`` (every expert).
     resolution
@@ -55,7 +61,7 @@ class AnnotateParameters:
         Tiles with less data than this are kept as features with a ``skipped`` reason.
     """
 
-    tile_size: int = 512
+    tile_size: int = 0
     overlap: int = 0
     style: str = "concise"
     resolution: float = 0.0
@@ -64,9 +70,9 @@ class AnnotateParameters:
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise BadLayerError(f"unknown caption style {self.style!r}; use concise or detailed")
-        if int(self.tile_size) < 1:
-            raise BadLayerError(f"the tile size must be at least 1 pixel, got {self.tile_size}")
-        if not 0 <= int(self.overlap) < int(self.tile_size):
+        if int(self.tile_size) < 0:
+            raise BadLayerError(f"the tile size must be at least 1 pixel (or 0: the default), got {self.tile_size}")
+        if int(self.overlap) < 0 or (self.tile_size and int(self.overlap) >= int(self.tile_size)):
             raise BadLayerError(f"the overlap must lie in 0 .. tile size - 1 ({int(self.tile_size) - 1}), "
                                 f"got {self.overlap}")
 
@@ -93,6 +99,14 @@ def _info(feedback: QgsFeedback | None, message: str) -> None:
     log(message)
 
 
+def _warn(feedback: QgsFeedback | None, message: str) -> None:
+    if feedback is not None and hasattr(feedback, "pushWarning"):
+        feedback.pushWarning(message)
+    elif feedback is not None and hasattr(feedback, "pushInfo"):
+        feedback.pushInfo(message)
+    log(message, Qgis.Warning)
+
+
 def _cancelled(feedback: QgsFeedback | None) -> bool:
     return feedback is not None and feedback.isCanceled()
 
@@ -111,15 +125,19 @@ def annotate_file(manager: EngineManager, path: str, out: str | Path, params: An
     """Run an engine job over ``path`` (``extent`` in the raster's CRS) and wait for it."""
     start = time.monotonic()
     out = Path(out).resolve()
-    body: dict[str, Any] = {"path": path, "out": str(out), "tile_size": int(params.tile_size),
-                            "overlap": int(params.overlap), "style": params.style,
+    body: dict[str, Any] = {"path": path, "out": str(out), "overlap": int(params.overlap), "style": params.style,
                             "min_valid_fraction": params.min_valid_fraction}
+    if params.tile_size:
+        body["tile_size"] = int(params.tile_size)  # else the engine's default for this raster and model
     if extent is not None:
         body["extent"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
     if bands:
         body["bands"] = list(bands)
     status = manager.call(lambda c: c.submit_job(body), "the annotation job")
-    _info(feedback, f"engine job {status['id']}: {status['total']} tiles of {params.tile_size} px from {path}")
+    size = status.get("tile_size") or f"{params.tile_size}px"  # older engines do not say
+    _info(feedback, f"engine job {status['id']}: {status['total']} tiles of {size} from {path}")
+    for warning in status.get("warnings") or []:
+        _warn(feedback, f"RS-MoE: {warning}")
     restarted = False
     while True:
         if _cancelled(feedback):
@@ -184,10 +202,20 @@ def annotate_rendered(manager: EngineManager, layer: QgsRasterLayer, crs: QgsCoo
         _info(feedback, f"layer '{layer.name()}' has no native resolution: rendering at {resolution:.6g} map "
                         f"units per pixel (1024 px across); set RESOLUTION to choose")
     grid = RenderGrid.of(extent, resolution)
-    tiles = grid.tiles(int(params.tile_size), int(params.overlap))
     health = manager.health()
-    _info(feedback, f"{len(tiles)} tiles of {params.tile_size} px rendered by QGIS from '{layer.name()}' "
+    pixel_m = ground_resolution_m(extent, crs, resolution)
+    tile_size, tile_label = int(params.tile_size), f"{int(params.tile_size)}px"
+    if not tile_size:
+        tile_size, tile_label = default_rendered_tile(health.raw, pixel_m)
+    if int(params.overlap) >= tile_size:
+        raise BadLayerError(f"the overlap must lie in 0 .. tile size - 1 ({tile_size - 1}), got {params.overlap}")
+    tiles = grid.tiles(tile_size, int(params.overlap))
+    shown = tile_label if tile_label.endswith("px") else f"{tile_label} ({tile_size} px)"
+    _info(feedback, f"{len(tiles)} tiles of {shown} rendered by QGIS from '{layer.name()}' "
                     f"({grid.width} x {grid.height} px at {resolution:.6g} units/px); engine: {health.summary()}")
+    warning = rendered_tile_warning(health.raw, pixel_m, tile_size, tile_label)
+    if warning:
+        _warn(feedback, f"RS-MoE: {warning}")
     features = []
     captioned = skipped = 0
     for i, tile in enumerate(tiles):
@@ -201,12 +229,15 @@ def annotate_rendered(manager: EngineManager, layer: QgsRasterLayer, crs: QgsCoo
         if valid == 0.0 or valid < params.min_valid_fraction:
             reason = skip_reason(valid, params.min_valid_fraction)
             skipped += 1
-        else:
-            body = {"image_base64": png_base64(image)}
+        tile_m = ground_resolution_m(tile_extent, crs, resolution)
+        if reason is None:
+            body: dict[str, Any] = {"image_base64": png_base64(image)}
+            if tile_m is not None:  # the PNG has no georeferencing: tell the engine its metres per pixel
+                body["ground_resolution_m"] = tile_m
             answer = manager.call(lambda c, body=body: c.caption(body, params.style), f"tile {tile.index}")
             captioned += 1
         props = tile_properties(tile.index, tile.window, tile.row, tile.col, answer, reason, round(valid, 6),
-                                ground_resolution_m(tile_extent, crs, resolution), health.model_id, health.backend)
+                                tile_m, health.model_id, health.backend)
         features.append(feature(tile.index, footprint_wgs84(tile_extent, crs), props))
         if feedback is not None:
             feedback.setProgress(100.0 * (i + 1) / len(tiles))
@@ -215,7 +246,7 @@ def annotate_rendered(manager: EngineManager, layer: QgsRasterLayer, crs: QgsCoo
     info = {
         "georeferenced": True, "coordinate_space": "EPSG:4326", "source_crs": crs.authid() or crs.toWkt(),
         "raster_size": [grid.width, grid.height], "raster": source_label or layer.source(), "bands": None,
-        "tiling": {"tile_size": f"{int(params.tile_size)}px", "overlap": int(params.overlap),
+        "tiling": {"tile_size": tile_label, "overlap": int(params.overlap),
                    "extent": [0, 0, grid.width, grid.height]},
         "style": params.style, "model_id": health.model_id, "model_variant": health.variant,
         "model_trained": health.trained, "backend": health.backend, "engine_version": health.version,
@@ -226,3 +257,57 @@ def annotate_rendered(manager: EngineManager, layer: QgsRasterLayer, crs: QgsCoo
     write_geojson_atomic(out, feature_collection(features, info))
     return AnnotateOutcome(out=out, total=len(tiles), captioned=captioned, skipped=skipped,
                            seconds=time.monotonic() - start, how="tiles rendered by QGIS")
+
+
+def _range(health: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    resolution = health.get("resolution")
+    image_size = health.get("image_size")
+    if not isinstance(resolution, dict) or not isinstance(image_size, int) or image_size < 1:
+        return {}, 0  # an older engine: no trained range known
+    return resolution, image_size
+
+
+def default_rendered_tile(health: dict[str, Any], pixel_m: float | None) -> tuple[int, str]:
+    """(pixels, label) of a rendered tile when the user gave no tile size: the model's ground footprint
+    (``tile_m`` metres) when the engine reports one and the rendering's pixels (``pixel_m`` metres) are fine
+    enough for it to fill the model input, else :data:`DEFAULT_TILE_PX` pixels (the engine's rule)."""
+    resolution, image_size = _range(health)
+    tile_m = resolution.get("tile_m")
+    if isinstance(tile_m, (int, float)) and tile_m > 0 and pixel_m and pixel_m <= tile_m / image_size:
+        return max(1, round(tile_m / pixel_m)), f"{tile_m:g}m"
+    return DEFAULT_TILE_PX, f"{DEFAULT_TILE_PX}px"
+
+
+def rendered_tile_warning(health: dict[str, Any], pixel_m: float | None, tile_px: int, label: str) -> str | None:
+    """A warning when the model sees rendered tiles of ``tile_px`` pixels more than 1.5x outside its trained
+    range (as the engine warns for its jobs), naming a tile size in metres that would be in range."""
+    resolution, image_size = _range(health)
+    low, high = resolution.get("min_m"), resolution.get("max_m")
+    if not pixel_m or (low is None and high is None):
+        return None
+    seen = pixel_m * tile_px / image_size
+    if low is not None and seen < low / 1.5:
+        side = "finer"
+    elif high is not None and seen > high * 1.5:
+        side = "coarser"
+    else:
+        return None
+    message = (f"tiles of {label} ({pixel_m:.3g} m per rendered pixel) are seen by the model at {seen:.3g} m/px, "
+               f"{side} than its trained range {_g(low)}-{_g(high)} m/px: their captions will be marked uncertain")
+    if high is not None and pixel_m > high:
+        return message + "; set RESOLUTION finer (or use a finer layer)"
+    lo_m = max(low or 0.0, pixel_m) * image_size
+    if high is not None:
+        span = (f"{_metres(lo_m)} to {_metres(high * image_size)} ({round(lo_m / pixel_m)} to "
+                f"{round(high * image_size / pixel_m)} px here)")
+    else:
+        span = f"at least {_metres(lo_m)} ({round(lo_m / pixel_m)} px here)"
+    return message + f"; tiles of {span} would be in range"
+
+
+def _g(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
+def _metres(value: float) -> str:
+    return f"{value:.3g}m" if value < 1000 else f"{value / 1000:.3g}km"

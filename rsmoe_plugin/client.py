@@ -66,9 +66,16 @@ class Segment:
     text: str
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 @dataclass(frozen=True)
 class ModelAnswer:
-    """A caption or an answer from ``POST /caption`` or ``POST /ask``."""
+    """A caption or an answer from ``POST /caption`` or ``POST /ask``.
+
+    ``uncertain`` / ``uncertainty`` (why the model may be wrong) and the ground resolutions come from engines
+    that send them; an older engine's answer reads as not uncertain, resolutions unknown."""
 
     text: str
     task: str
@@ -80,16 +87,32 @@ class ModelAnswer:
     window: list[int] | None
     cached: bool
     seconds: float
+    uncertain: bool = False
+    uncertainty: list[str] = field(default_factory=list)
+    ground_resolution_m: float | None = None
+    model_resolution_m: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelAnswer:
         segments = [Segment(str(s.get("expert", "")), str(s.get("text", ""))) for s in data.get("segments") or []]
+        reasons = data.get("uncertainty")
+        reasons = [str(r) for r in reasons] if isinstance(reasons, list) else []
         return cls(text=str(data.get("text", "")), task=str(data.get("task", "")), segments=segments,
                    experts=[str(e) for e in data.get("experts") or []], router=data.get("router"),
                    scene=data.get("scene"), scene_confidence=data.get("scene_confidence"),
                    window=data.get("window"), cached=bool(data.get("cached", False)),
-                   seconds=float(data.get("seconds") or 0.0), raw=dict(data))
+                   seconds=float(data.get("seconds") or 0.0), uncertain=data.get("uncertain") is True,
+                   uncertainty=reasons, ground_resolution_m=_number(data.get("ground_resolution_m")),
+                   model_resolution_m=_number(data.get("model_resolution_m")), raw=dict(data))
+
+    def uncertainty_note(self) -> str | None:
+        """``Unsure: scene unsure (0.41); the caption may be wrong.`` when the engine said so, else None."""
+        if not self.uncertain:
+            return None
+        what = "answer" if self.task == "ask" else "caption"
+        reasons = "; ".join(self.uncertainty) or "the model is not sure"
+        return f"Unsure: {reasons}; the {what} may be wrong."
 
 
 def _error_message(body: bytes, status: int) -> str:

@@ -4,8 +4,9 @@ It is the engine's schema (``engine.geo.feature_collection`` + ``engine.jobs``),
 annotated by the engine from a file and one annotated from QGIS renderings load, style and read
 the same: RFC 7946 FeatureCollection in EPSG:4326, ``id`` = tile index, properties
 ``tile_index, window, caption, skipped, valid_fraction, ground_resolution_m`` then, sorted,
-``backend, col, model_id, router, row, scene, scene_confidence, segments`` (segments: ``[{expert, text}]``), and a
-top-level ``rsmoe`` member describing the run. Files are written atomically (temp file in the
+``backend, col, model_id, model_resolution_m, router, row, scene, scene_confidence, segments, uncertain,
+uncertainty`` (segments: ``[{expert, text}]``; the last two and ``model_resolution_m`` null for skipped tiles
+and for answers of engines that do not send them), and a top-level ``rsmoe`` member describing the run. Files are written atomically (temp file in the
 same folder, then ``os.replace``): a cancelled or failed run never leaves a half-written file.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.tiling import PixelWindow
 
 CORE_PROPERTIES = ("tile_index", "window", "caption", "skipped", "valid_fraction", "ground_resolution_m")
-EXTRA_PROPERTIES = ("backend", "col", "model_id", "router", "row", "scene", "scene_confidence", "segments")
+EXTRA_PROPERTIES = ("backend", "col", "model_id", "model_resolution_m", "router", "row", "scene", "scene_confidence",
+                    "segments", "uncertain", "uncertainty")
 COORD_DECIMALS = 7
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 
@@ -67,7 +69,12 @@ def tile_properties(tile_index: int, window: PixelWindow, row: int, col: int, an
         "scene": answer.scene if answer is not None else None,
         "scene_confidence": answer.scene_confidence if answer is not None else None,
         "segments": [{"expert": s.expert, "text": s.text} for s in answer.segments] if answer is not None else None,
+        "model_resolution_m": answer.model_resolution_m if answer is not None else None,
+        "uncertain": None,
+        "uncertainty": None,
     }
+    if answer is not None and "uncertain" in answer.raw:  # an engine that says how sure it is
+        extra.update(uncertain=answer.uncertain, uncertainty=list(answer.uncertainty))
     props.update({k: extra[k] for k in EXTRA_PROPERTIES})
     return props
 

@@ -13,7 +13,21 @@ MAP_TIP_TEMPLATE = (
     "'<b>' || map_get(@element, 'expert') || '</b>: ' || map_get(@element, 'text')), '<br>') ELSE '' END %]"
     "</div>"
 )
+#: Added after the caption where the layer has the ``uncertain`` field (engines that say when they are unsure).
+UNCERTAINTY_TIP = (
+    '[% CASE WHEN "uncertain" THEN \'<br><span style="color:#b26a00"><b>Unsure: \' || '
+    "array_to_string(coalesce(from_json(\"uncertainty\"), \"uncertainty\"), '; ') || "
+    "'; the caption may be wrong.</b></span>' ELSE '' END %]"
+)
 DISPLAY_EXPRESSION = "coalesce(\"caption\", 'skipped: ' || \"skipped\")"
+
+
+def map_tip_template(has_uncertainty: bool) -> str:
+    """The map tip, with the unsure note for layers that have the ``uncertain`` / ``uncertainty`` fields."""
+    if not has_uncertainty:
+        return MAP_TIP_TEMPLATE
+    head, sep, tail = MAP_TIP_TEMPLATE.partition("[% CASE WHEN \"segments\"")
+    return head + UNCERTAINTY_TIP + sep + tail
 
 
 def style_annotation_layer(layer: QgsVectorLayer) -> None:
@@ -21,7 +35,9 @@ def style_annotation_layer(layer: QgsVectorLayer) -> None:
     symbol = QgsFillSymbol.createSimple({"color": "255,200,0,25", "outline_color": "255,140,0,255",
                                          "outline_width": "0.5", "outline_width_unit": "MM"})
     layer.setRenderer(QgsSingleSymbolRenderer(symbol))
-    layer.setMapTipTemplate(MAP_TIP_TEMPLATE)
+    fields = layer.fields()
+    layer.setMapTipTemplate(map_tip_template(fields.indexFromName("uncertain") >= 0
+                                             and fields.indexFromName("uncertainty") >= 0))
     layer.setDisplayExpression(DISPLAY_EXPRESSION)
     index = layer.fields().indexFromName("caption")
     if index >= 0:

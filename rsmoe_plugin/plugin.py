@@ -183,7 +183,9 @@ class RSMoEPlugin:
             answer: ModelAnswer = outcome.result
             if panel is not None:
                 panel.show_caption(region, answer)
-            push_message(self.iface, f"RS-MoE: {region.layer_name}", answer.text[:400], Qgis.Success)
+            note = answer.uncertainty_note()
+            push_message(self.iface, f"RS-MoE: {region.layer_name}",
+                         answer.text[:400] + (f" ({note})" if note else ""), Qgis.Success)
             log(f"caption of {region.describe()}: {answer.text}")
 
     # -- ask ---------------------------------------------------------------------------------

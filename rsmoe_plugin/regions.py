@@ -7,7 +7,9 @@
   in the file, an RGB / grey renderer) is sent as ``path`` (+ ``extent`` in the layer CRS, + the
   renderer's bands), so the engine reads the full-resolution data.
 * Any other layer (web / XYZ tiles, virtual rasters, pseudocolour styles...) is drawn by QGIS
-  and sent as PNG bytes (``image_base64``), at most :data:`MAX_RENDER_SIZE` pixels on the longer side.
+  and sent as PNG bytes (``image_base64``), at most :data:`MAX_RENDER_SIZE` pixels on the longer side,
+  with the ground resolution of the rendering (``ground_resolution_m``, metres per rendered pixel), which
+  the PNG cannot carry: the engine tells the model the resolution it sees.
 
 A request has a :attr:`RegionRequest.key`: the same layer and extent give the same key, and the
 body is built once per request object, so follow-up questions send identical data and hit the
@@ -32,6 +34,7 @@ from qgis.core import (
 )
 
 from rsmoe_plugin.errors import BadLayerError
+from rsmoe_plugin.features import ground_resolution_m
 from rsmoe_plugin.rendering import png_base64, render_image
 
 #: longer side of a rendered region sent for a caption or a question (the model reads 224 px)
@@ -113,6 +116,7 @@ class RegionRequest:
     render_extent: QgsRectangle | None = None
     render_width: int = 0
     render_height: int = 0
+    ground_resolution_m: float | None = None  # metres per rendered pixel (rendered regions only)
     _body: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -151,6 +155,8 @@ class RegionRequest:
                 image = render_image(self.render_layer, self.render_extent, self.crs, self.render_width,
                                      self.render_height)
                 body = {"image_base64": png_base64(image)}
+                if self.ground_resolution_m is not None:
+                    body["ground_resolution_m"] = self.ground_resolution_m
             self._body = body
         return dict(self._body)
 
@@ -213,4 +219,7 @@ def region_for_layer(layer: QgsMapLayer | None, extent: QgsRectangle | None = No
     request.render_layer = raster.clone() if prepare else None
     request.render_extent = QgsRectangle(render_extent)
     request.render_width, request.render_height = render_size(raster, render_extent, max_size)
+    units_per_pixel = (render_extent.width() / request.render_width
+                       + render_extent.height() / request.render_height) / 2
+    request.ground_resolution_m = ground_resolution_m(render_extent, raster.crs(), units_per_pixel)
     return request

@@ -34,6 +34,7 @@ from rsmoe_plugin.gui.common import (
     esc,
     push_message,
     region_from_canvas,
+    uncertainty_html,
 )
 from rsmoe_plugin.regions import REGION_VISIBLE, RegionRequest
 from rsmoe_plugin.tasks import EngineTask, TaskOutcome, start_task
@@ -59,7 +60,7 @@ class Exchange:
         experts = ", ".join(s.expert for s in a.segments) or "-"
         cached = "; features from cache" if a.cached else ""
         return (q + f"<p><b>A:</b> {esc(' '.join(a.text.split()))}<br><small>experts: {esc(experts)}; "
-                    f"{a.seconds:.1f} s{cached}</small></p>")
+                    f"{a.seconds:.1f} s{cached}</small></p>" + uncertainty_html(a))
 
 
 class AskDock(QgsDockWidget):
@@ -203,7 +204,9 @@ class AskDock(QgsDockWidget):
                 exchange.error = "cancelled"
             else:
                 exchange.answer = outcome.result
-                push_message(self.iface, "RS-MoE answer", outcome.result.text[:300], Qgis.Success)
+                note = outcome.result.uncertainty_note()
+                push_message(self.iface, "RS-MoE answer",
+                             outcome.result.text[:300] + (f" ({note})" if note else ""), Qgis.Success)
             if self._current_key == key:
                 self._render_history()
             if on_done is not None:

@@ -1,4 +1,6 @@
-"""The "RS-MoE caption" panel: region and style choice, the caption with each expert's part."""
+"""The "RS-MoE caption" panel: region and style choice, the caption with each expert's part, and a note
+when the model says it is unsure (``uncertain``: e.g. the scene head below its threshold, or imagery
+finer or coarser than the model was trained on)."""
 from __future__ import annotations
 
 from qgis.gui import QgsDockWidget
@@ -7,7 +9,7 @@ from qgis.PyQt.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QTe
 
 from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.engine_manager import EngineStatus
-from rsmoe_plugin.gui.common import REGION_CHOICES, engine_status_html, esc
+from rsmoe_plugin.gui.common import REGION_CHOICES, engine_status_html, esc, uncertainty_html
 from rsmoe_plugin.regions import RegionRequest
 
 SEPARATOR = " \u00b7 "
@@ -79,10 +81,14 @@ class CaptionPanel(QgsDockWidget):
         self.caption_button.setEnabled(True)
         self.last_answer = answer
         cached = ", visual features from the engine's cache" if answer.cached else ""
-        self.status_label.setText(f"Captioned in {answer.seconds:.1f} s{cached}.")
+        note = answer.uncertainty_note()
+        unsure = f' <span style="color:#b26a00"><b>{esc(note)}</b></span>' if note else ""
+        self.status_label.setText(f"Captioned in {answer.seconds:.1f} s{cached}.{unsure}")
         parts = [f"<h3>{esc(region.layer_name)}</h3>",
                  f"<p><small>{esc(region.describe(with_name=False))}</small></p>",
                  f'<p style="font-size:13pt">{esc(answer.text)}</p>']
+        if note:
+            parts.append(uncertainty_html(answer))
         if answer.segments:
             parts.append("<h4>Experts</h4><table cellspacing='4'>")
             for seg in answer.segments:
@@ -91,6 +97,8 @@ class CaptionPanel(QgsDockWidget):
             parts.append("</table>")
         facts = [f"router: {answer.router or '-'}", scene_fact(answer),
                  f"experts: {', '.join(answer.experts) or '-'}"]
+        if answer.model_resolution_m is not None:
+            facts.append(f"seen at {answer.model_resolution_m:g} m/px")
         parts.append(f"<p><small>{esc(SEPARATOR.join(facts))}</small></p>")
         self.result_view.setHtml("".join(parts))
 

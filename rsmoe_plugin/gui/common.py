@@ -6,6 +6,7 @@ import traceback
 
 from qgis.core import Qgis
 
+from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.engine_manager import EngineStatus, log
 from rsmoe_plugin.errors import PluginError
 from rsmoe_plugin.regions import REGION_VISIBLE, RegionRequest, region_for_layer
@@ -50,6 +51,14 @@ def push_message(iface, title: str, text: str, level: Qgis.MessageLevel = Qgis.I
 
 def esc(text: object) -> str:
     return html.escape(str(text)).replace("\n", "<br>")
+
+
+def uncertainty_html(answer: ModelAnswer) -> str:
+    """The visible note of an answer the model is unsure about ('' when it is not, or the engine is older)."""
+    note = answer.uncertainty_note()
+    if not note:
+        return ""
+    return (f'<p style="color:#b26a00; background-color:#fff4e0"><b>&#9888; {esc(note)}</b></p>')
 
 
 def engine_status_html(status: EngineStatus) -> str:

@@ -33,6 +33,8 @@ from rsmoe_plugin.layer_style import style_annotation_layer
 from rsmoe_plugin.regions import local_raster_path, renderer_bands
 from rsmoe_plugin.resources import icon_path
 
+MIN_TILE_PX = 16
+
 HELP = "\n".join([  # one paragraph per line: QGIS shows each line break
     "Cuts a raster layer into tiles, captions every tile with the local RS-MoE model and writes a GeoJSON layer of "
     "tile footprints (EPSG:4326) whose features carry the captions (with each expert's part), shown as map tips.",
@@ -40,7 +42,11 @@ HELP = "\n".join([  # one paragraph per line: QGIS shows each line break
     "full resolution; other layers (web / XYZ tiles, virtual rasters) are drawn by QGIS tile by tile, at the "
     "layer's own resolution unless <i>Resolution</i> (advanced) is set.",
     "<b>Extent</b>: only this part of the layer (default: all of it). <b>Tile size</b> and <b>Overlap</b> are in "
-    "pixels.",
+    "pixels. Tile size 0 (the default) lets the model choose: tiles of the ground size it was trained on where it "
+    "knows one and the layer is fine enough for it (very fine imagery is then read in footprints the model "
+    "knows), else 512 pixels. A tile size the model would see outside its trained ground resolution range is "
+    "used as given, with a warning naming a size that would be in range; such tiles' captions are marked "
+    "uncertain (the <i>uncertain</i> and <i>uncertainty</i> fields).",
     "Cancelling stops the engine after its current batch of tiles; nothing is written then.",
     "The engine is the one set in Plugins > RS-MoE > Engine settings, or in the environment: RSMOE_ENGINE_PYTHON, "
     "or RSMOE_ENGINE_URL and RSMOE_ENGINE_TOKEN.",
@@ -106,8 +112,8 @@ class AnnotateTilesAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (default: the whole layer)",
                                                        optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size (pixels)",
-                                                       QgsProcessingParameterNumber.Integer, 512, False, 16, 8192))
+        self.addParameter(QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size (pixels; 0 = the model's default)",
+                                                       QgsProcessingParameterNumber.Integer, 0, False, 0, 8192))
         self.addParameter(QgsProcessingParameterNumber(self.OVERLAP, "Overlap (pixels)",
                                                        QgsProcessingParameterNumber.Integer, 0, False, 0, 8191))
         style = QgsProcessingParameterEnum(self.STYLE, "Caption style", options=list(STYLES), defaultValue=0)
@@ -158,9 +164,13 @@ class AnnotateTilesAlgorithm(QgsProcessingAlgorithm):
         if Path(out).suffix.lower() not in (".geojson", ".json"):
             raise QgsProcessingException(f"the output '{out}' must be a .geojson file")
         out = os.path.abspath(out)
+        tile_size = self.parameterAsInt(parameters, self.TILE_SIZE, context)
+        if 0 < tile_size < MIN_TILE_PX:
+            raise QgsProcessingException(f"the tile size must be 0 (the model's default) or at least {MIN_TILE_PX} "
+                                         f"pixels, got {tile_size}")
         try:
             params = AnnotateParameters(
-                tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
+                tile_size=tile_size,
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 style=STYLES[self.parameterAsEnum(parameters, self.STYLE, context)],
                 resolution=self.parameterAsDouble(parameters, self.RESOLUTION, context) or 0.0)

@@ -31,7 +31,8 @@ from tests.qgis.conftest import (
 
 ALG = "rsmoe:annotatetiles"
 CORE = ["tile_index", "window", "caption", "skipped", "valid_fraction", "ground_resolution_m"]
-EXTRA = ["backend", "col", "model_id", "router", "row", "scene", "scene_confidence", "segments"]
+EXTRA = ["backend", "col", "model_id", "model_resolution_m", "router", "row", "scene", "scene_confidence", "segments",
+         "uncertain", "uncertainty"]
 
 
 class RecordingFeedback(QgsProcessingFeedback):
@@ -129,6 +130,10 @@ def test_processing_dialog_runs_loads_and_styles_the_result(plugin, qgis_iface, 
     feature = next(layer.getFeatures())
     tip = _map_tip(layer, feature)
     assert feature["caption"][:30] in tip and "<b>theme</b>" in tip
+    for f in layer.getFeatures():  # the map tip says when the model was unsure of a tile
+        props = next(p["properties"] for p in fc["features"] if p["id"] == f["tile_index"])
+        assert ("Unsure: " + "; ".join(props["uncertainty"]) in _map_tip(layer, f)) == props["uncertain"]
+        assert ("Unsure" in _map_tip(layer, f)) == props["uncertain"]
     assert layer.displayExpression().startswith('coalesce("caption"')
     assert layer.renderer().symbol().color().alpha() < 60  # tiles outlined, the imagery shows through
     _save_map(layer, s2_layer, feature, tip, screenshot_path("annotation_layer.png"))
@@ -196,6 +201,31 @@ def test_rendered_xyz_layer_is_tiled_by_the_plugin(plugin, qtbot, xyz_layer, tmp
     lons = [p[0] for f in fc["features"] for p in f["geometry"]["coordinates"][0]]
     lats = [p[1] for f in fc["features"] for p in f["geometry"]["coordinates"][0]]
     assert -75.7 < min(lons) < max(lons) < -75.6 and 37.70 < min(lats) < max(lats) < 37.76
+    for f in fc["features"]:  # each rendered tile went with its metres per pixel: the model saw 128 px of them
+        p = f["properties"]
+        assert p["ground_resolution_m"] > 0
+        assert p["model_resolution_m"] == pytest.approx(p["ground_resolution_m"] * 128 / 224, rel=2e-3)
+
+
+def test_default_tile_size_is_the_engines(plugin, s2_layer, tmp_path) -> None:  # noqa: ANN001
+    """TILE_SIZE left at 0: the engine chooses (the lite model names no ground footprint: 512 px); the rendered
+    path follows the engine's rule from /health."""
+    import processing
+
+    from rsmoe_plugin.annotation import default_rendered_tile, rendered_tile_warning
+
+    out = tmp_path / "default.geojson"
+    results = processing.run(ALG, {"INPUT": s2_layer, "OUTPUT": str(out)})
+    assert results["TILES"] == 1
+    fc = _check_geojson(out, 1)
+    assert fc["rsmoe"]["tiling"]["tile_size"] == "512px"
+    health = {"image_size": 224, "resolution": {"conditioned": True, "min_m": 0.3, "max_m": 12.0, "tile_m": 150.0}}
+    assert default_rendered_tile(health, 0.05) == (3000, "150m")  # 5 cm pixels: 150 m tiles, seen at 0.67 m/px
+    assert default_rendered_tile(health, 10.0) == (512, "512px")  # too coarse for 150 m tiles
+    assert default_rendered_tile({}, 0.05) == (512, "512px")  # an older engine
+    warning = rendered_tile_warning(health, 0.05, 512, "512px")  # seen at 0.114 m/px
+    assert "finer than its trained range 0.3-12 m/px" in warning and "tiles of 67.2m to 2.69km (1344 to 53760 px here)" in warning
+    assert rendered_tile_warning(health, 0.05, 3000, "150m") is None
 
 
 def _no_output_left(out: Path) -> None:
@@ -259,6 +289,38 @@ def test_qgis_process_runs_the_installed_plugin(engine, tmp_path) -> None:  # no
     for f in fc["features"]:  # within (or on the edge of) the requested extent: about 18 W .. 27 E, 33 .. 59 N
         for lon, lat in f["geometry"]["coordinates"][0]:
             assert -19 <= lon <= 28 and 32 <= lat <= 60, (lon, lat)
+
+
+def test_map_tip_shows_when_the_model_was_unsure(tmp_path) -> None:  # noqa: ANN001
+    """The styled layer's map tip carries the unsure note where ``uncertain`` is true; layers of older engines
+    (no such field) keep the plain tip."""
+    from rsmoe_plugin.layer_style import MAP_TIP_TEMPLATE, style_annotation_layer
+
+    def feature(i: int, caption: str | None, uncertain: bool | None, reasons: list[str] | None) -> dict:
+        square = [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]
+        return {"type": "Feature", "id": i, "geometry": {"type": "Polygon", "coordinates": square},
+                "properties": {"tile_index": i, "caption": caption, "skipped": None if caption else "no valid pixels",
+                               "segments": [{"expert": "theme", "text": "sand"}] if caption else None,
+                               "uncertain": uncertain, "uncertainty": reasons}}
+
+    reasons = ["scene unsure (0.41)", "resolution 0.05 m/px is finer than the trained range 0.3-12 m/px"]
+    path = tmp_path / "tiles.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        feature(0, "A beach.", True, reasons), feature(1, "A field.", False, []), feature(2, None, None, None)]}))
+    layer = QgsVectorLayer(str(path), "tiles", "ogr")
+    assert layer.isValid()
+    style_annotation_layer(layer)
+    tips = [_map_tip(layer, f) for f in layer.getFeatures()]
+    assert f"Unsure: {'; '.join(reasons)}; the caption may be wrong." in tips[0] and "<b>theme</b>" in tips[0]
+    assert "Unsure" not in tips[1] and "Unsure" not in tips[2] and "skipped: no valid pixels" in tips[2]
+    old = tmp_path / "old.geojson"
+    old.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {**feature(0, "A beach.", None, None), "properties": {"tile_index": 0, "caption": "A beach.", "skipped": None,
+                                                            "segments": None}}]}))
+    old_layer = QgsVectorLayer(str(old), "old", "ogr")
+    style_annotation_layer(old_layer)
+    assert old_layer.mapTipTemplate() == MAP_TIP_TEMPLATE and "A beach." in _map_tip(old_layer, next(
+        old_layer.getFeatures()))
 
 
 def test_schema_matches_between_engine_jobs_and_rendered_tiles() -> None:

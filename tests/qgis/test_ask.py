@@ -51,3 +51,19 @@ def test_questions_about_a_rendered_xyz_layer(plugin, qgis_iface, qtbot, xyz_lay
     assert first.ok and second.ok, (first.error, second.error)
     assert first.result.raw["source"]["path"] is None  # rendered by QGIS
     assert second.result.cached  # identical rendered bytes -> same cache key in the engine
+    assert first.result.ground_resolution_m and first.result.model_resolution_m  # sent with the PNG, seen
+    for exchange in dock.current_history()[-2:]:  # a note under every answer the model is unsure of
+        assert ("Unsure:" in exchange.html()) == exchange.answer.uncertain
+
+
+def test_an_unsure_answer_shows_a_note_and_an_older_engine_none(qgis_iface) -> None:  # noqa: ANN001
+    from rsmoe_plugin.client import ModelAnswer
+    from rsmoe_plugin.gui.ask_dock import Exchange
+
+    raw = {"text": "two", "task": "ask", "segments": [{"expert": "objects", "text": "two"}], "cached": False,
+           "seconds": 0.5}
+    unsure = Exchange("How many ships?", ModelAnswer.from_json(
+        {**raw, "uncertain": True, "uncertainty": ["resolution 0.05 m/px is finer than the trained range 0.3-12 m/px"]}))
+    assert "Unsure: resolution 0.05 m/px is finer than the trained range 0.3-12 m/px; the answer may be wrong." in (
+        unsure.html())
+    assert "Unsure" not in Exchange("How many ships?", ModelAnswer.from_json(raw)).html()  # older engine: no field

@@ -1,8 +1,11 @@
 """"Caption this layer" end to end: the plugin's action -> QgsTask -> the real engine -> panel + message bar."""
 from __future__ import annotations
 
+import pytest
 from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject, QgsRectangle
 
+from rsmoe_plugin.client import ModelAnswer
+from rsmoe_plugin.gui.common import region_from_canvas
 from tests.qgis.conftest import s2_mercator_extent, screenshot_path, show_on_canvas, wait_task
 
 MERCATOR = QgsCoordinateReferenceSystem("EPSG:3857")
@@ -34,12 +37,33 @@ def test_caption_local_file_whole_layer_detailed(plugin, qgis_iface, qtbot, s2_l
         assert expert in html
     assert answer.scene and 0 < answer.scene_confidence <= 1  # detailed captions always name the head's scene
     assert f"scene: {answer.scene} ({answer.scene_confidence:.2f})" in html
+    # honest uncertainty: the engine says whether the model is unsure (the lite model's scene head is, on this
+    # 512 px crop seen at 22.9 m/px: 0.32 < its 0.8 gate) and the panel shows it as a visible note
+    assert isinstance(answer.raw["uncertain"], bool) and answer.uncertain == bool(answer.uncertainty)
+    assert 9.9 < answer.ground_resolution_m < 10.1 and answer.model_resolution_m == pytest.approx(
+        answer.ground_resolution_m * 512 / 224, rel=2e-3)
+    note = f"Unsure: {'; '.join(answer.uncertainty)}; the caption may be wrong."
+    assert (note in html) == answer.uncertain and ("Unsure" in html) == answer.uncertain
+    if answer.uncertain:
+        assert note in panel.status_label.text() and any(note in m for m in _successes(qgis_iface))
     assert "Engine running" in panel.engine_label.text() and "no GPU" in panel.engine_label.text()
     assert any(answer.text[:40] in m for m in _successes(qgis_iface))
     panel.resize(560, 640)
     panel.show()
     qtbot.wait(50)
     assert panel.grab().save(str(screenshot_path("caption_panel.png")))
+
+    # the same answer as an unsure one, and as an older engine sends it (no uncertainty fields: not unsure)
+    region = region_from_canvas(qgis_iface, "layer", prepare=False)
+    unsure = ModelAnswer.from_json({**answer.raw, "uncertain": True, "uncertainty": ["scene unsure (0.41)"]})
+    panel.show_caption(region, unsure)
+    assert "Unsure: scene unsure (0.41); the caption may be wrong." in panel.result_view.toPlainText()
+    assert "Unsure: scene unsure (0.41)" in panel.status_label.text()
+    older = ModelAnswer.from_json({k: v for k, v in answer.raw.items()
+                                   if k not in ("uncertain", "uncertainty", "model_resolution_m")})
+    assert older.uncertain is False and older.uncertainty == [] and older.model_resolution_m is None
+    panel.show_caption(region, older)
+    assert "Unsure" not in panel.result_view.toPlainText() and "Unsure" not in panel.status_label.text()
 
 
 def test_caption_xyz_layer_visible_extent_is_rendered(plugin, qgis_iface, qtbot, xyz_layer) -> None:  # noqa: ANN001
@@ -56,6 +80,11 @@ def test_caption_xyz_layer_visible_extent_is_rendered(plugin, qgis_iface, qtbot,
     assert answer.raw["source"]["path"] is None  # sent as PNG bytes rendered by QGIS
     width, height = answer.raw["source"]["width"], answer.raw["source"]["height"]
     assert max(width, height) <= 448 and min(width, height) > 100
+    # the PNG carries no georeferencing: the plugin sends the metres per rendered pixel, the engine tells the
+    # model what it sees (the crop's 10 m pixels, drawn from the zoom-14 tiles at 37.7 N: about 7.6 m)
+    assert 5 < answer.ground_resolution_m < 12
+    assert answer.model_resolution_m == pytest.approx(answer.ground_resolution_m * max(width, height) / 224,
+                                                      rel=2e-3)
     assert "rendered by QGIS" in panel.result_view.toPlainText()
     assert any(answer.text[:40] in m for m in _successes(qgis_iface))
 
