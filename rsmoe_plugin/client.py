@@ -193,10 +193,19 @@ class EngineClient:
         return EngineHealth.from_json(self.request("GET", "/health", timeout=timeout))
 
     def caption(self, region: dict[str, Any], style: str = "concise") -> ModelAnswer:
-        return ModelAnswer.from_json(self.request("POST", "/caption", {**region, "style": style}))
+        return ModelAnswer.from_json(self._region_request("/caption", {**region, "style": style}))
 
     def ask(self, region: dict[str, Any], question: str) -> ModelAnswer:
-        return ModelAnswer.from_json(self.request("POST", "/ask", {**region, "question": question}))
+        return ModelAnswer.from_json(self._region_request("/ask", {**region, "question": question}))
+
+    def _region_request(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a region; an older engine that refuses ``ground_resolution_m`` gets the request without it."""
+        try:
+            return self.request("POST", path, body)
+        except EngineRequestError as exc:
+            if exc.status != 422 or "ground_resolution_m" not in body or "ground_resolution_m" not in str(exc):
+                raise
+            return self.request("POST", path, {k: v for k, v in body.items() if k != "ground_resolution_m"})
 
     def submit_job(self, job: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/jobs", job, timeout=60.0)

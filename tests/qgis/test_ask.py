@@ -67,3 +67,46 @@ def test_an_unsure_answer_shows_a_note_and_an_older_engine_none(qgis_iface) -> N
     assert "Unsure: resolution 0.05 m/px is finer than the trained range 0.3-12 m/px; the answer may be wrong." in (
         unsure.html())
     assert "Unsure" not in Exchange("How many ships?", ModelAnswer.from_json(raw)).html()  # older engine: no field
+
+
+def test_an_older_engine_gets_requests_it_understands() -> None:
+    """An engine from before ground resolutions refuses the unknown field (422): the client sends the request
+    again without it, and reads the answer (no uncertainty fields) as not unsure."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from rsmoe_plugin.client import EngineClient
+
+    bodies: list[dict] = []
+
+    class OldEngine(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            if "ground_resolution_m" in body:
+                status, answer = 422, {"error": "invalid request: unknown field 'ground_resolution_m'"}
+            else:
+                status, answer = 200, {"text": "A river.", "task": "caption", "segments": [], "cached": False,
+                                       "seconds": 0.1, "scene": None, "scene_confidence": None}
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), OldEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}", "token")
+        answer = client.caption({"image_base64": "AAAA", "ground_resolution_m": 0.5})
+        assert answer.text == "A river." and answer.uncertain is False and answer.uncertainty == []
+        assert answer.model_resolution_m is None and answer.uncertainty_note() is None
+        assert ["ground_resolution_m" in b for b in bodies] == [True, False]
+    finally:
+        server.shutdown()
+        server.server_close()
