@@ -525,7 +525,6 @@ class Pipeline:
         resolutions = list(resolutions) if resolutions is not None else [None] * len(images)
         if len(keys) != len(images) or len(resolutions) != len(images):
             raise ValueError("one cache key and one resolution per image (or None)")
-        config = self.model.config
         results: list[ModelResult] = []
         for start in range(0, len(images), self.batch_size):
             rows = list(range(start, min(start + self.batch_size, len(images))))
@@ -533,7 +532,7 @@ class Pipeline:
             with self.lock:
                 batch = call(visual, scene_logits, rows, [resolutions[i] for i in rows])
                 self.stats.language_calls += 1
-            results.extend(r.assess(config) for r in batch)
+            results.extend(batch)
         return results
 
     # -- regions -----------------------------------------------------------------------------

@@ -69,7 +69,8 @@ def uncertainty_reasons(config: RSMoEConfig, plan: RouterPlan) -> list[str]:
 class ModelResult:
     """A caption or an answer with its provenance (router plan and per-expert segments).
 
-    ``uncertainty`` lists why the result may be wrong (:func:`uncertainty_reasons`, filled by :meth:`assess`);
+    ``uncertainty`` lists why the result may be wrong (:func:`uncertainty_reasons`, filled by :meth:`assess`,
+    which :meth:`MoEInference.run_experts` calls for every result);
     ``uncertain`` is true when it is not empty."""
 
     text: str
@@ -339,7 +340,7 @@ class MoEInference:
         for i, plan in enumerate(plans):
             segments = [ExpertOutput(r[1], r[2], t) for r, t in zip(rows, texts) if r[0] == i]
             text = fuse(segments, task, style, self.config.expert_names)
-            results.append(ModelResult(text, task, style, plan, router, segments))
+            results.append(ModelResult(text, task, style, plan, router, segments).assess(self.config))
         return results
 
     def caption_features(self, visual: Any, style: str = "detailed", scene_logits: Any | None = None,
