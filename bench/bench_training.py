@@ -17,8 +17,8 @@ What it measures
     batch.
 
     With ``--run OUT`` it also records the totals of a real ``rsmoe train`` run (its stage directories'
-    ``training_state.json``: samples, seconds of training steps, best epoch), e.g. the run that produced the
-    embedded model.
+    ``training_state.json`` and stage 0's ``vision/vision_state.json``: samples, seconds of training steps, best
+    epoch, stage 0's val accuracy per set and epoch), e.g. the run that produced the embedded model.
 
     .venv/bin/python bench/bench_training.py [--steps 6] [--warmup 1] [--batch-size 16] [--images 96]
         [--precisions fp32,bf16] [--run RUN_DIR] [--out bench/results/training_cpu.json]
@@ -118,6 +118,14 @@ def run_totals(run_dir: Path) -> dict:
                                   "train_seconds": round(state["seconds"], 1),
                                   "samples_per_s": round(state["samples"] / max(state["seconds"], 1e-9), 3),
                                   "best_epoch": state["best_epoch"], "epochs": len(state["history"])}
+    vision = run_dir / "vision" / "vision_state.json"
+    if vision.is_file():  # stage 0: the tuned encoder blocks and the scene head, on cached lower-block maps
+        state = json.loads(vision.read_text())
+        totals["vision"] = {"steps": state["global_step"], "samples": state["samples"],
+                            "train_seconds": round(state["seconds"], 1),
+                            "samples_per_s": round(state["samples"] / max(state["seconds"], 1e-9), 3),
+                            "best_epoch": state["best_epoch"], "classes": state.get("classes"),
+                            "val_by_epoch": state["history"]}
     return totals
 
 

@@ -441,7 +441,8 @@ def save_stage_model(model: RSMoEModel, out_dir: Path, position: StagePosition, 
                      stage_name: str) -> None:
     dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[config.save_dtype]
     model.save_pretrained(out_dir, dtype=dtype)
-    state = {"stage": stage_name, "config": config.to_dict(), **position.__dict__}
+    state = {"stage": stage_name, "config": config.to_dict(), **position.__dict__,
+             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     (out_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
