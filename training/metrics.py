@@ -38,7 +38,7 @@ import tempfile
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from engine.errors import RSMoEError, UserInputError
 from training.data.records import VQARecord
@@ -254,6 +254,13 @@ def vqa_accuracy(records: Sequence[VQARecord], predictions: Mapping[Any, str]) -
     """
     if not records:
         raise UserInputError("no VQA records to score")
+    return score_by_type(records, predictions, lambda pred, r: answers_match(pred, r.answer))
+
+
+def score_by_type(records: Sequence[VQARecord], predictions: Mapping[Any, str],
+                  match: Callable[[str, VQARecord], bool]) -> dict[str, Any]:
+    """``overall`` and ``per_type`` accuracy of ``predictions`` (question id -> answer; ids matched as given or as
+    strings) under ``match``, with ``count``, ``per_type_count`` and ``missing`` (no prediction: wrong)."""
     by_str = {str(k): v for k, v in predictions.items()}
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
@@ -263,8 +270,7 @@ def vqa_accuracy(records: Sequence[VQARecord], predictions: Mapping[Any, str]) -
         total[r.question_type] += 1
         if pred is None:
             missing += 1
-            continue
-        if answers_match(pred, r.answer):
+        elif match(pred, r):
             correct[r.question_type] += 1
     if missing:
         log.warning("%d of %d questions have no prediction (counted as wrong)", missing, len(records))
@@ -276,7 +282,6 @@ def vqa_accuracy(records: Sequence[VQARecord], predictions: Mapping[Any, str]) -
         "per_type_count": dict(sorted(total.items())),
         "missing": missing,
     }
-
 
 
 # --------------------------------------------------------------------------- RSVQA
@@ -454,26 +459,10 @@ def rsvqa_accuracy(records: Sequence[VQARecord], predictions: Mapping[Any, str])
     (raw or already normalised)."""
     if not records:
         raise UserInputError("no RSVQA questions to score")
-    by_str = {str(k): v for k, v in predictions.items()}
-    correct: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    missing = 0
-    for r in records:
-        pred = predictions.get(r.question_id, by_str.get(str(r.question_id)))
-        total[r.question_type] += 1
-        if pred is None:
-            missing += 1
-        elif rsvqa_answers_match(pred, r.answer, r.question_type):
-            correct[r.question_type] += 1
-    if missing:
-        log.warning("%d of %d questions have no prediction (counted as wrong)", missing, len(records))
-    per_type = {t: correct[t] / total[t] for t in sorted(total)}
+    scores = score_by_type(records, predictions, lambda pred, r: rsvqa_answers_match(pred, r.answer, r.question_type))
+    per_type = scores["per_type"]
     return {
         "average": sum(per_type.values()) / len(per_type),
-        "overall": sum(correct.values()) / sum(total.values()),
-        "per_type": per_type,
-        "count": sum(total.values()),
-        "per_type_count": dict(sorted(total.items())),
-        "missing": missing,
+        **scores,
         "buckets": "count and area: 0, 1-10, 11-100, 101-1000, >1000",
     }
