@@ -105,7 +105,10 @@ def test_embedded_router_writes_plans_and_the_scene_head_names_the_scene(lite: R
     its scene, which the plan and the expert's prompt carry."""
     from engine.model.router_plan import parse_router_plan
 
-    prompt = lite.config.router.prompt.format(instruction=lite.config.router.concise_instruction)
+    from engine.model.routing import router_prompt
+
+    seen = 0.3048 * 256 / 224  # UCM's 1-foot pixels, 256 px read to 224: as the model was trained on it
+    prompt = router_prompt(lite.config, lite.config.router.concise_instruction, seen)
     visual = lite.encode_images(lite.preprocess([UCM_IMAGE]))
     (text,) = lite.generate_texts(visual, [prompt], ["router"], lite.config.router.max_new_tokens)
     plan = parse_router_plan(text, lite.config.expert_names)
@@ -113,6 +116,6 @@ def test_embedded_router_writes_plans_and_the_scene_head_names_the_scene(lite: R
     _, scene_logits = lite.encode([UCM_IMAGE])  # the head over the image's dihedral views
     (scene,) = lite.recognise_scenes(visual, scene_logits)
     assert scene in lite.config.vision.scene_classes and "residential" in scene  # a UCM dense-residential image
-    (result,) = lite.caption([UCM_IMAGE], style="concise")
+    (result,) = lite.caption([UCM_IMAGE], style="concise", resolutions=[seen])
     assert result.router == "generative" and result.plan.scene == scene
     assert scene in result.segments[0].prompt
