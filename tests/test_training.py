@@ -127,6 +127,34 @@ def test_one_stage_ablation_skips_the_dense_stage(tiny_init: Path, tmp_path: Pat
     assert RSMoEModel.from_pretrained(final).router_kind == "generative"
 
 
+def test_continue_from_tunes_a_trained_model_further(tiny_init: Path, tmp_path: Path) -> None:
+    """A run that continues from a trained model starts from its weights (not fresh ones), skips stages 0-1,
+    trains the bridge and the adapters, and repeats a set's images as configured."""
+    from training.train import repeated, train
+
+    first = train(_config(tiny_init, tmp_path / "first"))
+    again = train(_config(tiny_init, tmp_path / "again", continue_from=str(first),
+                          data={"ucm": str(SHARED / "ucm_captions"), "max_train_images": 6, "max_val_images": 3,
+                                "augment_variants": 2, "caption_repeats": {"ucm": 2}}))
+    assert not (tmp_path / "again" / "stage1").exists()
+    before, after = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    bridge = [k for k in before if "query_tokens" in k or "projection" in k]
+    assert bridge and any(not torch.equal(before[k], after[k]) for k in bridge)  # the bridge was trained on
+    fresh = train(_config(tiny_init, tmp_path / "fresh", one_stage=True))
+    a = load_file(str(again / "adapters/theme/adapter_model.safetensors"))
+    f = load_file(str(fresh / "adapters/theme/adapter_model.safetensors"))
+    b = load_file(str(first / "adapters/theme/adapter_model.safetensors"))
+    # two steps from the first run's adapter stay nearer to it than a fresh run's adapter does
+    distance = lambda x, y: sum(float((x[k].float() - y[k].float()).norm()) for k in x)  # noqa: E731
+    assert distance(a, b) < distance(f, b)
+    records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:3]
+    assert [r.image_id for r in repeated(records, {"ucm": 2})] == [r.image_id for r in records for _ in (0, 1)]
+    with pytest.raises(UserInputError, match="continue_from"):
+        train(_config(tiny_init, tmp_path / "bad", continue_from=str(tmp_path / "nowhere")))
+    with pytest.raises(UserInputError, match="caption_repeats"):
+        _config(tiny_init, tmp_path / "bad", data={"ucm": "x", "caption_repeats": {"ucm": 0}})
+
+
 def test_samples_use_the_engine_prompts_and_sub_task_targets(tiny_init: Path) -> None:
     model = RSMoEModel.from_pretrained(tiny_init)
     records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:5]

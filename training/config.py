@@ -57,6 +57,7 @@ class DataConfig:
     rsvqa_hr: str | None = None  # RSVQA-HR in the official split format
     max_train_per_set: dict[str, int] = field(default_factory=dict)  # stages 1-2: images per set (evenly spaced)
     max_val_per_set: dict[str, int] = field(default_factory=dict)  # val images per set scored after each epoch
+    caption_repeats: dict[str, int] = field(default_factory=dict)  # stages 1-2: a set's images appear N times an epoch
     augment_variants: int = 8  # dihedral variants of each train image with cached features (1 = none)
     max_train_images: int | None = None
     max_val_images: int | None = 60  # val images captioned after each epoch for model selection
@@ -64,9 +65,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole run: optional stage 0 (vision tuning), then the two stages. ``one_stage`` is the ablation: experts from scratch, no dense stage."""
+    """The whole run: optional stage 0 (vision tuning), then the two stages. ``one_stage`` is the ablation: experts
+    from scratch, no dense stage. ``continue_from`` fine-tunes a trained model further instead (stage 2 only, its
+    tuned encoder and scene head kept, the bridge trained with the adapters): to lengthen a run or shift its mix."""
 
     init: str = "engine/models/rsmoe-lite"  # a model directory (config.json at least) to start from
+    continue_from: str | None = None  # a trained model directory (an earlier run's stage2/) whose weights to tune on
     out: str = "runs/rsmoe-lite"
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -95,6 +99,9 @@ class TrainConfig:
             config = cls(**data)
         except TypeError as exc:
             raise UserInputError(f"invalid training config: {exc}") from exc
+        for set_name, count in config.data.caption_repeats.items():
+            if not isinstance(count, int) or count < 1:
+                raise UserInputError(f"data.caption_repeats.{set_name} must be a whole number >= 1, got {count!r}")
         for name, stage in (("stage1", config.stage1), ("stage2", config.stage2)):
             if not 0.0 < stage.router_fraction <= 1.0:
                 raise UserInputError(f"{name}.router_fraction must be in (0, 1], got {stage.router_fraction}")

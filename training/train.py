@@ -8,7 +8,8 @@ ONE LoRA adapter on the LLM learn whole captions and VQA pairs. Its result is sa
 whose experts are all copies of that adapter (the dense baseline, with the fixed-template router).
 Stage 2 (MoE): the router and every expert adapter start from the stage-1 adapter and learn their
 sub-task targets; the stage-1 parts stay frozen. ``one_stage`` is the ablation: no stage 1, the experts
-start from fresh LoRA and the bridge trains together with them.
+start from fresh LoRA and the bridge trains together with them. ``continue_from`` starts from a trained model
+instead (stages 0 and 1 skipped; stage 2 tunes its bridge, experts and router further, e.g. on a new data mix).
 
 Every ``checkpoint_every_steps`` the trainable tensors, the optimiser state and the position in the run
 are written (safetensors + JSON, atomically); re-running the same command resumes from there.
@@ -52,7 +53,16 @@ STATE_FILE = "training_state.json"
 
 # ----------------------------------------------------------------------------------------------- setup
 def build_initial_model(config: TrainConfig) -> RSMoEModel:
-    """The untrained model of ``config.init`` with ``model_overrides`` applied to its config."""
+    """The untrained model of ``config.init`` with ``model_overrides`` applied to its config, or the trained
+    model of ``config.continue_from`` (whose config must already be what the run wants: no overrides)."""
+    if config.continue_from:
+        source = Path(config.continue_from)
+        if not (source / "model.safetensors").is_file():
+            raise UserInputError(f"continue_from: {source} holds no trained model (model.safetensors); "
+                                 "give a model directory an earlier run wrote (its stage2/)")
+        if config.model_overrides:
+            raise UserInputError("continue_from keeps the trained model's config: remove model_overrides")
+        return RSMoEModel.from_pretrained(source)
     init = Path(config.init)
     model_config = RSMoEConfig.load(init).to_dict()
     for section, values in config.model_overrides.items():
@@ -401,6 +411,12 @@ def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
     return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store, resolutions)
 
 
+def repeated(records: Sequence[CaptionRecord], repeats: dict[str, int]) -> list[CaptionRecord]:
+    """The stages' caption records with each set's images ``repeats[set]`` times (default once): a larger share
+    of an epoch for a set (each repeat draws its own reference caption and expert targets)."""
+    return [r for r in records for _ in range(repeats.get(r.dataset, 1))]
+
+
 def record_trained_resolutions(model_config: RSMoEConfig, data: StageData) -> None:
     """Write the seen resolution range of each training set, the overall range and the read footprint the model
     knows (``tile_m``: the finest seen resolution times the input size) into the model config."""
@@ -460,7 +476,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = build_initial_model(config)
-    if config.vision_tuning.blocks:
+    if config.vision_tuning.blocks and not config.continue_from:
         from training.vision_tuning import tune_vision
 
         tuning = config.vision_tuning
@@ -471,11 +487,12 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
             return out / "vision"
     data = load_data(model, config)
     record_trained_resolutions(model.config, data)
+    caption_records = repeated(data.train, config.data.caption_repeats)
     experts = model.config.expert_names
     dense = experts[0]
     stage1_dir, stage2_dir = out / "stage1", out / "stage2"
 
-    if not config.one_stage:
+    if not (config.one_stage or config.continue_from):
         if stage_done(stage1_dir):
             log.info("stage 1 already done: %s", stage1_dir)
             model = RSMoEModel.from_pretrained(stage1_dir)
@@ -484,7 +501,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
 
             def stage1_epoch(epoch: int) -> list[Sample]:
                 rng = random.Random(config.seed * 1000 + epoch)
-                return stage1_samples(model.config, data.train, data.vqa_train, data.image_ids, dense, rng,
+                return stage1_samples(model.config, caption_records, data.vqa_train, data.image_ids, dense, rng,
                                       config.stage1.vqa_per_epoch, data.resolutions)
 
             def as_dense_baseline() -> None:  # questions the template router sends to other experts, too
@@ -502,7 +519,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
     if stage_done(stage2_dir):
         log.info("stage 2 already done: %s", stage2_dir)
         return stage2_dir
-    params = stage_parameters(model, "stage2", one_stage=config.one_stage)
+    params = stage_parameters(model, "stage2", one_stage=config.one_stage or bool(config.continue_from))
     with_router = model.config.router.type == "generative"
     confusable = (confusable_scenes(model, data.train, data.train_store)
                   if config.stage2.wrong_scene_fraction > 0 else {})
@@ -513,7 +530,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
 
     def stage2_epoch(epoch: int) -> list[Sample]:
         rng = random.Random(config.seed * 1000 + 500 + epoch)
-        return stage2_samples(model.config, data.train, data.vqa_train, data.image_ids, rng,
+        return stage2_samples(model.config, caption_records, data.vqa_train, data.image_ids, rng,
                               config.stage2.vqa_per_epoch, with_router=with_router,
                               targets_per_image=config.stage2.expert_targets_per_image,
                               router_fraction=config.stage2.router_fraction,
