@@ -329,6 +329,19 @@ def test_scene_views_average_the_head_over_the_dihedral_views(tiny_dir: Path, tm
     torch.testing.assert_close(turned_logits, averaged, atol=1e-4, rtol=1e-4)
     assert model.recognise_scenes(visual, averaged) == model.recognise_scenes(turned, turned_logits)
 
+    # views only below a confidence: an image whose single view is surer keeps its single-view logits
+    single = model.scene_logits(visual)
+    confidence = torch.softmax(single.float(), dim=-1).max(dim=-1).values
+    model.config.vision.scene_views_below = float(confidence.mean())  # between the two images' confidences
+    assert confidence.min() < model.config.vision.scene_views_below < confidence.max()
+    mixed = model.view_scene_logits(pixels, visual)
+    sure, unsure = int(confidence.argmax()), int(confidence.argmin())
+    torch.testing.assert_close(mixed[sure], single[sure])
+    torch.testing.assert_close(mixed[unsure], averaged[unsure], atol=1e-4, rtol=1e-4)
+    model.config.vision.scene_views_below = 0.0  # never: the image alone
+    assert torch.equal(model.view_scene_logits(pixels, visual), single)
+    model.config.vision.scene_views_below = 1.0
+
     model.save_pretrained(tmp_path / "m")  # the setting travels with the model directory
     assert RSMoEModel.from_pretrained(tmp_path / "m").config.vision.scene_views == 8
     config = json.loads((tmp_path / "m" / "config.json").read_text())

@@ -48,6 +48,9 @@ class VisionConfig:
     # the scene head averages its logits over this many dihedral views of the image (1: the image as it is;
     # up to 8: the four rotations, with and without a flip), a test-time augmentation for nadir imagery
     scene_views: int = 1
+    # the views are encoded only for images whose scene probability from the image as it is stays below this
+    # (a confident single view keeps its scene; each further view costs an encoder pass): 1.0 = always
+    scene_views_below: float = 1.0
     # a concise caption's plan names the head's scene only when the head's probability for it (softmax over
     # the view-averaged logits) reaches this; below it the plan names no scene and the theme expert gets the
     # neutral phrase (router.unknown_scene), the prompt the dense stage learnt. 0: always name the head's scene.
@@ -58,6 +61,8 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if not 1 <= int(self.scene_views) <= DIHEDRAL_VIEWS:
             raise ModelDirError(f"vision.scene_views must be between 1 and {DIHEDRAL_VIEWS}, got {self.scene_views}")
+        if not 0.0 <= float(self.scene_views_below) <= 1.0:
+            raise ModelDirError(f"vision.scene_views_below must be between 0 and 1, got {self.scene_views_below}")
         if not 0.0 <= float(self.scene_min_confidence) <= 1.0:
             raise ModelDirError(f"vision.scene_min_confidence must be between 0 and 1, got {self.scene_min_confidence}")
 
