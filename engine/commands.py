@@ -17,8 +17,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--backend``, ``--device``, ``--dtype``: shared by every command that runs the model."""
     parser.add_argument("--model", type=Path, default=None,
                         help="model directory (default: the embedded rsmoe-lite, or $RSMOE_MODEL)")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                        help="inference backend: torch, or onnx (graphs written by `rsmoe export`)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                        help="inference backend: auto (default: onnx when the model's exported graphs are "
+                             "present and current, else torch), torch, or onnx (graphs written by `rsmoe export`)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "int8", "static"],
                         help="compute precision (default: float32); int8 and static name exported ONNX "

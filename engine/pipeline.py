@@ -459,11 +459,13 @@ class Pipeline:
         self.stats = PipelineStats()
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None, backend: str = "torch", device: str = "auto",
+    def load(cls, model_dir: str | Path | None = None, backend: str = "auto", device: str = "auto",
              dtype: str | None = None, **options: Any) -> Pipeline:
-        """Load a model through :func:`engine.runtime.load_model` and wrap it."""
-        from engine.runtime import default_model_dir, load_model
+        """Load a model through :func:`engine.runtime.load_model` and wrap it (``auto``: the backend
+        :func:`engine.runtime.resolve_backend` picks)."""
+        from engine.runtime import default_model_dir, load_model, resolve_backend
 
+        backend = resolve_backend(model_dir, backend, device, dtype)
         model = load_model(model_dir, backend, device, dtype)
         info = ModelInfo.of(model, backend, model_dir or default_model_dir())
         log.info("model %s (%s, %s) on %s via %s", info.model_id, info.variant,

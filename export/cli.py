@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="int8 variant: block-wise int8 weights (MatMulNBits, default, more accurate) or per-tensor "
                         "dynamic quantisation (MatMulInteger, faster for batches)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity measurement against PyTorch")
+    p.add_argument("--if-needed", action="store_true",
+                   help="do nothing when the model's export already holds these variants and is current")
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=cmd_export)
 
@@ -41,6 +43,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for noisy in ("onnxscript", "onnx_ir", "onnxruntime", "torch.onnx", "torch.export", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     model_dir = args.model or default_model_dir()
+    if args.if_needed and _export_is_current(model_dir, options.variants, args.out):
+        log.info("the ONNX export of %s is current (%s): nothing to do", model_dir, ", ".join(options.variants))
+        return 0
     manifest = export_model(model_dir, args.out, options)
     if args.json:
         sys.stdout.write(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -50,3 +55,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             log.info("%s: logits max abs diff prefill %.2e, with past %.2e; greedy identical: %s", name,
                      p["prefill_logits_max_abs"], p["step_with_past_logits_max_abs"], p["greedy_identical"])
     return 0
+
+
+def _export_is_current(model_dir: Path, variants: list[str], out: Path | None) -> bool:
+    """Whether ``model_dir``'s export (``out`` or ``model_dir/onnx``) holds every variant and is made from the model
+    as it is now."""
+    from engine.backends.onnx import checked_manifest
+    from engine.errors import ModelDirError
+
+    try:
+        for variant in variants:
+            checked_manifest(model_dir, variant, out)
+    except ModelDirError:
+        return False
+    return True

@@ -26,7 +26,7 @@ SETTINGS_GROUP = "rsmoe/engine"
 MODE_START = "start"
 MODE_CONNECT = "connect"
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 
 ENV_PYTHON = "RSMOE_ENGINE_PYTHON"
 ENV_URL = "RSMOE_ENGINE_URL"
@@ -73,7 +73,7 @@ class EngineSettings:
     token: str = ""
     token_file: str = ""
     model_dir: str = ""
-    backend: str = "torch"
+    backend: str = "auto"
     device: str = "auto"
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 900.0

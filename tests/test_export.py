@@ -286,6 +286,43 @@ def test_stale_export_is_refused(tiny_trained: Path, manifest: mf.Manifest, tmp_
         OnnxRSMoE.from_model_dir(copy, device="cpu")
 
 
+def test_auto_backend_takes_a_current_export_and_falls_back_to_torch(tiny_trained: Path,
+                                                                      manifest: mf.Manifest) -> None:
+    """``--backend auto`` runs the exported graphs when they are there and made from the model as it is, torch
+    otherwise (no export, a stale one, or a precision only torch has); ``int8`` needs the export."""
+    import shutil
+
+    from engine.pipeline import Pipeline
+    from engine.runtime import resolve_backend
+
+    assert resolve_backend(tiny_trained, "auto", "cpu") == "onnx"
+    assert resolve_backend(tiny_trained, "auto", "cpu", "bfloat16") == "torch"
+    assert resolve_backend(tiny_trained, "auto", "cpu", "int8") == "onnx"
+    assert resolve_backend(tiny_trained, "torch", "cpu") == "torch"  # asked for: taken as asked
+    pipeline = Pipeline.load(tiny_trained, "auto", "cpu")
+    assert isinstance(pipeline.model, OnnxRSMoE) and pipeline.info.backend == "onnx"
+    copy = tiny_trained.parent / "auto-copy"  # beside it: the tiny model names its base parts relatively
+    shutil.copytree(tiny_trained, copy, ignore=shutil.ignore_patterns(mf.ONNX_DIR))
+    assert resolve_backend(copy, "auto", "cpu") == "torch"  # no export
+    shutil.copytree(tiny_trained / mf.ONNX_DIR, copy / mf.ONNX_DIR)
+    assert resolve_backend(copy, "auto", "cpu") == "onnx"
+    config = json.loads((copy / "config.json").read_text())
+    config["generation"]["max_new_tokens"] = 7
+    (copy / "config.json").write_text(json.dumps(config))
+    assert resolve_backend(copy, "auto", "cpu") == "torch"  # stale export
+    assert Pipeline.load(copy, "auto", "cpu").info.backend == "torch"
+    with pytest.raises(UserInputError, match="unknown backend"):
+        resolve_backend(copy, "tensorflow", "cpu")
+    # `rsmoe export --if-needed` (what set-up runs) leaves a current export alone and redoes a stale one
+    from engine.cli import main
+
+    written = (tiny_trained / mf.ONNX_DIR / mf.MANIFEST_NAME).stat().st_mtime_ns
+    assert main(["export", "--model", str(tiny_trained), "--variants", "fp32", "--if-needed"]) == 0
+    assert (tiny_trained / mf.ONNX_DIR / mf.MANIFEST_NAME).stat().st_mtime_ns == written
+    assert main(["export", "--model", str(copy), "--variants", "fp32", "--if-needed", "--no-parity"]) == 0
+    assert resolve_backend(copy, "auto", "cpu") == "onnx"
+
+
 def test_export_cli_is_registered(tmp_path: Path) -> None:
     from engine.cli import build_parser, main
 

@@ -77,6 +77,24 @@ def source_digest(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def checked_manifest(model_dir: Path, variant: str, export_dir: Path | None = None) -> mf.Manifest:
+    """The manifest of ``model_dir``'s export (``model_dir/onnx`` unless ``export_dir``), checked to hold
+    ``variant`` and to be made from the model as it is now; a :class:`ModelDirError` that says what to run
+    otherwise."""
+    model_dir = Path(model_dir)
+    exported = Path(export_dir) if export_dir else model_dir / mf.ONNX_DIR
+    manifest = mf.Manifest.load(exported, model_dir)
+    if variant not in manifest.variants:
+        raise ModelDirError(f"the ONNX variant {variant!r} was not exported for {model_dir} (exported: "
+                            f"{', '.join(manifest.variants)}); run `rsmoe export --model {model_dir} "
+                            f"--variants {variant}`")
+    recorded = manifest.versions.get("source_sha256")
+    if recorded and recorded != source_digest(model_dir):
+        raise ModelDirError(f"{model_dir} changed (config, weights or adapters) since its ONNX export; "
+                            f"run `rsmoe export --model {model_dir}`")
+    return manifest
+
+
 @dataclass
 class _Graph:
     """A session with the numpy dtypes of its inputs."""
@@ -288,15 +306,7 @@ class OnnxRSMoE(MoEInference):
         model_dir = Path(model_dir)
         config = RSMoEConfig.load(model_dir)
         exported = Path(export_dir) if export_dir else model_dir / mf.ONNX_DIR
-        manifest = mf.Manifest.load(exported, model_dir)
-        if variant not in manifest.variants:
-            raise ModelDirError(f"the ONNX variant {variant!r} was not exported for {model_dir} (exported: "
-                                f"{', '.join(manifest.variants)}); run `rsmoe export --model {model_dir} "
-                                f"--variants {variant}`")
-        recorded = manifest.versions.get("source_sha256")
-        if recorded and recorded != source_digest(model_dir):
-            raise ModelDirError(f"{model_dir} changed (config, weights or adapters) since its ONNX export; "
-                                f"run `rsmoe export --model {model_dir}`")
+        manifest = checked_manifest(model_dir, variant, exported)
         return cls(model_dir, config, manifest, variant, device, exported)
 
     def _session(self, name: str, providers: list[str], device_id: int, options: Any) -> _Graph:

@@ -62,7 +62,7 @@ class SettingsDialog(QDialog):
         start_form.addRow("Model directory:", self.model_widget)
         self.backend_combo = QComboBox(start_box)
         self.backend_combo.addItems(list(BACKENDS))
-        self.backend_combo.setCurrentText(stored.backend if stored.backend in BACKENDS else "torch")
+        self.backend_combo.setCurrentText(stored.backend if stored.backend in BACKENDS else "auto")
         start_form.addRow("Backend:", self.backend_combo)
         self.device_edit = QLineEdit(stored.device, start_box)
         self.device_edit.setPlaceholderText("auto | cpu | cuda | cuda:1")
