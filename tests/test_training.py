@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -525,6 +526,23 @@ def test_scene_gate_picks_the_threshold_with_the_best_val_cider(tmp_path: Path) 
     assert first["CIDEr"] < report["best"]["CIDEr"] and last["CIDEr"] < report["best"]["CIDEr"]
     (tmp_path / "named" / "scenes.json").unlink()
     assert main(args) == 2  # a clear error, not a traceback
+
+
+def test_scene_views_threshold_keeps_the_views_gain_at_a_lower_cost(tmp_path: Path) -> None:
+    """``python -m training.scene_views``: an image sure of its single view keeps it, an unsure one takes the
+    view-averaged scene; the chosen threshold is the smallest that keeps the accuracy of always the views."""
+    from training.scene_views import choose_threshold, main, views_scores
+
+    # 4 images, 3 head classes, the set's classes are columns 0 and 2; truth: positions in those columns
+    single = np.array([[0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [0.4, 0.2, 0.4], [0.1, 0.1, 0.8]])
+    averaged = np.array([[0.8, 0.1, 0.1], [0.6, 0.2, 0.2], [0.3, 0.1, 0.6], [0.1, 0.1, 0.8]])
+    rows = views_scores(single, averaged, [0, 2], [0, 0, 1, 1], grid=(0.0, 0.6, 0.85, 1.0))
+    assert [r["views_share"] for r in rows] == [0.0, 0.5, 0.75, 1.0]
+    assert [r["accuracy"] for r in rows] == [0.5, 1.0, 1.0, 1.0]  # images 1 and 2 need their views
+    chosen = choose_threshold({"a": rows, "b": rows}, tolerance=0.0)
+    assert chosen["threshold"] == 0.6 and chosen["mean_views_share"] == 0.5
+    assert chosen["single_view_accuracy"] == 0.5 and chosen["always_views_accuracy"] == 1.0
+    assert main(["--out", str(tmp_path / "x.json")]) == 2  # no set given: a clear error
 
 
 def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path) -> None:
