@@ -323,6 +323,54 @@ def test_auto_backend_takes_a_current_export_and_falls_back_to_torch(tiny_traine
     assert resolve_backend(copy, "auto", "cpu") == "onnx"
 
 
+class _ScriptedDecoder:
+    """A decoder whose rows emit scripted tokens (row i: ``lengths[i]`` tokens, then EOS), recording the batch
+    size of each call; ``can_drop_rows`` as given."""
+
+    def __init__(self, lengths: list[int], can_drop: bool, vocab: int = 8, eos: int = 7) -> None:
+        self.lengths, self.can_drop_rows, self.vocab, self.eos = lengths, can_drop, vocab, eos
+        self.rows = np.arange(len(lengths))
+        self.step_no, self.batches = 0, []
+
+    def _logits(self) -> np.ndarray:
+        self.batches.append(len(self.rows))
+        logits = np.zeros((len(self.rows), self.vocab), np.float32)
+        for k, row in enumerate(self.rows):
+            logits[k, self.eos if self.step_no >= self.lengths[row] else 1 + row % 5] = 1.0
+        return logits
+
+    def start(self, embeds: np.ndarray, mask: np.ndarray, selector: np.ndarray) -> np.ndarray:
+        return self._logits()
+
+    def step(self, token_embeds: np.ndarray) -> np.ndarray:
+        assert len(token_embeds) == len(self.rows)
+        self.step_no += 1
+        return self._logits()
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        self.rows = self.rows[rows]
+
+
+def test_greedy_drops_finished_rows_with_the_same_tokens() -> None:
+    """Rows that emitted EOS leave the batch (the cache shrinks) and every row's tokens stay what they were."""
+    from types import SimpleNamespace
+
+    lengths = [1, 6, 2, 2, 9, 1, 3, 2]
+    outputs = {}
+    for can_drop in (False, True):
+        decoder = _ScriptedDecoder(lengths, can_drop)
+        backend = SimpleNamespace(decoder=decoder, tokenizer=SimpleNamespace(eos_token_id=7, pad_token_id=0),
+                                  config=SimpleNamespace(generation=SimpleNamespace(repetition_penalty=1.3)),
+                                  embed=lambda ids: np.zeros((len(ids), 4), np.float32))
+        n = len(lengths)
+        outputs[can_drop] = (OnnxRSMoE.greedy(backend, np.zeros((n, 3, 4)), np.ones((n, 3)), np.zeros((n, 2)), 12),
+                             decoder.batches)
+    (kept, kept_batches), (dropped, dropped_batches) = outputs[False], outputs[True]
+    np.testing.assert_array_equal(dropped, kept)
+    assert [int((row == 7).argmax()) for row in kept] == lengths  # each row ends where scripted
+    assert set(kept_batches) == {8} and dropped_batches[-1] == 1 and sum(dropped_batches) < sum(kept_batches)
+
+
 def test_export_cli_is_registered(tmp_path: Path) -> None:
     from engine.cli import build_parser, main
 

@@ -35,6 +35,8 @@ _GPU_PROVIDERS = PROVIDER_PREFERENCE[:2]
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
 BASE_ADAPTER = "__base__"
+#: greedy decoding drops finished rows from the cache once the rows still going are at most this share of it
+DROP_ROWS_AT = 0.75
 
 
 def _ort():
@@ -167,10 +169,24 @@ class _DecoderRunner:
         self._mask = np.concatenate([self._mask, np.ones((self._mask.shape[0], 1), np.int64)], axis=1)
         return self._run(token_embeds, self._mask, position_ids(self._mask)[:, -1:])
 
+    @property
+    def can_drop_rows(self) -> bool:
+        """Whether finished rows can leave the batch (a CPU cache of dynamic shape: no copy across devices)."""
+        return self.device.type == "cpu"
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Keep only ``rows`` (indices into the current batch) in the cache, the mask and the adapter choice,
+        so that finished rows stop costing in the next steps."""
+        self._mask = self._mask[rows]
+        self._adapter_mask = self.device.value(self._adapter_mask.numpy()[rows])
+        self._past = [self.device.value(value.numpy()[rows]) for value in self._past]
+
 
 class _StaticDecoderRunner(_DecoderRunner):
     """The static profile: fixed batch, one token per call, a fixed-size cache updated at ``cache_position``.
     Two preallocated cache buffer sets are swapped each step (the output of one step is the next past)."""
+
+    can_drop_rows = False  # fixed shapes
 
     def __init__(self, graph: _Graph, device: _Device, lora: dict[str, Any], spec: mf.DecoderSpec,
                  profile: mf.StaticProfile) -> None:
@@ -459,14 +475,22 @@ class OnnxRSMoE(MoEInference):
         batch = embeds.shape[0]
         done = np.zeros(batch, bool)
         generated = np.zeros((batch, 0), np.int64)
+        active = np.arange(batch)  # the rows the decoder's cache holds (logits are theirs), in order
         for step in range(max_new_tokens):
             if penalty != 1.0 and generated.shape[1]:
-                picked = np.take_along_axis(logits, generated, axis=1)
-                np.put_along_axis(logits, generated, np.where(picked < 0, picked * penalty, picked / penalty), axis=1)
-            nxt = np.where(done, pad, logits.argmax(axis=-1))
+                mine = generated[active]
+                picked = np.take_along_axis(logits, mine, axis=1)
+                np.put_along_axis(logits, mine, np.where(picked < 0, picked * penalty, picked / penalty), axis=1)
+            chosen = np.where(done[active], pad, logits.argmax(axis=-1))
+            nxt = np.full(batch, pad, np.int64)
+            nxt[active] = chosen
             generated = np.concatenate([generated, nxt[:, None]], axis=1)
-            done |= nxt == eos
+            done[active] |= chosen == eos
             if done.all() or step == max_new_tokens - 1:
                 break
-            logits = self.decoder.step(self.embed(nxt)[:, None, :])
+            going = ~done[active]
+            if self.decoder.can_drop_rows and going.sum() <= DROP_ROWS_AT * len(active):
+                self.decoder.keep_rows(np.flatnonzero(going))  # finished rows stop costing
+                active, chosen = active[going], chosen[going]
+            logits = self.decoder.step(self.embed(chosen)[:, None, :])
         return generated
