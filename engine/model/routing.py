@@ -251,10 +251,9 @@ class MoEInference:
         unsure = [i for i, p in enumerate(softmax_rows(single).max(axis=-1)) if below >= 1.0 or p < below]
         if not unsure:
             return single
-        batch = len(unsure)
-        others = self.encode_images(concat_rows([dihedral(pixels[unsure], v, axes=(2, 3)) for v in range(1, views)]))
-        averaged = self.scene_logits(concat_rows([visual[unsure]] + [others[i * batch:(i + 1) * batch]
-                                                                     for i in range(views - 1)], axis=1))
+        doubtful = pixels[unsure]  # one encoder pass per view, so memory stays that of one batch
+        tokens = [visual[unsure]] + [self.encode_images(dihedral(doubtful, v, axes=(2, 3))) for v in range(1, views)]
+        averaged = self.scene_logits(concat_rows(tokens, axis=1))
         rows = [single[i:i + 1] for i in range(len(single))]
         for j, i in enumerate(unsure):
             rows[i] = averaged[j:j + 1]
