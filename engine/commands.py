@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
     add_region_options(p, window_help="annotate only this pixel window col_off,row_off,width,height")
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default 16)")
     p.add_argument("--gpkg", type=Path, default=None, help="also write a GeoPackage (raster CRS) here")
     p.add_argument("--restart", action="store_true", help="ignore an existing journal and start afresh")
     p.add_argument("--min-valid", type=float, default=0.5,
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", type=Path, default=None,
                    help="where to write {url, token, pid} (default $RSMOE_HOME/engine.json or ~/.cache/rsmoe/engine.json)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 16)")
     p.add_argument("--stop-on-stdin-eof", action="store_true",
                    help="stop when standard input closes (the QGIS plugin's pipe: the engine ends with QGIS)")
     add_model_options(p)
@@ -259,7 +259,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_body_bytes=int(args.max_body_mb * 2**20),
                            log_level="info" if args.verbose else "warning",
                            stop_on_stdin_eof=args.stop_on_stdin_eof)
-    service = EngineService(_load_pipeline(args, batch_size=args.batch_size), options)
+    sizing = {"batch_size": args.batch_size} if args.batch_size is not None else {}
+    service = EngineService(_load_pipeline(args, **sizing), options)
     sys.stdout.write(f"rsmoe engine serving on {service.url} (token in {service.token_file}); Ctrl+C stops it\n")
     sys.stdout.flush()
     try:

@@ -203,7 +203,7 @@ def test_scene_logits_of_the_views_are_cached_with_the_tokens(tiny_dir: Path) ->
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
     visual, logits = pipe.encode(images, keys=["a", "b", "c"])
-    assert spy.calls == 4  # two batches, each: the image, then its 7 other views
+    assert spy.calls == 2 * 8  # two batches, each: the image, then one pass per other view (7)
     expected_visual, expected_logits = model.encode(images)  # one batch of 3 against batches of 2 + 1: float noise
     assert torch.allclose(visual, expected_visual, atol=1e-5) and torch.allclose(logits, expected_logits, atol=1e-5)
     assert not torch.allclose(logits, model.scene_logits(visual))  # the views, not the image alone
