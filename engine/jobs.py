@@ -1,7 +1,7 @@
 """Batch annotation jobs: caption every tile of a raster into GeoJSON, with progress, cancel and resume.
 
-One run (:func:`run_annotation`)
-    The raster (or a window / extent of it) is cut into tiles (:func:`engine.geo.plan_tiles`) of the
+One run (:func:`run_annotation`; :func:`annotate` takes the raster, tiling and options as arguments)
+    The raster (or a window / extent of it) is cut into tiles (:func:`engine.tiling.plan_tiles`) of the
     given size, or of :func:`default_tile_size` (a ground footprint the model knows where its config sets one,
     else :data:`DEFAULT_TILE_PX` pixels); a tiling whose tiles the model sees outside its trained ground
     resolution range is logged as a warning that names a tile size in metres that would be in range.
@@ -12,13 +12,13 @@ One run (:func:`run_annotation`)
 
 Resume
     Every finished tile is appended to the job's journal (``OUT.geojson.journal``,
-    :class:`engine.geo.TileJournal`) as its batch completes, durably. Run the same job again after a
+    :class:`engine.journal.TileJournal`) as its batch completes, durably. Run the same job again after a
     crash, a kill (even SIGKILL) or a cancel and it continues where it stopped; the final GeoJSON is
     built from the journal's records only, so it is byte-identical to an uninterrupted run's. A job
     with other parameters refuses an existing journal unless ``restart`` is given.
 
 Output
-    Written only when every tile is done, atomically (:func:`engine.geo.write_geojson_atomic`): a
+    Written only when every tile is done, atomically (:func:`engine.outputs.write_geojson_atomic`): a
     failed or cancelled run leaves any earlier OUT.geojson as it was and never a half-written one.
     Feature properties: ``tile_index``, ``window``, ``caption``, ``skipped``, ``valid_fraction``,
     ``ground_resolution_m`` (native), ``row``, ``col``, ``segments`` (per expert: ``expert``, ``text``),
@@ -47,13 +47,16 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from engine.errors import CancelledError, JobError, JobNotFoundError, RSMoEError, UserInputError
-from engine.geo import (TileJournal, TileRecord, TileSize, TilingParams, feature_collection, journal_path,
-                        parse_tile_size, plan_tiles, raster_identity, write_geojson_atomic, write_gpkg)
 from engine import __version__
+from engine.georef import Window
+from engine.inputs import ImageInput, open_input, raster_identity, resolve_window, seen_resolution
+from engine.journal import TileJournal, journal_path
 from engine.model.config import RSMoEConfig
 from engine.model.routing import round_resolution
-from engine.pipeline import ImageInput, ModelInfo, Pipeline, open_input, resolve_window, seen_resolution
-from engine.raster import BandSelection, RasterSource, Window
+from engine.outputs import TileRecord, feature_collection, write_geojson_atomic, write_gpkg
+from engine.pipeline import ModelInfo, Pipeline
+from engine.raster import BandSelection, RasterSource
+from engine.tiling import TileSize, TilingParams, parse_tile_size, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +302,7 @@ def check_annotation(params: AnnotateParams, info: ModelInfo | None = None,
     valid, the outputs are file names. Raises the error the run would raise. Without the model's
     ``config`` a job without a tile size is checked with :data:`DEFAULT_TILE_PX` pixels."""
     _check_params(params)
-    quiet = [logging.getLogger(name) for name in ("engine.geo", __name__)]
+    quiet = [logging.getLogger(name) for name in ("engine.tiling", __name__)]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(max(logging.WARNING, lg.getEffectiveLevel()))  # the run logs the plan itself
@@ -382,6 +385,24 @@ def run_annotation(pipeline: Pipeline, params: AnnotateParams, progress: Progres
     skipped = sum(1 for r in records if r.skipped)
     return AnnotateResult(out, Path(gpkg) if gpkg else None, total, total - skipped, skipped, resumed,
                           time.perf_counter() - start, journal.path if params.keep_journal else None)
+
+
+def annotate(pipeline: Pipeline, raster: str | Path, tiling: str | int | TilingParams | None = None,
+             out: str | Path = "annotations.geojson", progress: ProgressCallback | None = None,
+             cancel: CancelFlag | None = None, **options: Any) -> AnnotateResult:
+    """Caption every tile of a raster into a GeoJSON file with ``pipeline`` (see :func:`run_annotation`).
+
+    ``tiling`` is a tile size (``512``, ``"500m"``; None: the model's default, see
+    :func:`default_tile_size`) or an :class:`engine.tiling.TilingParams`;
+    ``options`` are further :class:`AnnotateParams` fields.
+    """
+    if isinstance(tiling, TilingParams):
+        options.setdefault("overlap", tiling.overlap)
+        if tiling.extent is not None:
+            options.setdefault("window", tiling.extent)
+        tiling = str(tiling.tile_size)
+    params = AnnotateParams(raster=str(raster), out=str(out), tile_size=tiling, **options)
+    return run_annotation(pipeline, params, progress=progress, cancel=cancel)
 
 
 def _journal_has_tiles(journal: TileJournal) -> bool:

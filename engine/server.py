@@ -49,8 +49,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import __version__
 from engine.errors import RSMoEError, UserInputError
 from engine.jobs import AnnotateParams, JobManager
-from engine.pipeline import ImageInput, Pipeline
-from engine.raster import BandSelection, Window
+from engine.georef import Window
+from engine.inputs import ImageInput
+from engine.pipeline import Pipeline
+from engine.raster import BandSelection
 
 log = logging.getLogger(__name__)
 
