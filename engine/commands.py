@@ -124,8 +124,8 @@ def _numbers(text: str | None, what: str, kind: type) -> list | None:
 
 def _region(args: argparse.Namespace) -> dict:
     """ImageInput keywords from the region options."""
+    from engine.bands import BandSelection
     from engine.georef import Window
-    from engine.raster import BandSelection
 
     window = _numbers(args.window, "--window", int)
     return {"window": Window.from_list(window) if window else None,

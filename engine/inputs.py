@@ -26,9 +26,10 @@ from math import isfinite
 from pathlib import Path
 from typing import Any, Iterator
 
+from engine.bands import BandSelection
 from engine.errors import RasterError, UserInputError
 from engine.georef import Window
-from engine.raster import BandSelection, RasterSource
+from engine.raster import RasterSource
 from engine.tiling import extent_to_window
 
 

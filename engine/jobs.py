@@ -48,6 +48,7 @@ from typing import Any, Callable, Protocol
 
 from engine.errors import CancelledError, JobError, JobNotFoundError, RSMoEError, UserInputError
 from engine import __version__
+from engine.bands import BandSelection
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, raster_identity, resolve_window, seen_resolution
 from engine.journal import TileJournal, journal_path
@@ -55,7 +56,7 @@ from engine.model.config import RSMoEConfig
 from engine.model.routing import round_resolution
 from engine.outputs import TileRecord, feature_collection, write_geojson_atomic, write_gpkg
 from engine.pipeline import ModelInfo, Pipeline
-from engine.raster import BandSelection, RasterSource
+from engine.raster import RasterSource
 from engine.tiling import TileSize, TilingParams, parse_tile_size, plan_tiles
 
 log = logging.getLogger(__name__)

@@ -3,14 +3,14 @@
 Everything the engine reads from a raster goes through :class:`RasterSource` (rasterio / GDAL, so
 any raster GDAL opens: GeoTIFF, COG, VRT, JPEG2000, PNG/JPEG without georeferencing, ...).
 
-Band choice (:class:`BandSelection`)
+Band choice (:class:`engine.bands.BandSelection`)
     ``indices`` (1-based) or ``names`` (band descriptions such as ``"B04"``, else colour
     interpretations such as ``"red"``), 1 or 3 bands; a single band is replicated to RGB.
     Default: the bands whose colour interpretation is red, green, blue if the raster has them,
     otherwise bands 1, 2, 3; a one- or two-band raster (grey, grey + alpha) gives its first band,
     expanded through the colour table when that band is paletted.
 
-Values to uint8 (:class:`Stretch`)
+Values to uint8 (:class:`engine.bands.Stretch`)
     uint8 bands are used as they are. Any other type (uint16, int16, float32, ...) is stretched
     linearly between a low and a high percentile per band (2nd / 98th by default), clipped to
     0..255. The percentiles come from ONE decimated read of the whole raster (``out_shape`` at most
@@ -53,7 +53,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import rasterio
@@ -62,6 +62,7 @@ from pyproj import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+from engine.bands import BandSelection, Stretch
 from engine.errors import InputNotFoundError, RasterError
 from engine.georef import PIXEL_TRANSFORM, GeoReference, Window
 
@@ -72,77 +73,9 @@ AVERAGE_FROM_FACTOR = 2.0
 
 
 # --------------------------------------------------------------------------------------------
-# Parameters and results
+# Results
 # --------------------------------------------------------------------------------------------
 _COLORINTERP_NAMES = {ci.name for ci in ColorInterp}
-
-
-@dataclass(frozen=True)
-class BandSelection:
-    """Which bands become the model's RGB.
-
-    Parameters
-    ----------
-    indices
-        1-based band indices, 1 or 3 of them (``(4, 3, 2)`` for a Sentinel-2 stack).
-    names
-        Band descriptions (``"B04"``) or colour interpretations (``"red"``), 1 or 3, matched
-        case-insensitively; descriptions win over colour interpretations.
-    Neither: the default described in the module docstring.
-    """
-
-    indices: tuple[int, ...] | None = None
-    names: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.indices is not None and self.names is not None:
-            raise RasterError("choose bands either by indices or by names, not both")
-        chosen = self.indices if self.indices is not None else self.names
-        if chosen is not None:
-            object.__setattr__(self, "indices" if self.indices is not None else "names", tuple(chosen))
-            if len(chosen) not in (1, 3):
-                raise RasterError(f"choose 1 or 3 bands, got {len(chosen)}: {list(chosen)}")
-        if self.indices is not None:
-            for i in self.indices:
-                if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 1:
-                    raise RasterError(f"band indices are 1-based integers, got {list(self.indices)}")
-
-    @classmethod
-    def parse(cls, spec: str | Sequence[int | str] | None) -> BandSelection:
-        """From ``"4,3,2"``, ``"B04,B03,B02"``, ``"red,green,blue"``, ``"1"``, a list, or None."""
-        if spec is None or (isinstance(spec, str) and not spec.strip()):
-            return cls()
-        items: list[Any] = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-        if all(isinstance(i, (int, np.integer)) or (isinstance(i, str) and i.isdigit()) for i in items):
-            return cls(indices=tuple(int(i) for i in items))
-        return cls(names=tuple(str(i) for i in items))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"indices": list(self.indices) if self.indices else None,
-                "names": list(self.names) if self.names else None}
-
-
-@dataclass(frozen=True)
-class Stretch:
-    """Linear stretch to uint8 per selected band: ``(value - lo) / (hi - lo) * 255``, clipped."""
-
-    lo: tuple[float, ...]
-    hi: tuple[float, ...]
-
-    def apply(self, data: np.ndarray) -> np.ndarray:
-        """(3, H, W) numeric -> (3, H, W) uint8."""
-        lo = np.asarray(self.lo, dtype=np.float64)[:, None, None]
-        hi = np.asarray(self.hi, dtype=np.float64)[:, None, None]
-        scaled = (data.astype(np.float32) - lo.astype(np.float32)) * (255.0 / (hi - lo)).astype(np.float32)
-        scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-        return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
-
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"lo": list(self.lo), "hi": list(self.hi)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Sequence[float]]) -> Stretch:
-        return cls(tuple(float(v) for v in data["lo"]), tuple(float(v) for v in data["hi"]))
 
 
 @dataclass

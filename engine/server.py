@@ -47,12 +47,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
+from engine.bands import BandSelection
 from engine.errors import RSMoEError, UserInputError
-from engine.jobs import AnnotateParams, JobManager
 from engine.georef import Window
 from engine.inputs import ImageInput
+from engine.jobs import AnnotateParams, JobManager
 from engine.pipeline import Pipeline
-from engine.raster import BandSelection
 
 log = logging.getLogger(__name__)
 

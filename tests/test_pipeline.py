@@ -13,11 +13,11 @@ from pyproj import Transformer
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import xy
 
+from engine.bands import BandSelection
 from engine.errors import InputNotFoundError, RasterError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, check_input
 from engine.pipeline import FeatureCache, ModelInfo, Pipeline
-from engine.raster import BandSelection
 from tests.engine_helpers import DATA, S2, one_thread, tiny_dir  # noqa: F401 - fixtures
 
 
