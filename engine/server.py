@@ -51,7 +51,8 @@ from engine.bands import BandSelection
 from engine.errors import RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput
-from engine.jobs import AnnotateParams, JobManager
+from engine.job_manager import JobManager
+from engine.jobs import AnnotateParams
 from engine.pipeline import Pipeline
 
 log = logging.getLogger(__name__)

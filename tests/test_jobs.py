@@ -16,8 +16,9 @@ from shapely.geometry import shape
 
 from engine.errors import CancelledError, InputNotFoundError, JobError, JobNotFoundError, RasterError, UserInputError
 from engine.georef import Window
-from engine.jobs import (DEFAULT_TILE_PX, AnnotateParams, JobManager, JobProgress, check_annotation,
-                         default_tile_size, run_annotation)
+from engine.job_manager import JobManager
+from engine.jobs import (DEFAULT_TILE_PX, AnnotateParams, JobProgress, check_annotation, default_tile_size,
+                         run_annotation)
 from engine.journal import journal_path
 from engine.pipeline import ModelInfo, Pipeline
 from tests.engine_helpers import DATA, S2, lite_ready, one_thread, tiny_dir  # noqa: F401 - fixtures
