@@ -130,7 +130,7 @@ def copy_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
 
 def instrument(pipeline: Any, timer: PhaseTimer, steps: list[int]) -> None:
     """Time the phases of annotation on this pipeline's model (instance attributes: both backends)."""
-    from engine.jobs import TileJournal
+    from engine.journal import TileJournal
     from engine.raster import RasterSource
 
     model = pipeline.model
@@ -156,9 +156,10 @@ def instrument(pipeline: Any, timer: PhaseTimer, steps: list[int]) -> None:
 
 def run_one(raster: Path, tile_size: int, batch_size: int, config: str, out: Path, grid: int) -> dict:
     """One measurement in this process (the parent runs each in a fresh child)."""
+    from engine.georef import Window
     from engine.jobs import AnnotateParams, run_annotation
     from engine.pipeline import Pipeline
-    from engine.raster import RasterSource, Window
+    from engine.raster import RasterSource
 
     backend, dtype = CONFIGS[config]
     start = time.perf_counter()

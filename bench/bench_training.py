@@ -63,10 +63,10 @@ def measure_stage(stage: str, precision: str, init: str, data: str, images: int,
     import torch
 
     from engine.model import RSMoEModel
+    from training.checkpoints import StagePosition
     from training.config import DataConfig, StageConfig, TrainConfig
     from training.samples import stage1_samples, stage2_samples
     from training.train import (
-        StagePosition,
         build_initial_model,
         load_data,
         prepare_optimisation,

@@ -124,7 +124,8 @@ def _numbers(text: str | None, what: str, kind: type) -> list | None:
 
 def _region(args: argparse.Namespace) -> dict:
     """ImageInput keywords from the region options."""
-    from engine.raster import BandSelection, Window
+    from engine.bands import BandSelection
+    from engine.georef import Window
 
     window = _numbers(args.window, "--window", int)
     return {"window": Window.from_list(window) if window else None,
@@ -184,7 +185,7 @@ def _load_pipeline(args: argparse.Namespace, **options):
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from engine.pipeline import ImageInput, check_input
+    from engine.inputs import ImageInput, check_input
 
     inputs = [ImageInput(path=str(path), ground_resolution_m=args.ground_resolution, **_region(args))
               for path in args.inputs]
@@ -197,7 +198,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from engine.pipeline import ImageInput, check_input, check_question
+    from engine.inputs import ImageInput, check_input
+    from engine.pipeline import check_question
 
     inp = ImageInput(path=str(args.input), ground_resolution_m=args.ground_resolution, **_region(args))
     check_question(args.question)

@@ -1,7 +1,7 @@
 """Batch annotation jobs: caption every tile of a raster into GeoJSON, with progress, cancel and resume.
 
-One run (:func:`run_annotation`)
-    The raster (or a window / extent of it) is cut into tiles (:func:`engine.geo.plan_tiles`) of the
+One run (:func:`run_annotation`; :func:`annotate` takes the raster, tiling and options as arguments)
+    The raster (or a window / extent of it) is cut into tiles (:func:`engine.tiling.plan_tiles`) of the
     given size, or of :func:`default_tile_size` (a ground footprint the model knows where its config sets one,
     else :data:`DEFAULT_TILE_PX` pixels); a tiling whose tiles the model sees outside its trained ground
     resolution range is logged as a warning that names a tile size in metres that would be in range.
@@ -12,13 +12,13 @@ One run (:func:`run_annotation`)
 
 Resume
     Every finished tile is appended to the job's journal (``OUT.geojson.journal``,
-    :class:`engine.geo.TileJournal`) as its batch completes, durably. Run the same job again after a
+    :class:`engine.journal.TileJournal`) as its batch completes, durably. Run the same job again after a
     crash, a kill (even SIGKILL) or a cancel and it continues where it stopped; the final GeoJSON is
     built from the journal's records only, so it is byte-identical to an uninterrupted run's. A job
     with other parameters refuses an existing journal unless ``restart`` is given.
 
 Output
-    Written only when every tile is done, atomically (:func:`engine.geo.write_geojson_atomic`): a
+    Written only when every tile is done, atomically (:func:`engine.outputs.write_geojson_atomic`): a
     failed or cancelled run leaves any earlier OUT.geojson as it was and never a half-written one.
     Feature properties: ``tile_index``, ``window``, ``caption``, ``skipped``, ``valid_fraction``,
     ``ground_resolution_m`` (native), ``row``, ``col``, ``segments`` (per expert: ``expert``, ``text``),
@@ -29,31 +29,31 @@ Output
     ``seconds`` (the tile's share of its batch's wall time: journalled with the tile, but left out by
     default because it differs between runs). The journal is deleted after a successful run unless ``keep_journal``.
 
-Service (:class:`JobManager`)
-    Jobs queue and run one at a time in a worker thread over the service's one pipeline; interactive
-    caption / ask requests interleave with a job between its batches (the pipeline's lock).
+Service
+    The service queues jobs and runs them one at a time in a worker thread:
+    :class:`engine.job_manager.JobManager`.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import queue
-import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from engine.errors import CancelledError, JobError, JobNotFoundError, RSMoEError, UserInputError
-from engine.geo import (TileJournal, TileRecord, TileSize, TilingParams, feature_collection, journal_path,
-                        parse_tile_size, plan_tiles, raster_identity, write_geojson_atomic, write_gpkg)
+from engine.errors import CancelledError, JobError, UserInputError
 from engine import __version__
+from engine.bands import BandSelection
+from engine.georef import Window
+from engine.inputs import ImageInput, open_input, raster_identity, resolve_window, seen_resolution
+from engine.journal import TileJournal, journal_path
 from engine.model.config import RSMoEConfig
 from engine.model.routing import round_resolution
-from engine.pipeline import ImageInput, ModelInfo, Pipeline, open_input, resolve_window, seen_resolution
-from engine.raster import BandSelection, RasterSource, Window
+from engine.outputs import TileRecord, feature_collection, write_geojson_atomic, write_gpkg
+from engine.pipeline import ModelInfo, Pipeline
+from engine.raster import RasterSource
+from engine.tiling import TileSize, TilingParams, parse_tile_size, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def check_annotation(params: AnnotateParams, info: ModelInfo | None = None,
     valid, the outputs are file names. Raises the error the run would raise. Without the model's
     ``config`` a job without a tile size is checked with :data:`DEFAULT_TILE_PX` pixels."""
     _check_params(params)
-    quiet = [logging.getLogger(name) for name in ("engine.geo", __name__)]
+    quiet = [logging.getLogger(name) for name in ("engine.tiling", __name__)]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(max(logging.WARNING, lg.getEffectiveLevel()))  # the run logs the plan itself
@@ -384,6 +384,24 @@ def run_annotation(pipeline: Pipeline, params: AnnotateParams, progress: Progres
                           time.perf_counter() - start, journal.path if params.keep_journal else None)
 
 
+def annotate(pipeline: Pipeline, raster: str | Path, tiling: str | int | TilingParams | None = None,
+             out: str | Path = "annotations.geojson", progress: ProgressCallback | None = None,
+             cancel: CancelFlag | None = None, **options: Any) -> AnnotateResult:
+    """Caption every tile of a raster into a GeoJSON file with ``pipeline`` (see :func:`run_annotation`).
+
+    ``tiling`` is a tile size (``512``, ``"500m"``; None: the model's default, see
+    :func:`default_tile_size`) or an :class:`engine.tiling.TilingParams`;
+    ``options`` are further :class:`AnnotateParams` fields.
+    """
+    if isinstance(tiling, TilingParams):
+        options.setdefault("overlap", tiling.overlap)
+        if tiling.extent is not None:
+            options.setdefault("window", tiling.extent)
+        tiling = str(tiling.tile_size)
+    params = AnnotateParams(raster=str(raster), out=str(out), tile_size=tiling, **options)
+    return run_annotation(pipeline, params, progress=progress, cancel=cancel)
+
+
 def _journal_has_tiles(journal: TileJournal) -> bool:
     try:
         return bool(journal.load()[1])
@@ -433,166 +451,3 @@ def _annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, gro
         records.append(TileRecord.from_read(tile.index, read, res.text if res is not None else None,
                                             natives[i], **extra))
     return records
-
-
-# --------------------------------------------------------------------------------------------
-# The service's job manager
-# --------------------------------------------------------------------------------------------
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-
-
-@dataclass
-class Job:
-    """One annotation job of the service, as its status reports it."""
-
-    id: str
-    params: AnnotateParams
-    total: int
-    state: str = "queued"
-    done: int = 0
-    skipped: int = 0
-    resumed: int = 0
-    message: str = "queued"
-    error: str | None = None
-    result: AnnotateResult | None = None
-    tile_size: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("queued", "running")
-
-    def status(self) -> dict[str, Any]:
-        p = self.params
-        return {
-            "id": self.id, "state": self.state, "done": self.done, "total": self.total, "skipped": self.skipped,
-            "resumed": self.resumed, "message": self.message, "error": self.error,
-            "cancel_requested": self.cancel_event.is_set(),
-            "out": p.out, "gpkg": p.gpkg, "raster": p.raster, "tile_size": self.tile_size,
-            "warnings": list(self.warnings),
-            "created": self.created, "started": self.started, "finished": self.finished,
-            "result": self.result.to_dict() if self.result else None,
-        }
-
-
-class JobManager:
-    """Create, watch, cancel and collect annotation jobs; one worker thread runs them in order."""
-
-    def __init__(self, pipeline: Pipeline, max_kept: int = 200) -> None:
-        self.pipeline = pipeline
-        self.max_kept = max_kept
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._counter = itertools.count(1)
-        self._worker = threading.Thread(target=self._work, name="rsmoe-jobs", daemon=True)
-        self._worker.start()
-
-    def submit(self, params: AnnotateParams) -> Job:
-        """Validate and queue a job; bad parameters raise at once (nothing is queued)."""
-        plan = check_annotation(params, self.pipeline.info, self.pipeline.model.config)
-        out = Path(params.out).resolve()
-        with self._lock:
-            for other in self._jobs.values():
-                if other.active and Path(other.params.out).resolve() == out:
-                    raise JobError(f"job {other.id} is already writing '{params.out}'; wait for it or cancel it")
-            job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", params=params, total=len(plan.tiles),
-                      tile_size=str(plan.tile_size), warnings=list(plan.warnings))
-            self._jobs[job.id] = job
-            self._prune()
-        self._queue.put(job)
-        log.info("job %s queued: %s -> %s (%d tiles)", job.id, params.raster, params.out, job.total)
-        return job
-
-    def get(self, job_id: str) -> Job:
-        with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            raise JobNotFoundError(f"no job with id {job_id!r} (the service keeps jobs of this session only)")
-        return job
-
-    def list(self) -> list[Job]:
-        with self._lock:
-            return list(self._jobs.values())
-
-    def cancel(self, job_id: str) -> Job:
-        """Ask a job to stop after its current batch (a queued job never starts)."""
-        job = self.get(job_id)
-        with self._lock:
-            if job.active:
-                job.cancel_event.set()
-                job.message = "cancelling after the current batch" if job.state == "running" else "cancelled"
-                if job.state == "queued":
-                    job.state, job.finished = "cancelled", time.time()
-        return job
-
-    def result(self, job_id: str) -> AnnotateResult:
-        job = self.get(job_id)
-        if job.state == "done" and job.result is not None:
-            return job.result
-        if job.state == "failed":
-            raise JobError(f"job {job_id} failed: {job.error}")
-        if job.state == "cancelled":
-            raise JobError(f"job {job_id} was cancelled after {job.done} of {job.total} tiles; no output was "
-                           f"written (submit it again to resume from its journal)")
-        raise JobError(f"job {job_id} is {job.state} ({job.done} of {job.total} tiles); poll GET /jobs/{job_id}")
-
-    def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Block until a job leaves the queued / running states (for tests and scripts)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        job = self.get(job_id)
-        while job.active:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.state}")
-            time.sleep(0.05)
-        return job
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel every job and stop the worker (after its current batch)."""
-        for job in self.list():
-            if job.active:
-                self.cancel(job.id)
-        self._queue.put(None)
-        self._worker.join(timeout)
-
-    def _prune(self) -> None:
-        finished = [j for j in self._jobs.values() if not j.active]
-        for job in finished[: max(0, len(self._jobs) - self.max_kept)]:
-            del self._jobs[job.id]
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.state != "queued":
-                continue
-            self._run(job)
-
-    def _run(self, job: Job) -> None:
-        with self._lock:
-            job.state, job.started, job.message = "running", time.time(), "running"
-
-        def progress(p: JobProgress) -> None:
-            with self._lock:
-                job.done, job.total, job.skipped, job.resumed = p.done, p.total, p.skipped, p.resumed
-                job.message = f"{p.done} of {p.total} tiles" + (f" ({p.skipped} skipped)" if p.skipped else "")
-
-        try:
-            result = run_annotation(self.pipeline, job.params, progress, job.cancel_event)
-        except CancelledError as exc:
-            state, message, error, result = "cancelled", str(exc), None, None
-        except RSMoEError as exc:
-            state, message, error, result = "failed", str(exc), str(exc), None
-        except Exception as exc:  # a bug: keep the service alive, report it
-            log.exception("job %s crashed", job.id)
-            state, message, error, result = "failed", f"internal error: {type(exc).__name__}: {exc}", str(exc), None
-        else:
-            state, message, error = "done", f"wrote {result.out}", None
-        with self._lock:
-            job.state, job.message, job.error, job.result, job.finished = state, message, error, result, time.time()
-        log.info("job %s %s: %s", job.id, state, message)

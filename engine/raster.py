@@ -1,16 +1,16 @@
-"""Reading rasters for the model: windows, band choice, a global stretch, nodata, resampling.
+"""Reading rasters for the model: band choice, a global stretch, nodata, resampling.
 
 Everything the engine reads from a raster goes through :class:`RasterSource` (rasterio / GDAL, so
 any raster GDAL opens: GeoTIFF, COG, VRT, JPEG2000, PNG/JPEG without georeferencing, ...).
 
-Band choice (:class:`BandSelection`)
+Band choice (:class:`engine.bands.BandSelection`)
     ``indices`` (1-based) or ``names`` (band descriptions such as ``"B04"``, else colour
     interpretations such as ``"red"``), 1 or 3 bands; a single band is replicated to RGB.
     Default: the bands whose colour interpretation is red, green, blue if the raster has them,
     otherwise bands 1, 2, 3; a one- or two-band raster (grey, grey + alpha) gives its first band,
     expanded through the colour table when that band is paletted.
 
-Values to uint8 (:class:`Stretch`)
+Values to uint8 (:class:`engine.bands.Stretch`)
     uint8 bands are used as they are. Any other type (uint16, int16, float32, ...) is stretched
     linearly between a low and a high percentile per band (2nd / 98th by default), clipped to
     0..255. The percentiles come from ONE decimated read of the whole raster (``out_shape`` at most
@@ -30,12 +30,11 @@ Resampling
     Memory is bounded by the window's output size, never by the raster size.
 
 Georeferencing
-    :class:`GeoReference` carries size, affine transform and CRS (``pyproj.CRS``). A raster without
-    a CRS (plain PNG/JPEG, world file without ``.prj``, GCP-only scenes) is ``georeferenced=False``:
-    it is worked in pixel space with the transform ``x = col, y = -row`` (the way QGIS shows such an
-    image), and rasterio's ``NotGeoreferencedWarning`` is silenced. ``ground_resolution`` is in metres
-    per pixel measured on the ellipsoid at the raster centre (so it is right for EPSG:4326 and for
-    EPSG:3857, where the nominal pixel size overstates the ground by 1/cos(latitude)).
+    A source's :attr:`RasterSource.georef` is an :class:`engine.georef.GeoReference` (size, affine
+    transform, CRS). A raster without a CRS (plain PNG/JPEG, world file without ``.prj``, GCP-only
+    scenes) is worked in pixel space with :data:`engine.georef.PIXEL_TRANSFORM`, and rasterio's
+    ``NotGeoreferencedWarning`` is silenced. ``ground_resolution`` is in metres per pixel measured on
+    the ellipsoid at the raster centre.
 
 Errors
     A missing path raises :class:`engine.errors.InputNotFoundError`; anything GDAL cannot open or
@@ -48,165 +47,35 @@ A :class:`RasterSource` holds one open GDAL dataset: use one per thread.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import rasterio
 from affine import Affine
-from pyproj import CRS, Transformer
+from pyproj import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.windows import Window as RioWindow
 
+from engine.bands import BandSelection, Stretch
 from engine.errors import InputNotFoundError, RasterError
+from engine.georef import PIXEL_TRANSFORM, GeoReference, Window
 
 log = logging.getLogger(__name__)
-
-#: The transform used for rasters without georeferencing: x = column, y = -row (as QGIS shows them).
-PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
 #: Shrink factor from which tiles are read with average instead of bilinear resampling.
 AVERAGE_FROM_FACTOR = 2.0
 
 
 # --------------------------------------------------------------------------------------------
-# Parameters and results
+# Results
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    """A pixel window: column / row offset and size (integers, like rasterio's ``Window``)."""
-
-    col_off: int
-    row_off: int
-    width: int
-    height: int
-
-    def __post_init__(self) -> None:
-        for name in ("col_off", "row_off", "width", "height"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) != value:
-                raise RasterError(f"window {name} must be an integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        if self.col_off < 0 or self.row_off < 0:
-            raise RasterError(f"window {self.to_list()} has a negative offset")
-        if self.width <= 0 or self.height <= 0:
-            raise RasterError(f"window {self.to_list()} is empty (width and height must be > 0)")
-
-    @classmethod
-    def from_list(cls, values: Sequence[int]) -> Window:
-        """Window from ``[col_off, row_off, width, height]``."""
-        if len(values) != 4:
-            raise RasterError(f"a window is [col_off, row_off, width, height], got {list(values)!r}")
-        return cls(*values)
-
-    @classmethod
-    def full(cls, width: int, height: int) -> Window:
-        return cls(0, 0, width, height)
-
-    def to_list(self) -> list[int]:
-        """``[col_off, row_off, width, height]`` (the GeoJSON ``window`` property)."""
-        return [self.col_off, self.row_off, self.width, self.height]
-
-    def to_rasterio(self) -> RioWindow:
-        return RioWindow(self.col_off, self.row_off, self.width, self.height)
-
-    @property
-    def col_end(self) -> int:
-        return self.col_off + self.width
-
-    @property
-    def row_end(self) -> int:
-        return self.row_off + self.height
-
-    def intersection(self, other: Window) -> Window | None:
-        """The overlap of two windows, or None when they do not overlap."""
-        c0, r0 = max(self.col_off, other.col_off), max(self.row_off, other.row_off)
-        c1, r1 = min(self.col_end, other.col_end), min(self.row_end, other.row_end)
-        if c1 <= c0 or r1 <= r0:
-            return None
-        return Window(c0, r0, c1 - c0, r1 - r0)
-
-    def contains(self, other: Window) -> bool:
-        return (other.col_off >= self.col_off and other.row_off >= self.row_off
-                and other.col_end <= self.col_end and other.row_end <= self.row_end)
-
-
 _COLORINTERP_NAMES = {ci.name for ci in ColorInterp}
-
-
-@dataclass(frozen=True)
-class BandSelection:
-    """Which bands become the model's RGB.
-
-    Parameters
-    ----------
-    indices
-        1-based band indices, 1 or 3 of them (``(4, 3, 2)`` for a Sentinel-2 stack).
-    names
-        Band descriptions (``"B04"``) or colour interpretations (``"red"``), 1 or 3, matched
-        case-insensitively; descriptions win over colour interpretations.
-    Neither: the default described in the module docstring.
-    """
-
-    indices: tuple[int, ...] | None = None
-    names: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.indices is not None and self.names is not None:
-            raise RasterError("choose bands either by indices or by names, not both")
-        chosen = self.indices if self.indices is not None else self.names
-        if chosen is not None:
-            object.__setattr__(self, "indices" if self.indices is not None else "names", tuple(chosen))
-            if len(chosen) not in (1, 3):
-                raise RasterError(f"choose 1 or 3 bands, got {len(chosen)}: {list(chosen)}")
-        if self.indices is not None:
-            for i in self.indices:
-                if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 1:
-                    raise RasterError(f"band indices are 1-based integers, got {list(self.indices)}")
-
-    @classmethod
-    def parse(cls, spec: str | Sequence[int | str] | None) -> BandSelection:
-        """From ``"4,3,2"``, ``"B04,B03,B02"``, ``"red,green,blue"``, ``"1"``, a list, or None."""
-        if spec is None or (isinstance(spec, str) and not spec.strip()):
-            return cls()
-        items: list[Any] = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-        if all(isinstance(i, (int, np.integer)) or (isinstance(i, str) and i.isdigit()) for i in items):
-            return cls(indices=tuple(int(i) for i in items))
-        return cls(names=tuple(str(i) for i in items))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"indices": list(self.indices) if self.indices else None,
-                "names": list(self.names) if self.names else None}
-
-
-@dataclass(frozen=True)
-class Stretch:
-    """Linear stretch to uint8 per selected band: ``(value - lo) / (hi - lo) * 255``, clipped."""
-
-    lo: tuple[float, ...]
-    hi: tuple[float, ...]
-
-    def apply(self, data: np.ndarray) -> np.ndarray:
-        """(3, H, W) numeric -> (3, H, W) uint8."""
-        lo = np.asarray(self.lo, dtype=np.float64)[:, None, None]
-        hi = np.asarray(self.hi, dtype=np.float64)[:, None, None]
-        scaled = (data.astype(np.float32) - lo.astype(np.float32)) * (255.0 / (hi - lo)).astype(np.float32)
-        scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-        return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
-
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"lo": list(self.lo), "hi": list(self.hi)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Sequence[float]]) -> Stretch:
-        return cls(tuple(float(v) for v in data["lo"]), tuple(float(v) for v in data["hi"]))
 
 
 @dataclass
@@ -236,93 +105,6 @@ class TileRead:
     @property
     def ok(self) -> bool:
         return self.skipped is None
-
-
-@dataclass(frozen=True)
-class GeoReference:
-    """Where a raster's pixels lie: size, affine transform (pixel -> CRS) and CRS.
-
-    For a raster without a CRS, ``crs`` is None and ``transform`` is :data:`PIXEL_TRANSFORM`.
-    Plain data, independent of an open dataset, so jobs can build footprints after closing it.
-    """
-
-    width: int
-    height: int
-    transform: Affine
-    crs: CRS | None = None
-
-    @property
-    def georeferenced(self) -> bool:
-        return self.crs is not None
-
-    @property
-    def crs_string(self) -> str | None:
-        """``"EPSG:32618"`` when the CRS has an authority code, else its WKT; None in pixel space."""
-        if self.crs is None:
-            return None
-        auth = self.crs.to_authority(min_confidence=90)
-        return f"{auth[0]}:{auth[1]}" if auth else self.crs.to_wkt()
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        """(minx, miny, maxx, maxy) of the whole raster in its CRS (or pixel space)."""
-        return window_bounds(self.transform, Window.full(self.width, self.height))
-
-    def ground_resolution_at(self, col: float, row: float) -> tuple[float, float] | None:
-        """Metres per pixel along columns and rows at pixel (col, row), on the CRS's ellipsoid.
-
-        None for a raster without georeferencing or where the CRS cannot be evaluated.
-        """
-        if self.crs is None:
-            return None
-        try:
-            geodetic = self.crs.geodetic_crs or CRS.from_epsg(4326)
-            to_geo = cached_transformer(self.crs.to_wkt(), geodetic.to_wkt())
-            t = self.transform
-            xs, ys = apply_transform(t, np.array([col, col + 1.0, col]), np.array([row, row, row + 1.0]))
-            lon, lat = to_geo.transform(xs, ys)
-            if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
-                raise ValueError("point outside the CRS's area")
-            geod = geodetic.get_geod()
-            _, _, dist = geod.inv([lon[0], lon[0]], [lat[0], lat[0]], [lon[1], lon[2]], [lat[1], lat[2]])
-            res = (float(dist[0]), float(dist[1]))
-            if not all(math.isfinite(r) and r > 0 for r in res):
-                raise ValueError("degenerate pixel")
-            return res
-        except Exception as exc:  # pyproj raises several types; fall back to the nominal size
-            unit = self.crs.axis_info[0].unit_conversion_factor if self.crs.axis_info else None
-            if self.crs.is_projected and unit:
-                t = self.transform
-                res = (math.hypot(t.a, t.d) * unit, math.hypot(t.b, t.e) * unit)
-                log.warning("ground resolution from the nominal pixel size (%s)", exc)
-                return res
-            log.warning("cannot compute the ground resolution: %s", exc)
-            return None
-
-
-def apply_transform(transform: Affine, cols: Any, rows: Any) -> tuple[Any, Any]:
-    """``(x, y)`` of pixel coordinates (scalars or arrays) under an affine transform."""
-    t = transform
-    return t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
-
-
-def window_bounds(transform: Affine, window: Window) -> tuple[float, float, float, float]:
-    """(minx, miny, maxx, maxy) of a window's four corners under ``transform``."""
-    cols = np.array([window.col_off, window.col_end, window.col_end, window.col_off], dtype=float)
-    rows = np.array([window.row_off, window.row_off, window.row_end, window.row_end], dtype=float)
-    xs, ys = apply_transform(transform, cols, rows)
-    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
-
-
-_TRANSFORMERS: dict[tuple[str, str], Transformer] = {}
-
-
-def cached_transformer(src_wkt: str, dst_wkt: str) -> Transformer:
-    """A cached always_xy Transformer (x = easting / longitude first)."""
-    key = (src_wkt, dst_wkt)
-    if key not in _TRANSFORMERS:
-        _TRANSFORMERS[key] = Transformer.from_crs(CRS.from_wkt(src_wkt), CRS.from_wkt(dst_wkt), always_xy=True)
-    return _TRANSFORMERS[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,3 +515,8 @@ class RasterSource:
 
     def __repr__(self) -> str:
         return f"RasterSource({self.path!r}, {self.width}x{self.height}, bands={self.band_indices}, dtype={self.dtype})"
+
+
+def as_georef(source: GeoReference | RasterSource) -> GeoReference:
+    """The georeferencing of an open source, or the :class:`~engine.georef.GeoReference` given."""
+    return source.georef if isinstance(source, RasterSource) else source

@@ -47,10 +47,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
+from engine.bands import BandSelection
 from engine.errors import RSMoEError, UserInputError
-from engine.jobs import AnnotateParams, JobManager
-from engine.pipeline import ImageInput, Pipeline
-from engine.raster import BandSelection, Window
+from engine.georef import Window
+from engine.inputs import ImageInput
+from engine.job_manager import JobManager
+from engine.jobs import AnnotateParams
+from engine.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

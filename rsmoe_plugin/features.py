@@ -1,6 +1,6 @@
 """The tile-caption GeoJSON schema, for tiles the plugin renders itself.
 
-It is the engine's schema (``engine.geo.feature_collection`` + ``engine.jobs``), so a layer
+It is the engine's schema (``engine.outputs.feature_collection`` + ``engine.jobs``), so a layer
 annotated by the engine from a file and one annotated from QGIS renderings load, style and read
 the same: RFC 7946 FeatureCollection in EPSG:4326, ``id`` = tile index, properties
 ``tile_index, window, caption, skipped, valid_fraction, ground_resolution_m`` then, sorted,

@@ -1,6 +1,6 @@
 """Tile grids for layers QGIS renders itself (the engine tiles local files on its own).
 
-The grid rules are the engine's (``engine.geo.tile_grid``): tiles of ``tile_size`` pixels with
+The grid rules are the engine's (``engine.tiling.tile_grid``): tiles of ``tile_size`` pixels with
 ``overlap`` pixels shared by neighbours, starting at the top-left corner of the extent, edge
 tiles clipped to it. Pixels here are those of the extent rendered at a resolution in layer-CRS
 units per pixel (the layer's own resolution, its finest tile level, or a chosen one).

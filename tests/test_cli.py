@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from engine.cli import main
-from engine.geo import journal_path
+from engine.journal import journal_path
 from tests.engine_helpers import DATA, REPO, RSMOE, S2, cli_env, lite_ready, one_thread, tiny_dir  # noqa: F401
 
 

@@ -15,11 +15,12 @@ from rasterio.transform import xy
 from shapely.geometry import shape
 
 from engine.errors import CancelledError, InputNotFoundError, JobError, JobNotFoundError, RasterError, UserInputError
-from engine.geo import journal_path
-from engine.jobs import (DEFAULT_TILE_PX, AnnotateParams, JobManager, JobProgress, check_annotation,
-                         default_tile_size, run_annotation)
+from engine.georef import Window
+from engine.job_manager import JobManager
+from engine.jobs import (DEFAULT_TILE_PX, AnnotateParams, JobProgress, check_annotation, default_tile_size,
+                         run_annotation)
+from engine.journal import journal_path
 from engine.pipeline import ModelInfo, Pipeline
-from engine.raster import Window
 from tests.engine_helpers import DATA, S2, lite_ready, one_thread, tiny_dir  # noqa: F401 - fixtures
 
 

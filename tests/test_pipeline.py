@@ -13,9 +13,11 @@ from pyproj import Transformer
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import xy
 
+from engine.bands import BandSelection
 from engine.errors import InputNotFoundError, RasterError, UserInputError
-from engine.pipeline import FeatureCache, ImageInput, ModelInfo, Pipeline, check_input
-from engine.raster import BandSelection, Window
+from engine.georef import Window
+from engine.inputs import ImageInput, check_input
+from engine.pipeline import FeatureCache, ModelInfo, Pipeline
 from tests.engine_helpers import DATA, S2, one_thread, tiny_dir  # noqa: F401 - fixtures
 
 
@@ -314,6 +316,7 @@ def test_onnx_backend_through_the_pipeline(pipeline: Pipeline, tmp_path: Path) -
     pytest.importorskip("onnxruntime")
     import shutil
 
+    from engine.jobs import annotate
     from export.exporter import ExportOptions, export_model
 
     model_dir = tmp_path / "trained"
@@ -329,7 +332,7 @@ def test_onnx_backend_through_the_pipeline(pipeline: Pipeline, tmp_path: Path) -
     got = onnx.caption(S2, window=Window(0, 0, 256, 256))
     assert got.text == expected.text
     assert onnx.ask(S2, "how many fields?", window=Window(0, 0, 256, 256)).cached
-    result = onnx.annotate(S2, 256, tmp_path / "onnx.geojson")
+    result = annotate(onnx, S2, 256, tmp_path / "onnx.geojson")
     assert result.captioned == 4
 
 
@@ -350,7 +353,7 @@ def conditioned(tiny_dir: Path) -> Pipeline:  # noqa: F811
 
 
 def test_seen_resolution_of_a_window_of_a_real_raster() -> None:
-    from engine.pipeline import seen_resolution
+    from engine.inputs import seen_resolution
     from engine.raster import RasterSource
 
     with RasterSource(S2) as source:  # Sentinel-2, 10 m

@@ -12,8 +12,10 @@ import rasterio
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
+from engine.bands import BandSelection, Stretch
 from engine.errors import InputNotFoundError, RasterError
-from engine.raster import BandSelection, RasterSource, Stretch, TileRead, Window
+from engine.georef import Window
+from engine.raster import RasterSource, TileRead
 
 DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "geotiff"

@@ -389,7 +389,8 @@ def test_one_stage2_step_trains_every_adapter_it_has_rows_for(tiny_init: Path, t
     (before the fix only the adapter active after the forward passes learnt, so the router never did)."""
     from training.features import build_feature_store
     from training.samples import Sample
-    from training.train import StagePosition, lora_parameters, prepare_optimisation, stage_parameters, train_step
+    from training.checkpoints import StagePosition
+    from training.train import lora_parameters, prepare_optimisation, stage_parameters, train_step
 
     model = RSMoEModel.from_config(RSMoEModel.from_pretrained(tiny_init).config, model_dir=tiny_init)
     records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:2]

@@ -12,7 +12,8 @@ start from fresh LoRA and the bridge trains together with them. ``continue_from`
 instead (stages 0 and 1 skipped; stage 2 tunes its bridge, experts and router further, e.g. on a new data mix).
 
 Every ``checkpoint_every_steps`` the trainable tensors, the optimiser state and the position in the run
-are written (safetensors + JSON, atomically); re-running the same command resumes from there.
+are written (safetensors + JSON, atomically: :mod:`training.checkpoints`); re-running the same command
+resumes from there.
 After each epoch a val subset is captioned (concise) and scored, and when the stage learns VQA its derived
 questions are answered too; the best epoch (val CIDEr + val VQA accuracy, :func:`validate`) is kept.
 """
@@ -23,7 +24,6 @@ import logging
 import math
 import random
 import resource
-import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from engine.errors import UserInputError
 from engine.model import RSMoEConfig, RSMoEModel
 from engine.model.config import ROUTER_ADAPTER
+from training.checkpoints import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 from training.config import StageConfig, TrainConfig
 from training.data import derive_ucm_vqa
 from training.data.derived import rsvqa_image_records, with_derived_captions
@@ -45,6 +46,7 @@ from training.data.sets import CAPTION_SETS, load_mixture
 from training.data.subtasks import infer_scene
 from training.features import FeatureStore, build_feature_store
 from training.samples import Sample, stage1_samples, stage2_samples
+from training.vision_tuning import tune_vision
 
 log = logging.getLogger(__name__)
 
@@ -114,88 +116,6 @@ class LossModule(nn.Module):
 
     def forward(self, visual: torch.Tensor, prompts: list[str], targets: list[str], adapter: str) -> torch.Tensor:
         return self.model.loss(visual, prompts, targets, adapter=adapter)
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-@dataclass
-class StagePosition:
-    """Where a stage is: the next epoch/step to run, and the best val score so far."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best_score: float = -1.0
-    best_epoch: int = -1
-    done: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    samples: int = 0
-
-
-def _atomic_dir(target: Path) -> Path:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    position: StagePosition, best: dict[str, torch.Tensor] | None) -> None:
-    """Trainable tensors, optimiser moments and position: safetensors + JSON, swapped in atomically."""
-    from safetensors.torch import save_file
-
-    tmp = _atomic_dir(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "params.safetensors"))
-    if best is not None:
-        save_file(best, str(tmp / "best.safetensors"))
-    opt_state = optimizer.state_dict()
-    names = list(params)
-    tensors, scalars = {}, {}
-    for idx, state in opt_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{names[idx]}::{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{names[idx]}::{key}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"position": position.__dict__, "optimizer_scalars": scalars, "param_groups": opt_state["param_groups"]}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    _swap_in(tmp, path)
-
-
-def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
-                    ) -> tuple[StagePosition, dict[str, torch.Tensor] | None]:
-    from engine.base_models import load_safetensors_checked
-
-    meta = json.loads((path / "state.json").read_text())
-    saved = load_safetensors_checked(path / "params.safetensors")
-    if set(saved) != set(params):
-        raise UserInputError(f"checkpoint {path} does not match this configuration; delete it to start over")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    moments = load_safetensors_checked(path / "optimizer.safetensors")
-    names = list(params)
-    state: dict[int, dict[str, Any]] = defaultdict(dict)
-    for key, value in moments.items():
-        name, _, field_name = key.partition("::")
-        state[names.index(name)][field_name] = value
-    for key, value in meta["optimizer_scalars"].items():
-        name, _, field_name = key.partition("::")
-        state[names.index(name)][field_name] = value
-    optimizer.load_state_dict({"state": dict(state), "param_groups": meta["param_groups"]})
-    best_path = path / "best.safetensors"
-    best = load_safetensors_checked(best_path) if best_path.exists() else None
-    return StagePosition(**meta["position"]), best
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -332,25 +252,6 @@ def run_stage(name: str, model: RSMoEModel, params: dict[str, nn.Parameter], mak
     return position
 
 
-def update_best(position: StagePosition, score: float, params: dict[str, nn.Parameter],
-                best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    """After an epoch scored ``score`` (higher is better): a copy of ``params`` if it is the best so far."""
-    if score > position.best_score:
-        position.best_score, position.best_epoch = score, position.epoch + 1
-        return {k: v.detach().cpu().clone() for k, v in params.items()}
-    return best
-
-
-def keep_best(params: dict[str, nn.Parameter], best: dict[str, torch.Tensor] | None) -> None:
-    """Load the best epoch's tensors (when an epoch was scored) into ``params`` and freeze them."""
-    if best is not None:
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(best[k])
-    for p in params.values():
-        p.requires_grad_(False)
-
-
 def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Optimizer, accelerator: Any,
                batch: list[Sample], store: FeatureStore, position: StagePosition) -> float:
     """One optimiser step; rows are grouped by adapter (one forward/backward per adapter)."""
@@ -477,8 +378,6 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = build_initial_model(config)
     if config.vision_tuning.blocks and not config.continue_from:
-        from training.vision_tuning import tune_vision
-
         tuning = config.vision_tuning
         roots = {k: v for k, v in config.set_roots().items() if k in CAPTION_SETS}
         tune_vision(model, load_mixture(roots, "train", tuning.max_train_per_set).captions,

@@ -34,13 +34,13 @@ from tqdm import tqdm
 from engine.errors import UserInputError
 from engine.model import RSMoEModel
 from engine.model.modeling import SCENE_HEAD_PREFIX
+from training.checkpoints import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 from training.config import TrainConfig
 from training.data.dataset import scene_variant
 from training.data.records import CaptionRecord
 from training.data.sets import scene_index, scene_vocabulary
 from training.data.vocab import class_phrase
 from training.features import FeatureStore, build_feature_store
-from training.train import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 
 log = logging.getLogger(__name__)
 

@@ -330,7 +330,7 @@ def test_schema_matches_between_engine_jobs_and_rendered_tiles() -> None:
 
     from rsmoe_plugin.features import CORE_PROPERTIES, EXTRA_PROPERTIES
 
-    tree = ast.parse((REPO / "engine" / "geo.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO / "engine" / "outputs.py").read_text(encoding="utf-8"))
     engine_core = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                        and any(getattr(t, "id", None) == "CORE_PROPERTIES" for t in node.targets))
     assert tuple(engine_core) == tuple(CORE_PROPERTIES) == tuple(CORE)
