@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from qgis.core import Qgis, QgsApplication, QgsRectangle, QgsVectorLayer
 
-from tests.qgis.conftest import REPO
+from tests.qgis.conftest import REPO, stub_engine
 
 ALLOWED_TOP_LEVEL = {"qgis", "rsmoe_plugin", "processing", "numpy", "__future__"}
 
@@ -139,47 +139,26 @@ def test_unreachable_engine_gives_a_clear_message() -> None:
 def test_caption_batch_falls_back_to_one_request_per_region_on_an_older_engine() -> None:
     """An engine without POST /caption/batch (404 'no such endpoint') gets POST /caption per region, in order;
     any other refusal of the batch is the user's to see."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from rsmoe_plugin.client import EngineClient
     from rsmoe_plugin.errors import EngineRequestError
 
     seen: list[str] = []
 
-    class OlderEngine(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(self.path)
-            if self.path == "/caption":
-                status, answer = 200, {"text": f"tile {body['image_base64']}", "task": "caption"}
-            elif body["items"][0]["image_base64"] == "bad":
-                status, answer = 422, {"error": "items[0]: cannot open the image bytes"}
-            else:
-                status, answer = 404, {"error": "no such endpoint: POST /caption/batch"}
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def older_engine(path: str, body: dict) -> tuple[int, dict]:
+        seen.append(path)
+        if path == "/caption":
+            return 200, {"text": f"tile {body['image_base64']}", "task": "caption"}
+        if body["items"][0]["image_base64"] == "bad":
+            return 422, {"error": "items[0]: cannot open the image bytes"}
+        return 404, {"error": "no such endpoint: POST /caption/batch"}
 
-        def log_message(self, *args) -> None:  # noqa: ANN002
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OlderEngine)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}", "token")
+    with stub_engine(older_engine) as url:
+        client = EngineClient(url, "token")
         answers = client.caption_batch([{"image_base64": "a"}, {"image_base64": "b"}])
         assert [a.text for a in answers] == ["tile a", "tile b"]
         assert seen == ["/caption/batch", "/caption", "/caption"]
         with pytest.raises(EngineRequestError, match=r"items\[0\]: cannot open"):
             client.caption_batch([{"image_base64": "bad"}])
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_missing_interpreter_gives_a_clear_message(tmp_path: Path) -> None:
