@@ -212,6 +212,105 @@ class JobRequest(_Strict):
 
 
 # --------------------------------------------------------------------------------------------
+# Answers (documented in the OpenAPI document; further fields may be added, so they allow extras)
+# --------------------------------------------------------------------------------------------
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SegmentAnswer(_Answer):
+    expert: str = Field(..., description="theme, objects or relations")
+    prompt: str = Field(..., description="what the router asked the expert")
+    text: str
+
+
+class RegionAnswer(_Answer):
+    """A caption or an answer about one region (see the README for every field)."""
+
+    text: str
+    task: Literal["caption", "ask"]
+    style: Style | None
+    router: str = Field(..., description="generative or template")
+    scene: str | None = Field(..., description="the scene head's class; null where it was unsure or absent")
+    scene_confidence: float | None
+    experts: list[str]
+    segments: list[SegmentAnswer]
+    ground_resolution_m: float | None = Field(..., description="native metres per pixel of the region")
+    model_resolution_m: float | None = Field(..., description="metres per pixel of the model input")
+    uncertain: bool
+    uncertainty: list[str] = Field(..., description="why the result may be wrong")
+    window: list[int] = Field(..., description="the pixel window read [col_off, row_off, width, height]")
+    source: dict[str, Any] = Field(..., description="the raster: path (null for bytes), size, bands, CRS, ...")
+    cached: bool = Field(..., description="the visual features came from the cache")
+    seconds: float
+
+
+class CaptionBatchAnswer(_Answer):
+    results: list[RegionAnswer] = Field(..., description="one per item, in the items' order")
+    seconds: float
+
+
+class JobStatus(_Answer):
+    id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    done: int
+    total: int
+    skipped: int
+    resumed: int
+    message: str | None
+    error: str | None
+    cancel_requested: bool
+    out: str
+    gpkg: str | None
+    raster: str
+    tile_size: str | None
+    warnings: list[str]
+    created: float
+    started: float | None
+    finished: float | None
+    result: dict[str, Any] | None
+
+
+class JobList(_Answer):
+    jobs: list[JobStatus]
+
+
+class JobResult(_Answer):
+    """Where a finished job wrote; with ``geojson`` (its content) unless ``content=false``."""
+
+    id: str
+    out: str
+    gpkg: str | None
+    total: int
+    captioned: int
+    skipped: int
+    resumed: int
+    seconds: float
+    journal: str | None
+
+
+class HealthAnswer(_Answer):
+    status: Literal["ok"]
+    model_id: str
+    variant: str
+    trained: bool
+    backend: str
+    device: str
+    providers: list[str]
+    gpu: bool
+    gpu_name: str | None
+    dtype: str
+    version: str
+    batch_size: int = Field(..., description="images per model call")
+    image_size: int = Field(..., description="the model's input size in pixels")
+    resolution: dict[str, Any] = Field(..., description="conditioned, min_m, max_m, tile_m")
+    cache: dict[str, Any]
+    jobs: dict[str, int]
+    uptime_s: float
+    pid: int
+
+
+# --------------------------------------------------------------------------------------------
 # ASGI guard: token and body size, before any body is read
 # --------------------------------------------------------------------------------------------
 async def _send_json(send: Callable[..., Any], status: int, payload: dict[str, Any],
@@ -412,7 +511,8 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
 
     app.openapi = _openapi(app)  # type: ignore[method-assign]
 
-    @app.get("/health", summary="model, backend, device and whether a GPU is used", responses=_responses())
+    @app.get("/health", summary="model, backend, device and whether a GPU is used", responses=_responses(),
+             response_model=HealthAnswer)
     def health() -> dict[str, Any]:
         jobs_now = jobs.list()
         res = pipeline.model.config.resolution
@@ -426,12 +526,13 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
 
     region_errors = _responses(404, 413, 422)
 
-    @app.post("/caption", summary="caption an image or a raster region", responses=region_errors)
+    @app.post("/caption", summary="caption an image or a raster region", responses=region_errors,
+              response_model=RegionAnswer)
     def caption(req: CaptionRequest) -> dict[str, Any]:
         return pipeline.caption(req.image_input(), req.style).to_dict()
 
     @app.post("/caption/batch", summary="caption several images or raster regions in one request",
-              responses=region_errors,
+              responses=region_errors, response_model=CaptionBatchAnswer,
               description=f"1 to {MAX_BATCH_ITEMS} items (as for POST /caption) go through the model in batches; "
                           "`results` answers them in order. A bad item rejects the whole request before any "
                           "model work, with the item named (`items[2]: ...`) and its status.")
@@ -441,29 +542,32 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
         results = pipeline.caption_batch(req.image_inputs(), req.style, names=names)
         return {"results": [r.to_dict() for r in results], "seconds": round(time.perf_counter() - start, 3)}
 
-    @app.post("/ask", summary="answer a question about an image or a raster region", responses=region_errors)
+    @app.post("/ask", summary="answer a question about an image or a raster region", responses=region_errors,
+              response_model=RegionAnswer)
     def ask(req: AskRequest) -> dict[str, Any]:
         return pipeline.ask(req.image_input(), req.question).to_dict()
 
     @app.post("/jobs", status_code=202, summary="start a batch annotation job",
-              responses=_responses(404, 409, 413, 422))
+              responses=_responses(404, 409, 413, 422), response_model=JobStatus)
     def create_job(req: JobRequest) -> dict[str, Any]:
         return jobs.submit(req.params()).status()
 
-    @app.get("/jobs", summary="every job of this session", responses=_responses())
+    @app.get("/jobs", summary="every job of this session", responses=_responses(), response_model=JobList)
     def list_jobs() -> dict[str, Any]:
         return {"jobs": [j.status() for j in jobs.list()]}
 
-    @app.get("/jobs/{job_id}", summary="a job's state and progress", responses=_responses(404))
+    @app.get("/jobs/{job_id}", summary="a job's state and progress", responses=_responses(404),
+             response_model=JobStatus)
     def job_status(job_id: str) -> dict[str, Any]:
         return jobs.get(job_id).status()
 
-    @app.post("/jobs/{job_id}/cancel", summary="stop a job after its current batch", responses=_responses(404))
+    @app.post("/jobs/{job_id}/cancel", summary="stop a job after its current batch", responses=_responses(404),
+              response_model=JobStatus)
     def cancel_job(job_id: str) -> dict[str, Any]:
         return jobs.cancel(job_id).status()
 
     @app.get("/jobs/{job_id}/result", summary="the finished job's GeoJSON (path and content)",
-             responses=_responses(404, 409, 422))
+             responses=_responses(404, 409, 422), response_model=JobResult)
     def job_result(job_id: str, content: bool = True) -> dict[str, Any]:
         result = jobs.result(job_id)
         body: dict[str, Any] = {"id": job_id, **result.to_dict()}

@@ -81,7 +81,8 @@ def _ground(body: Any, sandbox: Path) -> None:
     a printable ``path`` becomes a real raster; ``out`` / ``gpkg`` land in ``sandbox`` (``/`` made ``_``, so
     nothing is written elsewhere); a job without a region gets a small window (few tiles)."""
     if isinstance(body, dict):
-        for item in body.get("items") or []:
+        items = body.get("items")
+        for item in items if isinstance(items, list) else []:
             _ground(item, sandbox)
         path = body.get("path")
         if isinstance(path, str) and path.isprintable() and 0 < len(path) <= 1000:
