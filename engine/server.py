@@ -419,7 +419,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 #: What each error status means (the OpenAPI document's response descriptions).
 ERROR_STATUSES: dict[int, str] = {
-    400: "bad input: the message says what to change (also an invalid Content-Length header)",
+    400: "bad input: the message says what to change (also a body nested too deeply to parse, an invalid "
+         "Content-Length header)",
     401: "missing token: send 'Authorization: Bearer <token>' with the token of engine.json",
     403: "wrong token: the engine was restarted? read its engine.json again",
     404: "a file, a job or an endpoint that does not exist",
@@ -495,6 +496,10 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and kind and "json" not in kind.lower():
+            return _error(422, f"invalid request: the body is {kind.split(';')[0]}; send JSON with "
+                               f"'Content-Type: application/json'")
         return _error(422, _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -502,6 +507,8 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's words
+            message = "the request body cannot be parsed as JSON (nested too deeply?); send a JSON object"
         return _error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)

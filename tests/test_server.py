@@ -176,6 +176,9 @@ def test_odd_input_gets_an_actionable_4xx_never_a_500(client: httpx.Client, tmp_
         (client.post("/jobs", json={**job, "overlap": 10**30}), 422, "overlap"),
         (client.post("/jobs", json={**job, "tile_size": 256, "overlap": 256}), 400, "overlap"),
         (client.post("/jobs", json={**job, "out": str(DATA)}), (400, 409, 422), ""),  # a folder as output
+        (client.post("/caption", content=b"[" * 100_000 + b"]" * 100_000, headers=raw), 400, "nested too deeply"),
+        (client.post("/caption", content=b'{"path": "x"}', headers={"content-type": "text/plain"}), 422,
+         "send JSON with 'Content-Type: application/json'"),
         (client.get("/jobs/%00"), 404, "no job"),
         (client.get("/jobs/x/result", params={"content": "maybe"}), 422, "content"),
     ]
