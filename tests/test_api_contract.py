@@ -112,7 +112,7 @@ def test_every_answer_is_documented_and_no_input_gives_a_server_error(api_schema
                 _ground(case.body, sandbox)
                 response = case.call_and_validate(headers=headers, checks=CHECKS, timeout=60)
                 if case.operation.label == "POST /jobs" and response.status_code == 202:  # keep the CPU free
-                    httpx.post(f"{engine['url']}/jobs/{response.json()['id']}/cancel", headers=headers)
+                    httpx.post(f"{engine['url']}/jobs/{response.json()['id']}/cancel", headers=headers, timeout=120)
 
             try:
                 check()
