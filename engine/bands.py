@@ -51,7 +51,7 @@ class BandSelection:
         if spec is None or (isinstance(spec, str) and not spec.strip()):
             return cls()
         items: list[Any] = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-        if all(isinstance(i, (int, np.integer)) or (isinstance(i, str) and i.isdigit()) for i in items):
+        if all(isinstance(i, (int, np.integer)) or (isinstance(i, str) and i.isascii() and i.isdigit()) for i in items):
             return cls(indices=tuple(int(i) for i in items))
         return cls(names=tuple(str(i) for i in items))
 

@@ -199,7 +199,11 @@ def _check_params(params: AnnotateParams) -> None:
         if value is None:
             continue
         path = Path(value)
-        if not path.name or path.is_dir():
+        try:
+            folder = not path.name or path.is_dir()
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise UserInputError(f"{label} '{value}' is not a usable file name: {exc.strerror or exc}") from None
+        if folder:
             raise UserInputError(f"{label} '{value}' is a folder; give a file name such as tiles.geojson")
     if params.gpkg is not None and Path(params.gpkg).resolve() == Path(params.out).resolve():
         raise UserInputError("--gpkg and --out name the same file")

@@ -45,7 +45,7 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 
 from engine import __version__
-from engine.errors import RasterError, UserInputError
+from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
 from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows
@@ -416,12 +416,28 @@ class Pipeline:
         """Caption a raster, an image, or a window / extent of it (a downsampled read)."""
         return self.caption_batch([ImageInput.of(item, **region)], style)[0]
 
-    def caption_batch(self, items: Sequence[ImageInput | str | Path | bytes], style: str = "concise") -> list[RegionResult]:
-        """Caption several inputs (one downsampled read each), batched through the model."""
+    def read_regions(self, inputs: Sequence[ImageInput], names: Sequence[str] | None = None) -> list[RegionRead]:
+        """:meth:`read_region` of every input, all read before any model work; an error names its input
+        (``names[i]``, default ``image 2 of 3`` when there are several)."""
+        regions = []
+        for i, inp in enumerate(inputs):
+            try:
+                regions.append(self.read_region(inp))
+            except RSMoEError as exc:
+                name = names[i] if names is not None else f"image {i + 1} of {len(inputs)}" if len(inputs) > 1 else ""
+                if not name:
+                    raise
+                raise type(exc)(f"{name}: {exc}") from None
+        return regions
+
+    def caption_batch(self, items: Sequence[ImageInput | str | Path | bytes], style: str = "concise",
+                      names: Sequence[str] | None = None) -> list[RegionResult]:
+        """Caption several inputs (one downsampled read each), batched through the model; ``names``: how
+        errors name each input (see :meth:`read_regions`)."""
         _check_style(style)
         start = time.perf_counter()
         inputs = [ImageInput.of(item) for item in items]
-        regions = [self.read_region(inp) for inp in inputs]
+        regions = self.read_regions(inputs, names)
         for inp, region in zip(inputs, regions):
             self._log_outside(region, inp.label)
         hits = [self._key(r.key) in self.cache for r in regions]

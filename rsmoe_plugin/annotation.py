@@ -7,7 +7,8 @@ Two ways, one output schema (:mod:`rsmoe_plugin.features`):
   (``POST /jobs/{id}/cancel``), waits until it has, and removes the job's resume journal, so
   nothing is left at the output. The engine writes the GeoJSON atomically on success only.
 * :func:`annotate_rendered`: any other layer is tiled here, every tile rendered by QGIS and sent
-  as PNG to ``POST /caption``; the GeoJSON is written atomically once every tile is done.
+  as PNG; the engine's model batch of tiles goes in one ``POST /caption/batch`` (an older engine gets
+  ``POST /caption`` per tile); the GeoJSON is written atomically once every tile is done.
 
 Both report through a :class:`QgsFeedback` (a Processing feedback or a task's) and raise
 :class:`~rsmoe_plugin.errors.CancelledByUser` when cancelled.
@@ -25,6 +26,7 @@ from typing import Any
 
 from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsFeedback, QgsRasterLayer, QgsRectangle
 
+from rsmoe_plugin.client import ModelAnswer
 from rsmoe_plugin.engine_manager import EngineManager, log
 from rsmoe_plugin.errors import BadLayerError, CancelledByUser, EngineRequestError
 from rsmoe_plugin.features import (
@@ -42,6 +44,8 @@ from rsmoe_plugin.tiling import RenderGrid, native_resolution
 STYLES = ("concise", "detailed")
 POLL_INTERVAL_S = 0.4
 DEFAULT_TILE_PX = 512  # the engine's default without a model footprint
+MAX_BATCH_ITEMS = 64  # the engine's most items per POST /caption/batch
+BATCH_BYTES = 16 * 2**20  # base64 per batch request, well within the engine's body limit (64 MB by default)
 
 
 @dataclass(frozen=True)
@@ -216,31 +220,46 @@ def annotate_rendered(manager: EngineManager, layer: QgsRasterLayer, crs: QgsCoo
     warning = rendered_tile_warning(health.raw, pixel_m, tile_size, tile_label)
     if warning:
         _warn(feedback, f"RS-MoE: {warning}")
-    features = []
-    captioned = skipped = 0
+    per_request = max(1, min(int(health.raw.get("batch_size") or 1), MAX_BATCH_ITEMS))
+    rendered: list[_RenderedTile] = []
+    pending: list[_RenderedTile] = []
+
+    def send_pending() -> None:  # one POST /caption/batch: the engine captions them in one model batch
+        bodies = [t.body for t in pending]
+        what = f"tiles {pending[0].tile.index}-{pending[-1].tile.index}"
+        answers = manager.call(lambda c: c.caption_batch(bodies, params.style), what)
+        for t, answer in zip(pending, answers):
+            t.answer = answer
+        pending.clear()
+
     for i, tile in enumerate(tiles):
         if _cancelled(feedback):
-            raise CancelledByUser(f"cancelled after {i} of {len(tiles)} tiles; nothing was written to {out}")
+            raise CancelledByUser(f"cancelled after {i - len(pending)} of {len(tiles)} tiles; nothing was written "
+                                  f"to {out}")
         tile_extent = grid.tile_extent(tile.window)
         image = render_image(layer, tile_extent, crs, tile.window.width, tile.window.height)
         valid = valid_fraction(image)
-        answer = None
-        reason = None
+        current = _RenderedTile(tile, tile_extent, valid, ground_resolution_m(tile_extent, crs, resolution))
         if valid == 0.0 or valid < params.min_valid_fraction:
-            reason = skip_reason(valid, params.min_valid_fraction)
-            skipped += 1
-        tile_m = ground_resolution_m(tile_extent, crs, resolution)
-        if reason is None:
-            body: dict[str, Any] = {"image_base64": png_base64(image)}
-            if tile_m is not None:  # the PNG has no georeferencing: tell the engine its metres per pixel
-                body["ground_resolution_m"] = tile_m
-            answer = manager.call(lambda c, body=body: c.caption(body, params.style), f"tile {tile.index}")
-            captioned += 1
-        props = tile_properties(tile.index, tile.window, tile.row, tile.col, answer, reason, round(valid, 6),
-                                tile_m, health.model_id, health.backend)
-        features.append(feature(tile.index, footprint_wgs84(tile_extent, crs), props))
+            current.reason = skip_reason(valid, params.min_valid_fraction)
+        else:
+            current.body = {"image_base64": png_base64(image)}
+            if current.ground_m is not None:  # the PNG has no georeferencing: tell the engine its metres per pixel
+                current.body["ground_resolution_m"] = current.ground_m
+            pending.append(current)
+        rendered.append(current)
+        pending_bytes = sum(len(t.body["image_base64"]) for t in pending if t.body)
+        if pending and (len(pending) >= per_request or pending_bytes >= BATCH_BYTES or i == len(tiles) - 1):
+            send_pending()
         if feedback is not None:
-            feedback.setProgress(100.0 * (i + 1) / len(tiles))
+            feedback.setProgress(100.0 * (i + 1 - len(pending)) / len(tiles))
+    features = []
+    for t in rendered:
+        props = tile_properties(t.tile.index, t.tile.window, t.tile.row, t.tile.col, t.answer, t.reason,
+                                round(t.valid, 6), t.ground_m, health.model_id, health.backend)
+        features.append(feature(t.tile.index, footprint_wgs84(t.extent, crs), props))
+    captioned = sum(t.answer is not None for t in rendered)
+    skipped = len(rendered) - captioned
     if _cancelled(feedback):
         raise CancelledByUser(f"cancelled after {len(tiles)} of {len(tiles)} tiles; nothing was written to {out}")
     info = {
@@ -257,6 +276,19 @@ def annotate_rendered(manager: EngineManager, layer: QgsRasterLayer, crs: QgsCoo
     write_geojson_atomic(out, feature_collection(features, info))
     return AnnotateOutcome(out=out, total=len(tiles), captioned=captioned, skipped=skipped,
                            seconds=time.monotonic() - start, how="tiles rendered by QGIS")
+
+
+@dataclass
+class _RenderedTile:
+    """A tile rendered by QGIS: its footprint, data fraction and metres per pixel; then its answer or why not."""
+
+    tile: Any
+    extent: QgsRectangle
+    valid: float
+    ground_m: float | None
+    reason: str | None = None
+    body: dict[str, Any] | None = None
+    answer: ModelAnswer | None = None
 
 
 def _range(health: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -195,6 +195,20 @@ class EngineClient:
     def caption(self, region: dict[str, Any], style: str = "concise") -> ModelAnswer:
         return ModelAnswer.from_json(self._region_request("/caption", {**region, "style": style}))
 
+    def caption_batch(self, regions: list[dict[str, Any]], style: str = "concise") -> list[ModelAnswer]:
+        """Caption several regions in one ``POST /caption/batch`` (the engine runs them through the model in
+        batches; answers in order). An older engine without that endpoint gets one ``POST /caption`` each."""
+        try:
+            answer = self.request("POST", "/caption/batch", {"items": regions, "style": style})
+        except EngineRequestError as exc:
+            if exc.status != 404 or "no such endpoint" not in str(exc):
+                raise
+            return [self.caption(region, style) for region in regions]
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(regions):
+            raise EngineError(f"the engine at {self.url} answered {len(regions)} regions with something else")
+        return [ModelAnswer.from_json(r if isinstance(r, dict) else {}) for r in results]
+
     def ask(self, region: dict[str, Any], question: str) -> ModelAnswer:
         return ModelAnswer.from_json(self._region_request("/ask", {**region, "question": question}))
 

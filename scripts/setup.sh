@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up RS-MoE on a fresh machine (Debian 12, Python 3.11, no GPU needed).
 #   bash scripts/setup.sh          engine venv (.venv) + pretrained base weights
-#   bash scripts/setup.sh --test   the same + what the test suites need: system packages via apt-get
+#   bash scripts/setup.sh --test   the same + what the test suites need: the dev extra (pytest, schemathesis
+#                                  pinned in pyproject.toml), system packages via apt-get
 #                                  (Java for METEOR; Debian's QGIS 3.22 + python3-qgis, Xvfb for the QGIS
 #                                  suite) and .venv-qgis, the QGIS suite's venv over Debian's Python
 set -euo pipefail

@@ -225,6 +225,16 @@ def test_batching_and_chunked_encoder_calls(fresh: Pipeline) -> None:
     inputs = [DATA / "s2_plain.png", DATA / "s2_gray.tif", S2]
     out = fresh.caption_batch(inputs)
     assert [r.source["width"] for r in out] == [256, 256, 512]
+    calls = fresh.stats.language_calls
+    with pytest.raises(InputNotFoundError, match=r"^image 2 of 2: .*missing\.tif"):  # read before any model work
+        fresh.caption_batch([S2, DATA / "missing.tif"])
+    with pytest.raises(RasterError, match=r"^items\[1\]: window"):
+        fresh.caption_batch([S2, ImageInput(path=str(S2), window=Window(500, 500, 64, 64))],
+                            names=["items[0]", "items[1]"])
+    with pytest.raises(InputNotFoundError, match="missing.tif") as one:  # one input: its own message
+        fresh.caption_batch([DATA / "missing.tif"])
+    assert not str(one.value).startswith("image")
+    assert fresh.stats.language_calls == calls
 
 
 def test_model_calls_are_serialised_across_threads(fresh: Pipeline) -> None:

@@ -130,7 +130,8 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_serving(client: httpx.C
         (client.post("/caption", json={"path": str(S2), "bands": "9,9,9"}), 422, "band"),
         (client.post("/caption", content=b"{not json", headers={"content-type": "application/json"}), 422, "JSON"),
         (client.post("/caption", json=[1, 2, 3]), 422, "invalid request"),
-        (client.post("/ask", json={"path": str(S2), "question": "x" * 10_000}), 400, "10000 characters"),
+        (client.post("/ask", json={"path": str(S2), "question": "x" * 10_000}), 422, "at most 1000 characters"),
+        (client.post("/ask", json={"path": str(S2), "question": "   "}), 400, "question is empty"),
         (client.post("/ask", json={"path": str(S2)}), 422, "question"),
         (client.post("/caption", json={"path": str(S2), "ground_resolution_m": 0}), 422, "ground_resolution_m"),
         (client.post("/caption", json={"path": str(S2), "ground_resolution_m": "fine"}), 422, "ground_resolution_m"),
@@ -141,6 +142,119 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_serving(client: httpx.C
         _error(response, status, needle)
     assert client.get("/health").status_code == 200
     assert client.post("/caption", json={"path": str(S2)}).status_code == 200
+
+
+def test_odd_input_gets_an_actionable_4xx_never_a_500(client: httpx.Client, tmp_path: Path) -> None:
+    """NUL bytes, lone surrogates, huge or non-finite numbers, wrong types and path tricks: each a 4xx naming the
+    field (the NUL byte in a job's paths answered 500 'embedded null byte' before)."""
+    job = {"path": str(S2), "out": str(tmp_path / "x.geojson")}
+    raw = {"content-type": "application/json"}
+    cases = [
+        (client.post("/jobs", json={**job, "out": "a\x00b.geojson"}), 422, "out: must not contain NUL"),
+        (client.post("/jobs", json={**job, "path": str(S2) + "\x00"}), 422, "path: must not contain NUL"),
+        (client.post("/jobs", json={**job, "gpkg": "\x00"}), 422, "gpkg: must not contain NUL"),
+        (client.post("/caption", json={"path": "\x00"}), 422, "path: must not contain NUL"),
+        (client.post("/caption", content=b'{"path": "a\\ud800b"}', headers=raw), 422, "lone surrogate"),
+        (client.post("/ask", content=b'{"path": "x", "question": "\\udfff?"}', headers=raw), 422, "question"),
+        (client.post("/caption", content=b'{"\\ud800": 1}', headers=raw), 422, "Unicode"),
+        (client.post("/caption", json={"path": str(S2), "extent_crs": "EPSG:4326\x00", "extent": [0, 0, 1, 1]}),
+         422, "extent_crs"),
+        (client.post("/caption", json={"path": str(S2), "window": [0, 0, 2**70, 1]}), 422, "window[2]"),
+        (client.post("/caption", json={"path": str(S2), "window": [-1, 0, 10, 10]}), 422, "window[0]"),
+        (client.post("/caption", json={"path": str(S2), "window": [0, 0, 0, 10]}), 422, "is empty"),
+        (client.post("/caption", content=b'{"path": "x", "extent": [0, 0, NaN, 1]}', headers=raw), 422, "extent[2]"),
+        (client.post("/caption", content=b'{"path": "x", "ground_resolution_m": Infinity}', headers=raw), 422,
+         "ground_resolution_m"),
+        (client.post("/caption", json={"path": str(S2), "bands": [1, 2, 3, 4]}), 422, "bands"),
+        (client.post("/caption", json={"path": 42}), 422, "path"),
+        (client.post("/caption", json={"path": ""}), 422, "path"),
+        (client.post("/caption", json={"path": str(DATA)}), (404, 422), ""),  # a folder
+        (client.post("/caption", json={"path": "../../../../etc/passwd"}), (404, 422), ""),
+        (client.post("/caption", json={"path": str(S2), "bands": "\u00b2"}), 422, "band"),  # a digit int() refuses
+        (client.post("/jobs", json={**job, "out": str(tmp_path / ("n" * 300))}), 400, "not a usable file name"),
+        (client.post("/jobs", json={**job, "tile_size": 0}), 422, "tile_size"),
+        (client.post("/jobs", json={**job, "overlap": 10**30}), 422, "overlap"),
+        (client.post("/jobs", json={**job, "tile_size": 256, "overlap": 256}), 400, "overlap"),
+        (client.post("/jobs", json={**job, "out": str(DATA)}), (400, 409, 422), ""),  # a folder as output
+        (client.post("/caption", content=b"[" * 100_000 + b"]" * 100_000, headers=raw), 400, "nested too deeply"),
+        (client.post("/caption", content=b'{"path": "x"}', headers={"content-type": "text/plain"}), 422,
+         "send JSON with 'Content-Type: application/json'"),
+        (client.get("/jobs/%00"), 404, "no job"),
+        (client.get("/jobs/x/result", params={"content": "maybe"}), 422, "content"),
+    ]
+    for response, status, needle in cases:
+        _error(response, status, needle)
+    assert client.get("/health").status_code == 200
+
+
+def test_openapi_documents_errors_limits_and_the_token(client: httpx.Client) -> None:
+    doc = client.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "the token of the engine's engine.json (new at every start)"}
+    assert doc["components"]["securitySchemes"]["token"]["name"] == "X-RSMoE-Token"
+    assert doc["security"] == [{"bearer": []}, {"token": []}]
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            codes = {c for c in op["responses"] if c[0] in "45"}
+            assert {"400", "401", "403", "500"} <= codes, (method, path, codes)
+            for code in codes:
+                assert op["responses"][code]["content"]["application/json"]["schema"] == error, (method, path, code)
+    assert {"404", "413", "422"} <= set(doc["paths"]["/caption/batch"]["post"]["responses"])
+    assert {"404", "409", "413", "422"} <= set(doc["paths"]["/jobs"]["post"]["responses"])
+    schemas = doc["components"]["schemas"]
+    path = schemas["JobRequest"]["properties"]["out"]
+    assert path["minLength"] == 1 and path["maxLength"] == 4096
+    question = schemas["AskRequest"]["properties"]["question"]
+    assert question["maxLength"] == 1000 and question["minLength"] == 1
+    items = schemas["CaptionBatchRequest"]["properties"]["items"]
+    assert items["minItems"] == 1 and items["maxItems"] == 64
+    assert schemas["CaptionRequest"]["properties"]["style"]["enum"] == ["concise", "detailed"]
+
+
+# ------------------------------------------------------------------------------------------- caption batch
+def test_caption_batch_answers_in_order_through_batched_model_calls(service: EngineService,
+                                                                    client: httpx.Client) -> None:
+    items = [{"image_base64": _b64(DATA / "s2_plain.png"), "ground_resolution_m": 0.5},
+             {"path": str(S2), "window": [0, 0, 256, 256]},
+             {"path": str(S2), "window": [256, 0, 256, 256]},
+             {"path": str(S2), "window": [0, 256, 256, 256]},
+             {"path": str(S2), "window": [256, 256, 256, 256], "bands": "3,2,1"}]
+    service.pipeline.cache.clear()
+    before = service.pipeline.stats.language_calls
+    r = client.post("/caption/batch", json={"items": items, "style": "detailed"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    calls = service.pipeline.stats.language_calls - before
+    assert calls == 2  # 5 images in batches of 4: two model calls, not five
+    assert [x["window"] for x in results] == [[0, 0, 256, 256], *(i["window"] for i in items[1:])]
+    assert results[0]["source"]["path"] is None and results[0]["model_resolution_m"] == 4.0
+    assert results[4]["source"]["bands"] == [3, 2, 1] and r.json()["seconds"] > 0
+    for item, result in zip(items, results):  # the same as one request per item
+        one = client.post("/caption", json={**item, "style": "detailed"}).json()
+        assert result["text"] == one["text"] and one["cached"] is True
+        assert [s["expert"] for s in result["segments"]] == ["theme", "objects", "relations"]
+
+
+def test_caption_batch_rejects_a_bad_item_naming_it(client: httpx.Client) -> None:
+    good = {"path": str(S2), "window": [0, 0, 64, 64]}
+    cases = [
+        ({"items": [good, {"path": str(DATA / "missing.tif")}]}, 404, "items[1]: "),
+        ({"items": [good, good, {"path": str(S2), "window": [500, 500, 100, 100]}]}, 422, "items[2]: window"),
+        ({"items": [{"image_base64": "not base64!!"}, good]}, 400, "items[0]: image_base64 is not valid base64"),
+        ({"items": [good, {}]}, 400, "items[1]: give either a raster path or image bytes"),
+        ({"items": [good, {"path": str(S2), "window": [0, 0, 10]}]}, 422, "items[1].window"),
+        ({"items": [good, {"path": str(S2), "style": "detailed"}]}, 422, "unknown field 'items[1].style'"),
+        ({"items": []}, 422, "items"),
+        ({"items": [good] * 65}, 422, "at most 64"),
+        ({"items": [good], "style": "poetic"}, 422, "style"),
+        ({}, 422, "items"),
+    ]
+    for body, status, needle in cases:
+        _error(client.post("/caption/batch", json=body), status, needle)
+    big = {"items": [{"image_base64": "A" * (MAX_BODY // 2)}] * 3}
+    _error(client.post("/caption/batch", json=big), 413, "too large")  # the body limit bounds a batch's bytes
+    assert client.post("/caption/batch", json={"items": [good]}).status_code == 200
 
 
 def test_request_size_limits(client: httpx.Client) -> None:

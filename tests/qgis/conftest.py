@@ -7,12 +7,16 @@ engine manager runs ``python -m engine.cli serve`` on first use. Screenshots go 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -204,3 +208,30 @@ def install_zip_into_profile(root: Path) -> Path:
     ini.parent.mkdir(parents=True)
     ini.write_text("[PythonPlugins]\nrsmoe_plugin=true\n", encoding="utf-8")
     return profile
+
+
+@contextmanager
+def stub_engine(answer: Callable[[str, dict], tuple[int, dict]]) -> Iterator[str]:
+    """A fake engine on 127.0.0.1 (an older one, say): ``answer(path, json_body)`` gives each POST's status and
+    JSON answer; yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            status, reply = answer(self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

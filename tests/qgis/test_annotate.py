@@ -179,7 +179,24 @@ def render_image_layers(layers, crs, extent, size: int):  # noqa: ANN001, ANN201
     return image
 
 
-def test_rendered_xyz_layer_is_tiled_by_the_plugin(plugin, qtbot, xyz_layer, tmp_path) -> None:  # noqa: ANN001
+@pytest.fixture
+def engine_requests(monkeypatch):  # noqa: ANN001, ANN201
+    """Every request the plugin sends to the engine, as (method, path)."""
+    from rsmoe_plugin.client import EngineClient
+
+    sent: list[tuple[str, str]] = []
+    original = EngineClient.request
+
+    def counting(self, method: str, path: str, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        sent.append((method, path))
+        return original(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(EngineClient, "request", counting)
+    return sent
+
+
+def test_rendered_xyz_layer_is_tiled_by_the_plugin(plugin, qtbot, xyz_layer, tmp_path,  # noqa: ANN001
+                                                   engine_requests) -> None:  # noqa: ANN001
     import processing
 
     extent = s2_mercator_extent(0.5, aspect=2.0)
@@ -191,6 +208,8 @@ def test_rendered_xyz_layer_is_tiled_by_the_plugin(plugin, qtbot, xyz_layer, tmp
                                       f"{extent.yMaximum()} [EPSG:3857]",
         "TILE_SIZE": 128, "RESOLUTION": resolution, "OUTPUT": str(out)}, feedback=feedback)
     assert results["TILES"] == 2 and results["CAPTIONED"] == 2
+    captions = [path for method, path in engine_requests if path.startswith("/caption")]
+    assert captions == ["/caption/batch"]  # both rendered tiles in one request, one model batch: not one per tile
     fc = _check_geojson(out, 2)
     assert fc["rsmoe"]["rendered_by"] == "qgis" and fc["rsmoe"]["source_crs"] == "EPSG:3857"
     assert fc["rsmoe"]["raster_size"] == [256, 128]
@@ -246,19 +265,28 @@ def test_cancelled_engine_job_leaves_no_output(plugin, s2_layer, tmp_path) -> No
     _no_output_left(out)
 
 
-def test_cancelled_rendered_run_leaves_no_output(plugin, xyz_layer, tmp_path) -> None:  # noqa: ANN001
+def test_cancelled_rendered_run_leaves_no_output(plugin, xyz_layer, tmp_path, engine_requests) -> None:  # noqa: ANN001
     import processing
 
     extent = s2_mercator_extent(0.5, aspect=1.0)
     out = tmp_path / "run" / "cancelled.geojson"
     out.parent.mkdir()
-    feedback = RecordingFeedback(cancel_above=0.0)  # cancel after the first rendered tile
-    with pytest.raises(QgsProcessingException, match="cancelled after 1 of 4 tiles; nothing was written"):
+    batch = plugin_engine_batch_size()
+    feedback = RecordingFeedback(cancel_above=0.0)  # cancel after the first batch of rendered tiles
+    with pytest.raises(QgsProcessingException, match=f"cancelled after {batch} of 16 tiles; nothing was written"):
         processing.run(ALG, {
             "INPUT": xyz_layer, "EXTENT": f"{extent.xMinimum()},{extent.xMaximum()},{extent.yMinimum()},"
                                           f"{extent.yMaximum()} [EPSG:3857]",
-            "TILE_SIZE": 128, "RESOLUTION": extent.width() / 256, "OUTPUT": str(out)}, feedback=feedback)
+            "TILE_SIZE": 64, "RESOLUTION": extent.width() / 256, "OUTPUT": str(out)}, feedback=feedback)
+    assert [p for _, p in engine_requests if p.startswith("/caption")] == ["/caption/batch"]  # then it stopped
     _no_output_left(out)
+
+
+def plugin_engine_batch_size() -> int:
+    """Tiles per batch request: the engine's model batch (``rsmoe serve --batch-size``, 4 by default)."""
+    from rsmoe_plugin.engine_manager import get_manager
+
+    return int(get_manager().health().raw["batch_size"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsRectangle
 
-from tests.qgis.conftest import s2_mercator_extent, screenshot_path, show_on_canvas, wait_task
+from tests.qgis.conftest import s2_mercator_extent, screenshot_path, show_on_canvas, stub_engine, wait_task
 
 
 def test_follow_up_questions_reuse_the_feature_cache(plugin, qgis_iface, qtbot, s2_layer) -> None:  # noqa: ANN001
@@ -72,41 +72,19 @@ def test_an_unsure_answer_shows_a_note_and_an_older_engine_none(qgis_iface) -> N
 def test_an_older_engine_gets_requests_it_understands() -> None:
     """An engine from before ground resolutions refuses the unknown field (422): the client sends the request
     again without it, and reads the answer (no uncertainty fields) as not unsure."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
     from rsmoe_plugin.client import EngineClient
 
     bodies: list[dict] = []
 
-    class OldEngine(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            bodies.append(body)
-            if "ground_resolution_m" in body:
-                status, answer = 422, {"error": "invalid request: unknown field 'ground_resolution_m'"}
-            else:
-                status, answer = 200, {"text": "A river.", "task": "caption", "segments": [], "cached": False,
-                                       "seconds": 0.1, "scene": None, "scene_confidence": None}
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def old_engine(path: str, body: dict) -> tuple[int, dict]:
+        bodies.append(body)
+        if "ground_resolution_m" in body:
+            return 422, {"error": "invalid request: unknown field 'ground_resolution_m'"}
+        return 200, {"text": "A river.", "task": "caption", "segments": [], "cached": False, "seconds": 0.1,
+                     "scene": None, "scene_confidence": None}
 
-        def log_message(self, *args) -> None:  # noqa: ANN002
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), OldEngine)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}", "token")
-        answer = client.caption({"image_base64": "AAAA", "ground_resolution_m": 0.5})
+    with stub_engine(old_engine) as url:
+        answer = EngineClient(url, "token").caption({"image_base64": "AAAA", "ground_resolution_m": 0.5})
         assert answer.text == "A river." and answer.uncertain is False and answer.uncertainty == []
         assert answer.model_resolution_m is None and answer.uncertainty_note() is None
         assert ["ground_resolution_m" in b for b in bodies] == [True, False]
-    finally:
-        server.shutdown()
-        server.server_close()

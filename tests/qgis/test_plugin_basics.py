@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from qgis.core import Qgis, QgsApplication, QgsRectangle, QgsVectorLayer
 
-from tests.qgis.conftest import REPO
+from tests.qgis.conftest import REPO, stub_engine
 
 ALLOWED_TOP_LEVEL = {"qgis", "rsmoe_plugin", "processing", "numpy", "__future__"}
 
@@ -134,6 +134,31 @@ def test_unreachable_engine_gives_a_clear_message() -> None:
     unset = EngineManager(lambda: EngineSettings(mode="connect", url="http://127.0.0.1:1"))
     with pytest.raises(ConfigurationError, match="no token"):
         unset.health()
+
+
+def test_caption_batch_falls_back_to_one_request_per_region_on_an_older_engine() -> None:
+    """An engine without POST /caption/batch (404 'no such endpoint') gets POST /caption per region, in order;
+    any other refusal of the batch is the user's to see."""
+    from rsmoe_plugin.client import EngineClient
+    from rsmoe_plugin.errors import EngineRequestError
+
+    seen: list[str] = []
+
+    def older_engine(path: str, body: dict) -> tuple[int, dict]:
+        seen.append(path)
+        if path == "/caption":
+            return 200, {"text": f"tile {body['image_base64']}", "task": "caption"}
+        if body["items"][0]["image_base64"] == "bad":
+            return 422, {"error": "items[0]: cannot open the image bytes"}
+        return 404, {"error": "no such endpoint: POST /caption/batch"}
+
+    with stub_engine(older_engine) as url:
+        client = EngineClient(url, "token")
+        answers = client.caption_batch([{"image_base64": "a"}, {"image_base64": "b"}])
+        assert [a.text for a in answers] == ["tile a", "tile b"]
+        assert seen == ["/caption/batch", "/caption", "/caption"]
+        with pytest.raises(EngineRequestError, match=r"items\[0\]: cannot open"):
+            client.caption_batch([{"image_base64": "bad"}])
 
 
 def test_missing_interpreter_gives_a_clear_message(tmp_path: Path) -> None:
