@@ -37,15 +37,15 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, get_type_hints
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
@@ -56,7 +56,7 @@ from engine.inputs import ImageInput
 from engine.job_manager import JobManager
 from engine.jobs import AnnotateParams
 from engine.model.routing import MAX_QUESTION_CHARS
-from engine.pipeline import Pipeline
+from engine.pipeline import ModelInfo, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -292,25 +292,18 @@ class JobResult(_Answer):
     journal: str | None
 
 
-class HealthAnswer(_Answer):
-    status: Literal["ok"]
-    model_id: str
-    variant: str
-    trained: bool
-    backend: str
-    device: str
-    providers: list[str]
-    gpu: bool
-    gpu_name: str | None
-    dtype: str
-    version: str
-    batch_size: int = Field(..., description="images per model call")
-    image_size: int = Field(..., description="the model's input size in pixels")
-    resolution: dict[str, Any] = Field(..., description="conditioned, min_m, max_m, tile_m")
-    cache: dict[str, Any]
-    jobs: dict[str, int]
-    uptime_s: float
-    pid: int
+def _model_facts() -> dict[str, Any]:
+    """:class:`ModelInfo`'s fields as pydantic field definitions: the health answer carries them all."""
+    hints = get_type_hints(ModelInfo)
+    return {f.name: (hints[f.name], ...) for f in fields(ModelInfo)}
+
+
+HealthAnswer = create_model(
+    "HealthAnswer", __base__=_Answer, status=(Literal["ok"], ...), **_model_facts(),
+    batch_size=(int, Field(..., description="images per model call")),
+    image_size=(int, Field(..., description="the model's input size in pixels")),
+    resolution=(dict[str, Any], Field(..., description="conditioned, min_m, max_m, tile_m")),
+    cache=(dict[str, Any], ...), jobs=(dict[str, int], ...), uptime_s=(float, ...), pid=(int, ...))
 
 
 # --------------------------------------------------------------------------------------------
