@@ -11,7 +11,7 @@ from tests.qgis.conftest import show_on_canvas, wait_task
 
 
 def test_engine_death_mid_request_is_reported_and_the_next_request_restarts_it(  # noqa: ANN001
-        plugin, engine, qgis_iface, qtbot, s2_layer) -> None:
+        plugin, engine, qgis_iface, qtbot, s2_layer, monkeypatch) -> None:
     from rsmoe_plugin.errors import EngineDiedError
 
     show_on_canvas(qgis_iface, s2_layer)
@@ -21,12 +21,21 @@ def test_engine_death_mid_request_is_reported_and_the_next_request_restarts_it( 
     starts = engine.starts
     panel = plugin.caption_panel
     panel.set_region_mode("layer")
-    panel.set_style("detailed")  # a long request (three experts)
+    panel.set_style("detailed")
     qgis_iface.messageBar().clear_messages()
+    healthy = engine.ensure
+
+    def healthy_then_frozen():  # the engine freezes once its health is checked, so the caption request stays
+        client = healthy()      # in flight however fast the model is
+        os.kill(pid, signal.SIGSTOP)
+        return client
+
+    monkeypatch.setattr(engine, "ensure", healthy_then_frozen)
     task = plugin.caption_active_layer()
     qtbot.wait(1500)  # the request is in flight now
     assert task.outcome is None
     os.kill(pid, signal.SIGKILL)
+    monkeypatch.undo()
     outcome = wait_task(qtbot, task, 120)
     assert isinstance(outcome.error, EngineDiedError), outcome.error
     critical = qgis_iface.messageBar().get_messages(Qgis.Critical)
