@@ -49,7 +49,7 @@ from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
 from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows
-from engine.raster import RasterSource, TileRead
+from engine.raster import TileRead
 
 log = logging.getLogger(__name__)
 
@@ -310,13 +310,11 @@ class Pipeline:
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "auto", device: str = "auto",
              dtype: str | None = None, **options: Any) -> Pipeline:
-        """Load a model through :func:`engine.runtime.load_model` and wrap it (``auto``: the backend
-        :func:`engine.runtime.resolve_backend` picks)."""
-        from engine.runtime import default_model_dir, load_model, resolve_backend
+        """Load a model through :func:`engine.runtime.load_model` (``auto``: the backend it picks) and wrap it."""
+        from engine.runtime import default_model_dir, load_model
 
-        backend = resolve_backend(model_dir, backend, device, dtype)
         model = load_model(model_dir, backend, device, dtype)
-        info = ModelInfo.of(model, backend, model_dir or default_model_dir())
+        info = ModelInfo.of(model, model.describe()["backend"], model_dir or default_model_dir())
         log.info("model %s (%s, %s) on %s via %s", info.model_id, info.variant,
                  "trained" if info.trained else "UNTRAINED", info.device, info.backend)
         return cls(model, info, **options)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import RSMoEError, UserInputError
+from engine.errors import ModelDirError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -39,44 +39,39 @@ def pick_device(device: str = "auto") -> torch.device:
         raise UserInputError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
 
 
-def resolve_backend(model_dir: str | Path | None, backend: str = "auto", device: str = "auto",
-                    dtype: str | None = None) -> str:
-    """The backend that runs ``model_dir``: ``auto`` takes ONNX Runtime (about twice as fast on CPU) when the
-    model's exported graphs for the precision are present and made from the model as it is now, and onnxruntime
-    can use the device; torch otherwise (saying why). ``torch`` / ``onnx`` are taken as asked."""
-    if backend not in BACKENDS:
-        raise UserInputError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    if dtype in ("int8", "static"):  # only exported graphs have these
-        return "onnx"
+def onnx_can_run(device: str = "auto", dtype: str | None = None) -> bool:
+    """Whether ONNX Runtime could run a model here at ``dtype``: installed, with an exported variant for the
+    precision and, for a GPU, the CUDA provider (saying why not)."""
     if dtype not in ONNX_VARIANTS:  # bfloat16: torch only
-        return "torch"
-    path = Path(model_dir) if model_dir else default_model_dir()
+        return False
     try:
         import onnxruntime
-
-        from engine.backends.onnx import checked_manifest
     except ImportError:
         log.info("onnxruntime is not installed: torch backend")
-        return "torch"
+        return False
     if pick_device(device).type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         log.info("onnxruntime here has no CUDA provider: torch backend on the GPU")
-        return "torch"
-    try:
-        checked_manifest(path, ONNX_VARIANTS[dtype])
-    except RSMoEError as exc:
-        log.info("torch backend (%s; `rsmoe export` makes the faster ONNX one)", exc)
-        return "torch"
-    return "onnx"
+        return False
+    return True
 
 
 def load_model(model_dir: str | Path | None = None, backend: str = "auto", device: str = "auto",
                dtype: str | None = None):
-    """Load the model of ``model_dir`` (default: the embedded model) for the chosen backend
-    (:func:`resolve_backend`)."""
+    """Load the model of ``model_dir`` (default: the embedded model) for the chosen backend; ``auto`` takes ONNX
+    Runtime (about twice as fast on CPU) when the model's exported graphs for the precision are present and made
+    from the model as it is now, torch otherwise (saying why). Its ``describe()["backend"]`` says which ran."""
+    if backend not in BACKENDS:
+        raise UserInputError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     path = Path(model_dir) if model_dir else default_model_dir()
-    backend = resolve_backend(path, backend, device, dtype)
+    if backend == "auto" and dtype in ("int8", "static"):  # only exported graphs have these
+        backend = "onnx"
+    elif backend == "auto":
+        if onnx_can_run(device, dtype):
+            try:
+                return _load_onnx(path, device, dtype)
+            except ModelDirError as exc:  # no export, or a stale one: checked once, here
+                log.info("torch backend (%s; `rsmoe export` makes the faster ONNX one)", exc)
+        backend = "torch"
     if backend == "onnx":
         return _load_onnx(path, device, dtype)
     from engine.model import RSMoEModel

@@ -293,11 +293,14 @@ def test_auto_backend_takes_a_current_export_and_falls_back_to_torch(tiny_traine
     import shutil
 
     from engine.pipeline import Pipeline
-    from engine.runtime import resolve_backend
+
+    def resolve_backend(model_dir: Path, backend: str, device: str, dtype: str | None = None) -> str:
+        return load_model(model_dir, backend, device, dtype).describe()["backend"]
 
     assert resolve_backend(tiny_trained, "auto", "cpu") == "onnx"
     assert resolve_backend(tiny_trained, "auto", "cpu", "bfloat16") == "torch"
     assert resolve_backend(tiny_trained, "auto", "cpu", "int8") == "onnx"
+    assert load_model(tiny_trained, "auto", "cpu", "int8").variant_name == "int8"
     assert resolve_backend(tiny_trained, "torch", "cpu") == "torch"  # asked for: taken as asked
     pipeline = Pipeline.load(tiny_trained, "auto", "cpu")
     assert isinstance(pipeline.model, OnnxRSMoE) and pipeline.info.backend == "onnx"
