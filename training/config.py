@@ -64,6 +64,20 @@ class DataConfig:
 
 
 @dataclass
+class AnswerHeadTraining:
+    """The answer head's fit (``enabled``: the recipe trains one after its last stage)."""
+
+    enabled: bool = False
+    hidden: int = 256
+    epochs: int = 60
+    batch_size: int = 256
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-3
+    dropout: float = 0.3
+    min_token_count: int = 3  # question tokens seen fewer times in training are not in the vocabulary
+
+
+@dataclass
 class TrainConfig:
     """The whole run: optional stage 0 (vision tuning), then the two stages. ``one_stage`` is the ablation: experts
     from scratch, no dense stage. ``continue_from`` fine-tunes a trained model further instead (stage 2 only, its
@@ -77,6 +91,7 @@ class TrainConfig:
     vision_tuning: VisionTuningConfig = field(default_factory=VisionTuningConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
+    answer_head: AnswerHeadTraining = field(default_factory=AnswerHeadTraining)
     one_stage: bool = False
     precision: str = "bf16"  # bf16 | fp32 (bf16 autocast: 1.25-1.3x faster steps on an AVX-512-bf16 CPU)
     seed: int = 0
@@ -96,6 +111,7 @@ class TrainConfig:
             data["vision_tuning"] = VisionTuningConfig(**data.get("vision_tuning", {}))
             data["stage1"] = StageConfig(**data.get("stage1", {}))
             data["stage2"] = StageConfig(**data.get("stage2", {}))
+            data["answer_head"] = AnswerHeadTraining(**data.get("answer_head", {}))
             config = cls(**data)
         except TypeError as exc:
             raise UserInputError(f"invalid training config: {exc}") from exc

@@ -37,6 +37,8 @@ from tqdm import tqdm
 from engine.errors import UserInputError
 from engine.model import RSMoEConfig, RSMoEModel
 from engine.model.config import ROUTER_ADAPTER
+from engine.model.answer_head import ANSWER_HEAD_FILE
+from training.answer_head import closed_records, head_accuracy, train_answer_head
 from training.checkpoints import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 from training.config import StageConfig, TrainConfig
 from training.data import derive_ucm_vqa
@@ -417,7 +419,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
 
     if stage_done(stage2_dir):
         log.info("stage 2 already done: %s", stage2_dir)
-        return stage2_dir
+        return with_answer_head(stage2_dir, data, config)
     params = stage_parameters(model, "stage2", one_stage=config.one_stage or bool(config.continue_from))
     with_router = model.config.router.type == "generative"
     confusable = (confusable_scenes(model, data.train, data.train_store)
@@ -443,5 +445,23 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
     position = run_stage("stage2", model, params, stage2_epoch, config.stage2, data, config, out)
     save_stage_model(model, stage2_dir, position, config, "stage2")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    log.info("done: %s (peak RSS %.0f MB)", stage2_dir, peak_mb)
-    return stage2_dir
+    log.info("stage 2 done: %s (peak RSS %.0f MB)", stage2_dir, peak_mb)
+    return with_answer_head(stage2_dir, data, config)
+
+
+def with_answer_head(model_dir: Path, data: StageData, config: TrainConfig) -> Path:
+    """Give the finished model its answer head when the recipe asks for one and it has none yet (the head
+    learns from the saved model, as inference will run it); the config, written last, enables it."""
+    if not config.answer_head.enabled or RSMoEConfig.load(model_dir).answer_head.enabled:
+        return model_dir
+    model = RSMoEModel.from_pretrained(model_dir)
+    head = train_answer_head(model, data.vqa_train, config.answer_head, config.seed)
+    val = closed_records(data.vqa_val)
+    if val:
+        log.info("answer head on %d closed val questions: %s", len(val), head_accuracy(model, val))
+    head.save(model_dir / ANSWER_HEAD_FILE)
+    saved = RSMoEConfig.load(model_dir)
+    saved.answer_head.enabled = True
+    saved.save(model_dir)
+    log.info("answer head saved into %s", model_dir)
+    return model_dir

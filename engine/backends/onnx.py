@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.backends import manifest as mf
 from engine.errors import ModelDirError, UserInputError
+from engine.model.answer_head import load_answer_head
 from engine.model.config import ADAPTERS_DIR, CONFIG_NAME, WEIGHTS_NAME, RSMoEConfig
 from engine.model.image_processing import ImageProcessor
 from engine.model.routing import MoEInference, ensure_pad_token
@@ -307,6 +308,7 @@ class OnnxRSMoE(MoEInference):
         self.embeddings = np.load(self.export_dir / spec.embeddings, mmap_mode="r", allow_pickle=False)
         lora = self._load_lora(spec)
         self.scene_head = self._load_scene_head()
+        self.answer_head = load_answer_head(config.answer_head.enabled, self.model_dir)
         if self.variant.static is not None:
             self.decoder: _DecoderRunner = _StaticDecoderRunner(self.graphs["decoder"], self.device, lora, spec,
                                                                 self.variant.static)

@@ -185,6 +185,15 @@ class ResolutionConfig:
 
 
 @dataclass
+class AnswerHeadConfig:
+    """The closed-answer head (:mod:`engine.model.answer_head`): ``enabled`` when the model directory holds
+    ``answer_head.safetensors``; answers below ``min_confidence`` (the head's probability) are marked unsure."""
+
+    enabled: bool = False
+    min_confidence: float = 0.6
+
+
+@dataclass
 class GenerationSettings:
     """Greedy decoding limits (deterministic)."""
 
@@ -207,6 +216,7 @@ class RSMoEConfig:
     image: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    answer_head: AnswerHeadConfig = field(default_factory=AnswerHeadConfig)
     seed: int = 0
     model_id: str = "rsmoe"
 
@@ -243,6 +253,7 @@ class RSMoEConfig:
                 "router": RouterConfig,
                 "generation": GenerationSettings,
                 "resolution": ResolutionConfig,
+                "answer_head": AnswerHeadConfig,
             }
             for key, sub in nested.items():
                 if key in data:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from engine.errors import CorruptWeightsError, ModelDirError
+from engine.model.answer_head import ANSWER_HEAD_FILE, load_answer_head
 from engine.model.config import ADAPTERS_DIR, ROUTER_ADAPTER, WEIGHTS_NAME, RSMoEConfig
 from engine.model.image_processing import ImageProcessor
 from engine.model.qformer import (
@@ -142,6 +143,7 @@ class RSMoEModel(MoEInference, nn.Module):
         model = cls(config, vision, bridge, qformer_tokenizer, peft_model, tokenizer, trained)
         if weights is not None and model.scene_head is not None:
             model.load_scene_head(weights, f"{model_dir}/{WEIGHTS_NAME}")
+        model.answer_head = load_answer_head(config.answer_head.enabled, model_dir)
         model.source_dir = model_dir
         model.eval()
         return model
@@ -337,6 +339,8 @@ class RSMoEModel(MoEInference, nn.Module):
             (tmp / ADAPTERS_DIR / "README.md").unlink(missing_ok=True)  # peft's generic card, with local paths
             self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             self.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
+            if self.answer_head is not None:
+                self.answer_head.save(tmp / ANSWER_HEAD_FILE)
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,10 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
-from engine.errors import UserInputError
+import numpy as np
+
+from engine.errors import ModelDirError, UserInputError
+from engine.model.answer_head import AnswerHead, HeadAnswer, head_features, question_kind
 from engine.model.config import ROUTER_ADAPTER, RSMoEConfig
 from engine.model.image_processing import ImageProcessor, dihedral
 from engine.model.router_plan import RouterPlan, parse_router_plan
@@ -45,13 +48,16 @@ def round_resolution(resolution_m: float | None) -> float | None:
     return None if resolution_m is None else float(f"{resolution_m:.3g}")
 
 
-def uncertainty_reasons(config: RSMoEConfig, plan: RouterPlan) -> list[str]:
+def uncertainty_reasons(config: RSMoEConfig, plan: RouterPlan, answer_confidence: float | None = None) -> list[str]:
     """Why a result may be wrong, in short phrases (empty: nothing known against it).
 
     ``"scene unsure (0.41)"`` where the scene head's probability is below ``vision.scene_min_confidence``;
     ``"resolution 0.05 m/px is finer than the trained range 0.3-12 m/px"`` where the seen ground resolution
-    lies more than 1.5x outside ``resolution.min_m`` .. ``resolution.max_m``."""
+    lies more than 1.5x outside ``resolution.min_m`` .. ``resolution.max_m``; ``"answer unsure (0.52)"`` where
+    the answer head's probability is below ``answer_head.min_confidence``."""
     reasons = []
+    if answer_confidence is not None and answer_confidence < config.answer_head.min_confidence:
+        reasons.append(f"answer unsure ({answer_confidence:.2f})")
     confidence = plan.scene_confidence
     if confidence is not None and confidence < config.vision.scene_min_confidence:
         reasons.append(f"scene unsure ({confidence:.2f})")
@@ -77,9 +83,10 @@ class ModelResult:
     task: str  # "caption" | "ask"
     style: str | None
     plan: RouterPlan
-    router: str  # "generative" | "template"
+    router: str  # "generative" | "template" | "answer_head" (a closed answer from the answer head)
     segments: list[ExpertOutput] = field(default_factory=list)
     uncertainty: list[str] = field(default_factory=list)
+    answer_confidence: float | None = None  # the answer head's probability (answers it gave only)
 
     @property
     def scene_confidence(self) -> float | None:
@@ -98,7 +105,7 @@ class ModelResult:
 
     def assess(self, config: RSMoEConfig) -> ModelResult:
         """Fill :attr:`uncertainty` from the model's config (scene threshold, trained resolution range)."""
-        self.uncertainty = uncertainty_reasons(config, self.plan)
+        self.uncertainty = uncertainty_reasons(config, self.plan, self.answer_confidence)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +222,7 @@ class MoEInference:
     image_processor: ImageProcessor
     tokenizer: Any  # the LM tokenizer (with a pad token: see ensure_pad_token)
     qformer_tokenizer: Any
+    answer_head: AnswerHead | None = None  # closed answers (engine.model.answer_head); None: experts answer all
 
     def describe(self) -> dict[str, Any]:  # pragma: no cover - interface
         """What runs the model: ``backend``, ``providers``, ``device``, ``precision`` (health endpoint)."""
@@ -380,7 +388,43 @@ class MoEInference:
                 raise UserInputError("the question is empty")
             if len(q) > MAX_QUESTION_CHARS:
                 raise UserInputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
-        return self.run_experts(visual, "ask", None, list(questions), scene_logits, resolutions)
+        questions = list(questions)
+        kinds = [question_kind(q) if self.answer_head is not None else None for q in questions]
+        closed = [i for i, kind in enumerate(kinds) if kind is not None]
+        opened = [i for i, kind in enumerate(kinds) if kind is None]
+        results: list[ModelResult | None] = [None] * len(questions)
+        if closed:
+            answers = self.head_answers(visual[closed], [questions[i] for i in closed], [kinds[i] for i in closed])
+            guesses = self.scene_guesses(visual[closed], None if scene_logits is None else scene_logits[closed])
+            for j, (i, answer) in enumerate(zip(closed, answers)):
+                resolution = resolutions[i] if resolutions is not None else None
+                guess = guesses[j] if guesses is not None else None
+                plan = RouterPlan(scene=guess.scene if guess else None, experts=[], resolution_m=resolution,
+                                  scene_confidence=guess.confidence if guess else None)
+                results[i] = ModelResult(_sentence_case(answer.text), "ask", None, plan, "answer_head",
+                                         answer_confidence=answer.confidence).assess(self.config)
+        if opened:
+            answered = self.run_experts(visual[opened], "ask", None, [questions[i] for i in opened],
+                                        None if scene_logits is None else scene_logits[opened],
+                                        None if resolutions is None else [resolutions[i] for i in opened])
+            for i, result in zip(opened, answered):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def answer_head_inputs(self, visual: Any, questions: Sequence[str]) -> np.ndarray:
+        """What the answer head sees of each (image, question) but the question's words: the Q-Former's
+        query mean for the question, the mean visual token and the scene head's probabilities (B, Q + D + S)."""
+        queries = _numpy(self.query_embeddings(visual, questions)).mean(axis=1)
+        scenes = self.scene_logits(visual)
+        if scenes is None:
+            raise ModelDirError("an answer head needs a model with a scene head")
+        return np.concatenate([queries, _numpy(visual).mean(axis=1), softmax_rows(_numpy(scenes))], axis=1)
+
+    def head_answers(self, visual: Any, questions: Sequence[str], kinds: Sequence[str]) -> list[HeadAnswer]:
+        """The answer head's answers to closed questions (one per encoded image)."""
+        assert self.answer_head is not None
+        features = head_features(self.answer_head.words(questions), self.answer_head_inputs(visual, questions))
+        return self.answer_head.answer(features, kinds)
 
     def encode(self, images: Sequence[Any]) -> tuple[Any, Any | None]:
         """Images (arrays, PIL images or paths) -> visual tokens (B, N, D) and the scene logits of
@@ -420,6 +464,13 @@ def softmax_rows(logits: Any) -> Any:
     values = np.asarray(logits.detach().float().cpu() if hasattr(logits, "detach") else logits, dtype=np.float64)
     values = np.exp(values - values.max(axis=-1, keepdims=True))
     return values / values.sum(axis=-1, keepdims=True)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """A torch tensor (detached, float32) or an array as a NumPy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
 def concat_rows(parts: Sequence[Any], axis: int = 0) -> Any:

@@ -1,0 +1,185 @@
+"""The answer head: closed answers from the image and the question, without decoding.
+
+Questions whose answer is a word from a small closed set (yes / no, rural / urban, a count, an area) are what
+RSVQA asks and what GIS users ask most ("Is there a river?", "How many buildings are there?"). Decoding them
+with the experts was wrong more often than a question-only prior (RSVQA val); a small classifier over
+(the question's words, the Q-Former's question-aware queries, the mean visual token, the scene head's
+probabilities) answers them better and in one pass. Counts and areas are answered as RSVQA's buckets
+(0, 1-10, 11-100, 101-1000, more than 1000), the precision the training answers support.
+
+The head is plain numpy (weights in ``answer_head.safetensors`` next to the model's config), so the torch and
+ONNX Runtime backends run the same code; its vocabulary of question words travels in the file's metadata.
+:func:`question_kind` decides from the question's wording which questions the head answers; every other
+question goes to the experts.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.errors import ModelDirError
+
+ANSWER_HEAD_FILE = "answer_head.safetensors"
+
+#: The closed answer kinds, and the labels of each (the head's output units, in this order).
+BUCKET_TEXTS: tuple[str, ...] = ("0", "between 1 and 10", "between 11 and 100", "between 101 and 1000",
+                                 "1,001 or more")
+KIND_LABELS: dict[str, tuple[str, ...]] = {
+    "yes_no": ("no", "yes"),
+    "rural_urban": ("rural", "urban"),
+    "count": tuple(f"count:{k}" for k in range(len(BUCKET_TEXTS))),
+    "area": tuple(f"area:{k}" for k in range(len(BUCKET_TEXTS))),
+}
+LABELS: tuple[str, ...] = tuple(label for labels in KIND_LABELS.values() for label in labels)
+
+_AUXILIARIES = frozenset("is are was were does do did has have can could will would should".split())
+_WORD = re.compile(r"[a-z]+")
+
+
+def question_kind(question: str) -> str | None:
+    """Which closed kind a question asks for (``yes_no``, ``rural_urban``, ``count``, ``area``), or None for
+    an open question (the experts answer it). Decided from the wording alone."""
+    words = _WORD.findall(question.lower())
+    if not words:
+        return None
+    text = " ".join(words)
+    if "rural" in words and "urban" in words:
+        return "rural_urban"
+    if text.startswith(("how many", "what is the number of", "what is the amount of", "what number of")):
+        return "count"
+    if "area" in words and text.startswith(("what is the area", "how large", "what area", "how big")):
+        return "area"
+    if words[0] in _AUXILIARIES and " or " not in f" {text} ":
+        return "yes_no"
+    return None
+
+
+def _singular(word: str) -> str:
+    """A plural's singular, roughly ("rivers" -> "river", "buildings" -> "building"); short words kept."""
+    if len(word) > 3 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def question_tokens(question: str) -> list[str]:
+    """The head's text features of a question: its words (singular) and word pairs."""
+    words = [_singular(w) for w in _WORD.findall(question.lower())]
+    return words + [f"{a}_{b}" for a, b in zip(words, words[1:])]
+
+
+def answer_text(label: str) -> str:
+    """The answer a user reads for a label (a bucket reads as its range; areas in square metres)."""
+    kind, _, bucket = label.partition(":")
+    if not bucket:
+        return label
+    text = BUCKET_TEXTS[int(bucket)]
+    return f"{text} m2" if kind == "area" else text
+
+
+def bag_of_words(questions: Sequence[str], index: dict[str, int]) -> np.ndarray:
+    """Which of the vocabulary's tokens (``index``: token -> column) each question holds (B, len(index))."""
+    bag = np.zeros((len(questions), len(index)), dtype=np.float32)
+    for row, question in enumerate(questions):
+        for token in question_tokens(question):
+            column = index.get(token)
+            if column is not None:
+                bag[row, column] = 1.0
+    return bag
+
+
+@dataclass
+class HeadAnswer:
+    """One closed answer: its text, its kind, and the head's probability for it among the kind's labels."""
+
+    text: str
+    kind: str
+    confidence: float
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (what the head is trained with: ``nn.GELU(approximate="tanh")``)."""
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
+
+
+class AnswerHead:
+    """A two-layer classifier over ``[question words; query mean; visual mean; scene probabilities]``,
+    standardised with the training set's mean and deviation."""
+
+    def __init__(self, vocabulary: Sequence[str], tensors: dict[str, np.ndarray]) -> None:
+        self.vocabulary = list(vocabulary)
+        self.index = {token: i for i, token in enumerate(self.vocabulary)}
+        self.tensors = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+        t = self.tensors
+        if t["w2"].shape[0] != len(LABELS) or t["w1"].shape[1] != t["mean"].shape[0]:
+            raise ModelDirError("the answer head's weights do not match its labels; retrain it")
+
+    # -- files -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path) -> "AnswerHead":
+        from safetensors import SafetensorError, safe_open  # the weights file format of every model part
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            vocabulary = json.loads(meta["vocabulary"])
+            labels = json.loads(meta["labels"])
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+            raise ModelDirError(f"cannot read the answer head {path}: {exc}") from exc
+        if list(labels) != list(LABELS):
+            raise ModelDirError(f"{path} answers other labels than this engine knows; retrain it")
+        missing = {"mean", "std", "w1", "b1", "w2", "b2"} - set(tensors)
+        if missing:
+            raise ModelDirError(f"{path} lacks {', '.join(sorted(missing))}; retrain it")
+        return cls(vocabulary, tensors)
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path),
+                  metadata={"vocabulary": json.dumps(self.vocabulary), "labels": json.dumps(list(LABELS))})
+
+    # -- inference ----------------------------------------------------------------------------------------
+    def words(self, questions: Sequence[str]) -> np.ndarray:
+        """The questions' bag of known tokens (B, vocabulary)."""
+        return bag_of_words(questions, self.index)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        t = self.tensors
+        x = (np.asarray(features, dtype=np.float32) - t["mean"]) / t["std"]
+        return _gelu(x @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"]
+
+    def answer(self, features: np.ndarray, kinds: Sequence[str]) -> list[HeadAnswer]:
+        """The best label of each row's kind, with its probability among that kind's labels."""
+        logits = self.logits(features)
+        answers = []
+        for row, kind in zip(logits, kinds):
+            columns = [LABELS.index(label) for label in KIND_LABELS[kind]]
+            scores = row[columns] - row[columns].max()
+            probs = np.exp(scores) / np.exp(scores).sum()
+            best = int(probs.argmax())
+            answers.append(HeadAnswer(answer_text(KIND_LABELS[kind][best]), kind, float(probs[best])))
+        return answers
+
+
+def head_features(words: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """The head's input rows: the questions' words, then what the model sees
+    (:meth:`engine.model.routing.MoEInference.answer_head_inputs`): one layout for training and inference."""
+    return np.concatenate([words, inputs], axis=1).astype(np.float32)
+
+
+def load_answer_head(enabled: bool, model_dir: Path | None) -> AnswerHead | None:
+    """The model's answer head when its config enables one (``answer_head.enabled``), else None."""
+    if not enabled:
+        return None
+    path = Path(model_dir or ".") / ANSWER_HEAD_FILE
+    if not path.is_file():
+        raise ModelDirError(f"the config enables an answer head but {path} is missing")
+    return AnswerHead.load(path)

@@ -1,0 +1,170 @@
+"""The answer head: which questions it takes, what its answers read as, its file, its training and its use
+by both backends."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.errors import ModelDirError
+from engine.model import RSMoEModel
+from engine.model.answer_head import (
+    ANSWER_HEAD_FILE,
+    KIND_LABELS,
+    LABELS,
+    AnswerHead,
+    answer_text,
+    question_kind,
+    question_tokens,
+)
+from tests.engine_helpers import tiny_dir  # noqa: F401 - the shared tiny model fixture
+from training.answer_head import head_accuracy, record_label, train_answer_head
+from training.config import AnswerHeadTraining
+from training.data.records import VQARecord
+from training.metrics import normalize_rsvqa_answer, rsvqa_answers_match, rsvqa_bucket
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("Is there a road?", "yes_no"),
+    ("Are there any rivers?", "yes_no"),
+    ("Is the number of buildings equal to the number of roads?", "yes_no"),
+    ("Is it a rural or an urban area", "rural_urban"),
+    ("How many residential buildings are there?", "count"),
+    ("What is the amount of roads?", "count"),
+    ("What is the area covered by small buildings?", "area"),
+    ("What is in the image?", None),
+    ("Is it forest or farmland?", None),  # a choice between open words: the experts answer it
+    ("Describe the scene.", None),
+    ("?!", None),
+])
+def test_question_kind_from_the_wording(question: str, kind: str | None) -> None:
+    assert question_kind(question) == kind
+
+
+def test_question_tokens_are_singular_words_and_pairs() -> None:
+    assert question_tokens("Are there rivers?") == ["are", "there", "river", "are_there", "there_river"]
+    assert "grass" in question_tokens("Is there grass?")  # a word ending in ss keeps its s
+
+
+@pytest.mark.parametrize("kind", ["count", "area"])
+def test_every_bucket_answer_reads_back_into_its_bucket(kind: str) -> None:
+    """What a user reads for a count or area bucket is scored in that bucket by RSVQA's rules."""
+    question_type = kind
+    for k, label in enumerate(KIND_LABELS[kind]):
+        text = answer_text(label) + "."
+        value = float(normalize_rsvqa_answer(text, question_type).removesuffix("m2"))
+        assert rsvqa_bucket(value) == k, text
+    assert answer_text("area:2") == "between 11 and 100 m2" and answer_text("yes") == "yes"
+
+
+def _random_head(vocabulary: list[str], width: int, seed: int = 0) -> AnswerHead:
+    rng = np.random.default_rng(seed)
+    n = len(vocabulary) + width
+    return AnswerHead(vocabulary, {"mean": rng.normal(size=n), "std": rng.uniform(0.5, 2, size=n),
+                                   "w1": rng.normal(size=(8, n)), "b1": rng.normal(size=8),
+                                   "w2": rng.normal(size=(len(LABELS), 8)), "b2": rng.normal(size=len(LABELS))})
+
+
+def test_head_file_round_trip_and_answers_within_the_kind(tmp_path: Path) -> None:
+    head = _random_head(["road", "river", "there"], width=5)
+    head.save(tmp_path / ANSWER_HEAD_FILE)
+    loaded = AnswerHead.load(tmp_path / ANSWER_HEAD_FILE)
+    features = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32)
+    assert loaded.vocabulary == head.vocabulary
+    assert np.allclose(loaded.logits(features), head.logits(features))
+    np.testing.assert_array_equal(loaded.words(["Is there a river?"]), [[0, 1, 1]])
+    kinds = ["yes_no", "rural_urban", "count", "area"]
+    for answer, kind in zip(loaded.answer(features, kinds), kinds):
+        assert answer.kind == kind and answer.text in {answer_text(label) for label in KIND_LABELS[kind]}
+        assert 1 / len(KIND_LABELS[kind]) <= answer.confidence <= 1
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelDirError, match="cannot read the answer head"):
+        AnswerHead.load(tmp_path / "bad.safetensors")
+
+
+def _bright_and_dark_questions(folder: Path) -> list[VQARecord]:
+    """Closed questions whose answers follow the image: bright images have a river, 3 buildings and are
+    urban; dark ones have none and are rural."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        bright = i % 2 == 0
+        base = 200 if bright else 30
+        path = folder / f"{i}.png"
+        Image.fromarray(np.clip(rng.normal(base, 10, (40, 40, 3)), 0, 255).astype(np.uint8)).save(path)
+        for j, (question, qtype, answer) in enumerate([
+                ("Is there a river?", "presence", "yes" if bright else "no"),
+                ("How many buildings are there?", "count", "3" if bright else "0"),
+                ("Is it a rural or an urban area?", "rural_urban", "urban" if bright else "rural")]):
+            records.append(VQARecord(path, question, answer, qtype, f"{i}-{j}", "train", path.name, "fixture"))
+    return records
+
+
+def test_trained_head_answers_closed_questions_and_the_experts_the_rest(tiny_dir: Path, tmp_path: Path) -> None:
+    """Trained on closed questions, the head answers them from the image (through ``ask_features``, in one
+    pass, no decoding); an open question still goes to the experts; the head survives a save and reload;
+    answers under ``answer_head.min_confidence`` are marked unsure."""
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model.set_scene_head(["beach", "forest"], torch.nn.Linear(model.vision.num_features, 2))
+    records = _bright_and_dark_questions(tmp_path / "images")
+    assert record_label(records[0]) == ("yes_no", LABELS.index("yes"))
+    assert record_label(records[1]) == ("count", LABELS.index("count:1"))
+    train_answer_head(model, records, AnswerHeadTraining(hidden=16, epochs=80, batch_size=8, dropout=0.0), seed=0)
+    assert model.config.answer_head.enabled and "river" in model.answer_head.vocabulary
+    assert head_accuracy(model, records) == {"fixture": 1.0}
+
+    visual = model.encode_images(model.preprocess([str(records[0].image_path), str(records[3].image_path)]))
+    results = model.ask_features(visual, ["Is there a river?", "Is there a river?"])
+    assert [r.text for r in results] == ["Yes.", "No."]
+    assert all(r.router == "answer_head" and r.segments == [] and r.answer_confidence > 0.5 for r in results)
+    counts = model.ask_features(visual, ["How many buildings are there?", "What is near the river?"])
+    assert counts[0].text == "Between 1 and 10." and counts[0].router == "answer_head"
+    assert counts[1].router != "answer_head" and counts[1].segments  # the experts answered the open question
+
+    model.save_pretrained(tmp_path / "m")
+    loaded = RSMoEModel.from_pretrained(tmp_path / "m")
+    assert [r.text for r in loaded.ask_features(visual, ["Is it a rural or an urban area?"] * 2)] == ["Urban.", "Rural."]
+    loaded.config.answer_head.min_confidence = 1.01
+    (unsure,) = loaded.ask_features(visual[:1], ["Is there a river?"])
+    assert unsure.uncertain and unsure.uncertainty[0].startswith("answer unsure")
+
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / ANSWER_HEAD_FILE).unlink()
+    with pytest.raises(ModelDirError, match="answer_head.safetensors is missing"):
+        RSMoEModel.from_pretrained(tmp_path / "m")
+    assert config["answer_head"]["enabled"] is True
+
+
+def test_onnx_backend_gives_the_torch_answers(tiny_dir: Path, tmp_path: Path) -> None:
+    """The exported model answers closed questions with the same head, inputs and texts as torch."""
+    from engine.backends.onnx import OnnxRSMoE
+    from export.exporter import ExportOptions, export_model
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model.set_scene_head(["beach", "forest"], torch.nn.Linear(model.vision.num_features, 2))
+    records = _bright_and_dark_questions(tmp_path / "images")
+    train_answer_head(model, records, AnswerHeadTraining(hidden=16, epochs=20, batch_size=8), seed=0)
+    model.save_pretrained(tmp_path / "m")
+    export_model(tmp_path / "m", options=ExportOptions(variants=["fp32"]))
+    onnx_model = OnnxRSMoE.from_model_dir(tmp_path / "m", device="cpu", variant="fp32")
+    torch_model = RSMoEModel.from_pretrained(tmp_path / "m")
+    images = [str(r.image_path) for r in records[::3][:4]]
+    questions = ["Is there a river?", "How many buildings are there?", "Is it a rural or an urban area?",
+                 "Is there a river?"]
+    expected = torch_model.ask_features(torch_model.encode_images(torch_model.preprocess(images)), questions)
+    got = onnx_model.ask_features(onnx_model.encode_images(onnx_model.preprocess(images)), questions)
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert [r.router for r in got] == ["answer_head"] * 4
+    for g, e in zip(got, expected):
+        assert g.answer_confidence == pytest.approx(e.answer_confidence, abs=1e-4)
+    shutil.rmtree(tmp_path / "m")
