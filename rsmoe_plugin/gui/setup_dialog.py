@@ -315,7 +315,9 @@ class SetupDialog(QDialog):
                                             f"Delete {venv}?") != QMessageBox.Yes:
             return False
         settings = load_settings(apply_environment=False)
-        if settings.python and Path(settings.python).expanduser().resolve().is_relative_to(venv.resolve()):
+        # (not resolved: a venv's python is a link to the base interpreter)
+        if settings.python and Path(os.path.abspath(Path(settings.python).expanduser())).is_relative_to(
+                Path(os.path.abspath(venv))):
             get_manager().stop()
             save_settings(replace(settings, python=""))
         try:

@@ -52,7 +52,7 @@ def test_setup_installs_an_engine_that_captions(plugin, engine, qgis_iface, qtbo
         log = (root / LOG_FILE).read_text()
         assert "== [1/7] Creating the virtual environment" in log and "== done in" in log
         assert "torch: CPU build asked for" in log
-        dialog.resize(720, 640)
+        dialog.resize(760, 860)
         qtbot.wait(100)
         assert dialog.grab().save(str(screenshot_path("setup_dialog.png")))
 
