@@ -280,3 +280,21 @@ def test_setup_with_a_bad_index_says_what_failed_and_keeps_the_engine(qgis_iface
         assert "earlier engine setting is kept" in message
         assert "failed" in dialog.step_label.text() and dialog.setup_button.isEnabled()
         assert load_settings(apply_environment=False) == earlier  # the earlier engine stays the plugin's engine
+
+
+def test_the_set_up_is_reached_from_the_menu_and_from_engine_settings(plugin, qtbot) -> None:  # noqa: ANN001
+    from rsmoe_plugin.gui.settings_dialog import SettingsDialog
+
+    texts = [a.text() for a in plugin.actions]
+    assert "Set up the engine\u2026" in texts and "Diagnostics\u2026" in texts
+    settings_dialog = SettingsDialog()
+    qtbot.addWidget(settings_dialog)
+    settings_dialog.setupRequested.connect(plugin.open_setup)
+    settings_dialog.show()
+    settings_dialog.setup_button.click()  # closes the settings and opens the set-up dialog
+    assert not settings_dialog.isVisible()
+    dialog = plugin.setup_dialog
+    assert dialog is not None and dialog.isVisible()
+    wait_task(qtbot, dialog.discovery, 120)
+    assert plugin.open_setup() is dialog  # one set-up dialog per QGIS window
+    dialog.close()
