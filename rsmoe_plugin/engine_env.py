@@ -176,8 +176,8 @@ def probe_python(command: Sequence[str], requires_python: str, timeout: float = 
     if len(command) == 1 and not Path(command[0]).exists() and os.sep in command[0]:
         return None
     try:
-        proc = subprocess.run([*command, "-c", _PYTHON_PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                   timeout=timeout, env=clean_environment())
+        proc = subprocess.run([*command, "-c", _PYTHON_PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout, env=clean_environment())
         info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
@@ -270,8 +270,8 @@ def detect_gpu(nvidia_smi: str | None = None, timeout: float = 15.0) -> GpuInfo:
     if not exe:
         return GpuInfo(note="nvidia-smi not found")
     try:
-        query = subprocess.run([exe, *NVIDIA_SMI_QUERY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    timeout=timeout)
+        query = subprocess.run([exe, *NVIDIA_SMI_QUERY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, timeout=timeout)
         if query.returncode != 0:
             return GpuInfo(note=f"nvidia-smi failed: {query.stdout.strip()[-200:]}")
         header = subprocess.run([exe], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
@@ -380,8 +380,8 @@ def probe_engine(python: str, cwd: Path | None = None, timeout: float = 120.0) -
     if exe is None or not exe.exists():
         return EngineProbe(python, error=f"no Python interpreter at {python}")
     try:
-        proc = subprocess.run([str(exe), "-c", PROBE_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                   timeout=timeout, env=clean_environment(), cwd=str(cwd or Path.home()))
+        proc = subprocess.run([str(exe), "-c", PROBE_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout, env=clean_environment(), cwd=str(cwd or Path.home()))
         data = parse_probe(proc.stdout)
     except (OSError, subprocess.SubprocessError) as exc:
         return EngineProbe(str(exe), error=f"cannot run it: {exc}")

@@ -49,7 +49,7 @@ VENV_DIR = "engine-venv"
 LOG_FILE = "setup.log"
 STATE_FILE = "setup-state.json"
 TORCH_BUILDS = ("auto", "cpu", "cuda")
-PIP_QUIET = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
+PIP_FLAGS = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
 
 
 def bundled_file(pattern: str, plugin_dir: Path | None = None) -> Path | None:
@@ -150,7 +150,7 @@ def write_state(path: Path, state: SetupState) -> None:
 
 
 def _pip(python: Path, *args: str) -> list[str]:
-    return [str(python), "-m", "pip", "install", *PIP_QUIET, *args]
+    return [str(python), "-m", "pip", "install", *PIP_FLAGS, *args]
 
 
 def plan_setup(options: SetupOptions, torch: TorchChoice, wheel: WheelInfo, venv_ready: bool,

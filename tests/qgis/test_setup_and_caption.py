@@ -19,8 +19,8 @@ def _command_line(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
-def test_setup_installs_an_engine_that_captions(plugin, engine, qgis_iface, qtbot, s2_layer, tmp_path: Path,  # noqa: ANN001
-                                                engine_wheel: Path, monkeypatch) -> None:
+def test_setup_installs_an_engine_that_captions(plugin, engine, qgis_iface, qtbot, s2_layer,  # noqa: ANN001
+                                                tmp_path: Path, engine_wheel: Path, monkeypatch) -> None:
     from rsmoe_plugin.gui.setup_dialog import SetupDialog
     from rsmoe_plugin.settings import load_settings
 
