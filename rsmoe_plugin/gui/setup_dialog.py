@@ -287,7 +287,10 @@ class SetupDialog(QDialog):
                 f"the set-up stopped: {outcome.error}. The earlier engine setting is kept.")
             self._show_result(push_error(self.iface, error), ok=False)
             return
-        run: SetupRun = outcome.result
+        run: SetupRun | None = outcome.result
+        if run is None:  # cancelled before it began
+            self._show_result("The engine set-up was cancelled. The earlier engine is kept.", ok=False)
+            return
         self.last_run = run
         if not run.result.ok:
             message = failure_message(run.result)

@@ -298,3 +298,27 @@ def test_the_set_up_is_reached_from_the_menu_and_from_engine_settings(plugin, qt
     wait_task(qtbot, dialog.discovery, 120)
     assert plugin.open_setup() is dialog  # one set-up dialog per QGIS window
     dialog.close()
+
+
+def test_cancel_stops_the_set_up_and_keeps_the_engine(qgis_iface, qtbot, tmp_path: Path,  # noqa: ANN001
+                                                      engine_wheel: Path) -> None:
+    from rsmoe_plugin.gui.setup_dialog import SetupDialog
+    from rsmoe_plugin.settings import MODE_START, load_settings, save_settings
+
+    with stored_settings():
+        earlier = replace(load_settings(apply_environment=False), mode=MODE_START, python=str(engine_python()))
+        save_settings(earlier)
+        dialog = SetupDialog(qgis_iface, root=tmp_path / "rsmoe")
+        qtbot.addWidget(dialog)
+        wait_task(qtbot, dialog.discovery, 120)
+        dialog.torch_combo.setCurrentIndex(dialog.torch_combo.findData("cpu"))
+        dialog.pytorch_check.setChecked(False)
+        dialog.wheel_widget.setFilePath(str(engine_wheel))
+        task = dialog.start_setup()
+        qtbot.waitUntil(lambda: "Creating the virtual environment" in dialog.step_label.text(), timeout=60_000)
+        dialog.cancel_button.click()
+        outcome = wait_task(qtbot, task, 60)
+        assert outcome.cancelled or (outcome.result is not None and outcome.result.result.cancelled)
+        assert "cancelled" in dialog.step_label.text() and dialog.setup_button.isEnabled()
+        assert "== cancelled" in (tmp_path / "rsmoe" / "setup.log").read_text()
+        assert load_settings(apply_environment=False) == earlier
