@@ -120,22 +120,19 @@ class SetupDialog(QDialog):
         self.gpu_label = QLabel("looking for an NVIDIA GPU\u2026", self)
         self.gpu_label.setWordWrap(True)
         form.addRow("", self.gpu_label)
-        self.pytorch_check = QCheckBox("torch from PyTorch's index (download.pytorch.org)", self)
-        self.pytorch_check.setChecked(choices.use_pytorch_index)
-        self.pytorch_check.setToolTip("https://download.pytorch.org/whl/<build>; untick for a mirror that holds "
-                                      "the build (the package index URL below)")
-        form.addRow("", self.pytorch_check)
+        self.pytorch_check = self._check(form, "torch from PyTorch's index (download.pytorch.org)",
+                                         choices.use_pytorch_index,
+                                         "https://download.pytorch.org/whl/<build>; untick for a mirror that holds "
+                                         "the build (the package index URL below)")
         self.index_edit = QLineEdit(choices.index_url, self)
         self.index_edit.setPlaceholderText("pip's own configuration (normally PyPI)")
         form.addRow("Package index URL:", self.index_edit)
         self.pip_args_edit = QLineEdit(choices.extra_pip_args, self)
         self.pip_args_edit.setPlaceholderText("e.g. --proxy http://proxy:8080 --trusted-host mirror.example")
         form.addRow("Extra pip arguments:", self.pip_args_edit)
-        self.export_check = QCheckBox("Export the model to ONNX (faster on a CPU)", self)
-        self.export_check.setChecked(choices.export_onnx)
-        self.export_check.setToolTip("Adds ONNX Runtime and the exporter and exports the model once (minutes); "
-                                     "the engine then runs the ONNX graphs on a CPU")
-        form.addRow("", self.export_check)
+        self.export_check = self._check(form, "Export the model to ONNX (faster on a CPU)", choices.export_onnx,
+                                        "Adds ONNX Runtime and the exporter and exports the model once (minutes); "
+                                        "the engine then runs the ONNX graphs on a CPU")
         self.wheel_widget = QgsFileWidget(self)
         self.wheel_widget.setFilter("Python wheel (*.whl)")
         bundled = bundled_file("rsmoe-*.whl")
@@ -185,6 +182,13 @@ class SetupDialog(QDialog):
         self.discovery = start_task(EngineTask("RS-MoE: look for Python and a GPU",
                                                lambda _task: (find_pythons(requires_python), detect_gpu()),
                                                self._discovered))
+
+    def _check(self, form: QFormLayout, text: str, checked: bool, tip: str) -> QCheckBox:
+        box = QCheckBox(text, self)
+        box.setChecked(checked)
+        box.setToolTip(tip)
+        form.addRow("", box)
+        return box
 
     # -- discovery ---------------------------------------------------------------------------
     def _requires_python(self) -> str:
