@@ -27,6 +27,7 @@ from qgis.core import Qgis, QgsMessageLog
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 from rsmoe_plugin.client import EngineClient, EngineHealth
+from rsmoe_plugin.engine_env import clean_environment, interpreter_of, tail_lines
 from rsmoe_plugin.errors import (
     ConfigurationError,
     EngineConnectionLost,
@@ -47,10 +48,6 @@ STATE_RUNNING = "running"
 STATE_CONNECTED = "connected"
 STATE_DIED = "died"
 STATE_FAILED = "failed"
-
-#: environment variables not passed to the engine: they belong to QGIS's own Python
-_DROPPED_ENV = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECUTABLE")
-
 
 def log(message: str, level: Qgis.MessageLevel = Qgis.Info) -> None:
     QgsMessageLog.logMessage(message, LOG_TAG, level)
@@ -82,13 +79,11 @@ def engine_command(python: str, token_file: Path, settings: EngineSettings) -> l
     """
     path = Path(python).expanduser()
     if path.is_dir():
-        for candidate in (path / "bin" / "python", path / "Scripts" / "python.exe", path / "bin" / "python3"):
-            if candidate.exists():
-                path = candidate
-                break
-        else:
+        found = interpreter_of(python)
+        if found is None:
             raise EngineStartError(f"'{python}' is a folder without bin/python: give the Python interpreter of the "
                                    f"venv where the RS-MoE engine is installed")
+        path = found
     if path.name.lower().startswith("rsmoe"):
         cmd = [str(path), "serve"]
     else:
@@ -111,17 +106,6 @@ def _close_stdin(proc: subprocess.Popen) -> None:
             proc.stdin.close()
         except OSError:
             pass
-
-
-def _tail(path: Path | None, lines: int = 6) -> str:
-    if path is None:
-        return ""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    kept = [line for line in text.strip().splitlines() if line.strip()]
-    return "\n".join(kept[-lines:])
 
 
 def _exit_description(code: int) -> str:
@@ -172,6 +156,12 @@ class EngineManager(QObject):
         proc = self._process
         return proc.pid if proc is not None and proc.poll() is None else None
 
+    @property
+    def token(self) -> str:
+        """The token of the engine in use ('' when none): to keep it out of reports, never to show it."""
+        client = self._client
+        return client.token if client is not None else ""
+
     def settings(self) -> EngineSettings:
         return self._settings_loader()
 
@@ -195,9 +185,10 @@ class EngineManager(QObject):
                 if client is not None:
                     return client
                 raise ConfigurationError(
-                    "No RS-MoE engine is configured. Open Plugins > RS-MoE > Engine settings and choose the "
-                    "Python interpreter (or venv) where the engine is installed, or connect to a running "
-                    "`rsmoe serve`; headless: set RSMOE_ENGINE_PYTHON, or RSMOE_ENGINE_URL and RSMOE_ENGINE_TOKEN.")
+                    "No RS-MoE engine is configured. Open Plugins > RS-MoE > Set up the engine to install it "
+                    "(one click), or Engine settings to choose the Python interpreter (or venv) where it is "
+                    "installed or to connect to a running `rsmoe serve`; headless: set RSMOE_ENGINE_PYTHON, or "
+                    "RSMOE_ENGINE_URL and RSMOE_ENGINE_TOKEN.")
             proc = self._process
             if proc is not None and proc.poll() is None and self._client is not None:
                 try:
@@ -298,8 +289,7 @@ class EngineManager(QObject):
         token_file = self._workdir / "engine.json"
         self._log_path = self._workdir / "engine.log"
         cmd = engine_command(settings.python, token_file, settings)
-        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = clean_environment()
         log(f"starting the engine: {' '.join(cmd)}")
         self._set_status(EngineStatus(STATE_STARTING, "loading the model", log_path=str(self._log_path),
                                       started_by_plugin=True))
@@ -327,7 +317,7 @@ class EngineManager(QObject):
         while True:
             code = proc.poll()
             if code is not None:
-                tail = _tail(self._log_path)
+                tail = tail_lines(self._log_path, 6)
                 message = (f"the engine exited while starting ({_exit_description(code)}).{_start_hint(tail)}"
                            + (f"\nLast lines of its log:\n{tail}" if tail else ""))
                 self._set_status(EngineStatus(STATE_FAILED, message, log_path=str(self._log_path)))
@@ -369,7 +359,7 @@ class EngineManager(QObject):
                 code = proc.wait(timeout=3.0)
             except subprocess.TimeoutExpired:
                 return None
-            tail = _tail(self._log_path, 3)
+            tail = tail_lines(self._log_path, 3)
             message = (f"The RS-MoE engine stopped while working on {what} ({_exit_description(code)}). "
                        f"It will be restarted with the next request."
                        + (f" Last lines of its log ({self._log_path}):\n{tail}" if tail else ""))

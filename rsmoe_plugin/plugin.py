@@ -29,6 +29,8 @@ class RSMoEPlugin:
         self.caption_panel = None
         self.ask_dock = None
         self.last_caption_task: EngineTask | None = None
+        self.setup_dialog = None
+        self.diagnostics_dialog = None
 
     # -- Processing (also under qgis_process, without a GUI) ------------------------------------
     def initProcessing(self) -> None:  # noqa: N802 - QGIS calls this name
@@ -60,6 +62,10 @@ class RSMoEPlugin:
                                             "Caption every tile of a raster into a GeoJSON layer (Processing)")
         self.settings_action = self._action(QgsApplication.getThemeIcon("/mActionOptions.svg"),
                                             "Engine settings\u2026", self.open_settings, toolbar=False)
+        self.setup_action = self._action(QgsApplication.getThemeIcon("/mActionNewFolder.svg"),
+                                         "Set up the engine\u2026", self.open_setup, toolbar=False)
+        self.diagnostics_action = self._action(QgsApplication.getThemeIcon("/mActionPropertiesWidget.svg"),
+                                               "Diagnostics\u2026", self.open_diagnostics, toolbar=False)
         self.restart_action = self._action(QgsApplication.getThemeIcon("/mActionReload.svg"), "Restart engine",
                                            self.restart_engine, toolbar=False)
         self.stop_action = self._action(QgsApplication.getThemeIcon("/mActionStop.svg"), "Stop engine",
@@ -97,6 +103,10 @@ class RSMoEPlugin:
             for action in self.actions:
                 self.iface.removePluginMenu(MENU, action)
                 self.iface.removeToolBarIcon(action)
+            for dialog in (self.setup_dialog, self.diagnostics_dialog):
+                if dialog is not None:
+                    dialog.close()
+                    dialog.deleteLater()
             for dock in (self.caption_panel, self.ask_dock):
                 if dock is not None:
                     if hasattr(dock, "disconnect_signals"):
@@ -107,6 +117,7 @@ class RSMoEPlugin:
                 self.toolbar.deleteLater()
         self.actions.clear()
         self.caption_panel = self.ask_dock = self.toolbar = None
+        self.setup_dialog = self.diagnostics_dialog = None
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
@@ -121,7 +132,32 @@ class RSMoEPlugin:
     def open_settings(self) -> None:
         from rsmoe_plugin.gui.settings_dialog import SettingsDialog
 
-        SettingsDialog(self.iface.mainWindow()).exec_()
+        dialog = SettingsDialog(self.iface.mainWindow())
+        dialog.setupRequested.connect(self.open_setup)
+        dialog.exec_()
+
+    def open_setup(self):  # noqa: ANN201 - SetupDialog
+        """Show the "Set up the engine" dialog (one per QGIS window; a running set-up goes on when it is closed)."""
+        from rsmoe_plugin.gui.setup_dialog import SetupDialog
+
+        if self.setup_dialog is None:
+            self.setup_dialog = SetupDialog(self.iface, self.iface.mainWindow())
+        self.setup_dialog.show()
+        self.setup_dialog.raise_()
+        return self.setup_dialog
+
+    def open_diagnostics(self):  # noqa: ANN201 - DiagnosticsDialog
+        """Show the diagnostics report (gathered again each time it is opened)."""
+        from rsmoe_plugin.gui.diagnostics_dialog import DiagnosticsDialog
+        from rsmoe_plugin.settings import default_setup_root
+
+        if self.diagnostics_dialog is None:
+            self.diagnostics_dialog = DiagnosticsDialog(default_setup_root(), self.iface.mainWindow())
+        else:
+            self.diagnostics_dialog.refresh()
+        self.diagnostics_dialog.show()
+        self.diagnostics_dialog.raise_()
+        return self.diagnostics_dialog
 
     def restart_engine(self) -> EngineTask:
         manager = get_manager()

@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
-from qgis.core import QgsSettings
+from qgis.core import QgsApplication, QgsSettings
 
 SETTINGS_GROUP = "rsmoe/engine"
+SETUP_GROUP = "rsmoe/setup"
 
 MODE_START = "start"
 MODE_CONNECT = "connect"
@@ -35,6 +37,8 @@ ENV_TOKEN_FILE = "RSMOE_ENGINE_TOKEN_FILE"
 ENV_MODEL = "RSMOE_ENGINE_MODEL"
 ENV_BACKEND = "RSMOE_ENGINE_BACKEND"
 ENV_DEVICE = "RSMOE_ENGINE_DEVICE"
+
+T = TypeVar("T")
 
 
 def default_token_file() -> Path:
@@ -104,6 +108,8 @@ class EngineSettings:
 
 
 def _coerce(value: object, default: object) -> object:
+    if isinstance(default, bool):  # QgsSettings may give back "true" / "false"
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
     if isinstance(default, float):
         try:
             return float(value)  # type: ignore[arg-type]
@@ -112,26 +118,58 @@ def _coerce(value: object, default: object) -> object:
     return "" if value is None else str(value)
 
 
+def _load(group: str, cls: type[T]) -> T:
+    """A settings dataclass from QgsSettings ``group`` (missing or unreadable values: the defaults)."""
+    qs = QgsSettings()
+    defaults = cls()
+    values = {f.name: _coerce(qs.value(f"{group}/{f.name}", getattr(defaults, f.name)), getattr(defaults, f.name))
+              for f in fields(cls) if f.name != "source"}
+    return cls(**values)
+
+
+def _save(group: str, settings: object) -> None:
+    qs = QgsSettings()
+    for f in fields(settings):
+        if f.name != "source":
+            qs.setValue(f"{group}/{f.name}", getattr(settings, f.name))
+
+
 def load_settings(apply_environment: bool = True) -> EngineSettings:
     """The stored settings (QgsSettings), with the environment overrides unless told otherwise."""
-    qs = QgsSettings()
-    defaults = EngineSettings()
-    values: dict[str, object] = {}
-    for f in fields(EngineSettings):
-        if f.name == "source":
-            continue
-        default = getattr(defaults, f.name)
-        values[f.name] = _coerce(qs.value(f"{SETTINGS_GROUP}/{f.name}", default), default)
-    if values.get("mode") not in (MODE_START, MODE_CONNECT):
-        values["mode"] = MODE_START
-    settings = EngineSettings(**values)  # type: ignore[arg-type]
+    settings = _load(SETTINGS_GROUP, EngineSettings)
+    if settings.mode not in (MODE_START, MODE_CONNECT):
+        settings = replace(settings, mode=MODE_START)
     return settings.with_environment() if apply_environment else settings
 
 
 def save_settings(settings: EngineSettings) -> None:
     """Store settings in QgsSettings (the environment overrides are not stored)."""
-    qs = QgsSettings()
-    for f in fields(EngineSettings):
-        if f.name == "source":
-            continue
-        qs.setValue(f"{SETTINGS_GROUP}/{f.name}", getattr(settings, f.name))
+    _save(SETTINGS_GROUP, settings)
+
+
+@dataclass(frozen=True)
+class SetupChoices:
+    """The engine set-up dialog's last choices (see :class:`rsmoe_plugin.engine_setup.SetupOptions`);
+    empty ``base_python`` / ``wheel`` / ``root``: found automatically, the bundled wheel, the profile's folder."""
+
+    base_python: str = ""
+    torch_build: str = "auto"
+    use_pytorch_index: bool = True
+    index_url: str = ""
+    extra_pip_args: str = ""
+    export_onnx: bool = True
+    wheel: str = ""
+    root: str = ""
+
+
+def load_setup_choices() -> SetupChoices:
+    return _load(SETUP_GROUP, SetupChoices)
+
+
+def save_setup_choices(choices: SetupChoices) -> None:
+    _save(SETUP_GROUP, choices)
+
+
+def default_setup_root() -> Path:
+    """Where "Set up the engine" puts the engine's environment: the QGIS profile's ``rsmoe`` folder."""
+    return Path(QgsApplication.qgisSettingsDirPath()) / "rsmoe"

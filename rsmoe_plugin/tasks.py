@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qgis.core import Qgis, QgsApplication, QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
 
 from rsmoe_plugin.engine_manager import log
 
@@ -29,7 +30,11 @@ class TaskOutcome:
 
 
 class EngineTask(QgsTask):
-    """Run ``work(task)`` in a worker thread; call ``on_finished(outcome)`` on the main thread."""
+    """Run ``work(task)`` in a worker thread; call ``on_finished(outcome)`` on the main thread.
+
+    ``work`` may report what it is doing with :meth:`report` (``noted`` is delivered on the main thread)."""
+
+    noted = pyqtSignal(str)
 
     def __init__(self, description: str, work: Callable[[EngineTask], Any],
                  on_finished: Callable[[TaskOutcome], None]) -> None:
@@ -37,6 +42,11 @@ class EngineTask(QgsTask):
         self._work = work
         self._on_finished = on_finished
         self.outcome: TaskOutcome | None = None
+
+    def report(self, fraction: float, text: str) -> None:
+        """From the worker thread: progress (0..1) and what is being done now."""
+        self.setProgress(max(0.0, min(100.0, fraction * 100.0)))
+        self.noted.emit(text)
 
     def run(self) -> bool:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from qgis.gui import QgsFileWidget
+from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QButtonGroup,
     QComboBox,
@@ -14,6 +15,7 @@ from qgis.PyQt.QtWidgets import (
     QGroupBox,
     QLabel,
     QLineEdit,
+    QPushButton,
     QRadioButton,
     QVBoxLayout,
     QWidget,
@@ -34,7 +36,11 @@ from rsmoe_plugin.settings import (
 
 
 class SettingsDialog(QDialog):
-    """Edits the stored settings (QgsSettings); environment overrides are shown, not stored."""
+    """Edits the stored settings (QgsSettings); environment overrides are shown, not stored.
+
+    "Set up the engine\u2026" closes it and asks the plugin (``setupRequested``) for the set-up dialog."""
+
+    setupRequested = pyqtSignal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -52,6 +58,11 @@ class SettingsDialog(QDialog):
 
         start_box = QGroupBox("Start", self)
         start_form = QFormLayout(start_box)
+        self.setup_button = QPushButton("Set up the engine\u2026", start_box)
+        self.setup_button.setToolTip("Create the engine's own Python environment in the QGIS profile (torch, the "
+                                     "engine, its base weights) and use it: no shell needed")
+        self.setup_button.clicked.connect(self._request_setup)
+        start_form.addRow("No engine yet?", self.setup_button)
         self.python_widget = QgsFileWidget(start_box)
         self.python_widget.setFilePath(stored.python)
         self.python_widget.setDialogTitle("Python interpreter (or rsmoe executable) of the engine's venv")
@@ -123,6 +134,10 @@ class SettingsDialog(QDialog):
             model_dir=self.model_widget.filePath().strip(), backend=self.backend_combo.currentText(),
             device=self.device_edit.text().strip() or "auto", startup_timeout_s=self.startup_spin.value(),
             request_timeout_s=self.timeout_spin.value())
+
+    def _request_setup(self) -> None:
+        self.reject()
+        self.setupRequested.emit()
 
     def accept(self) -> None:
         save_settings(self.settings())

@@ -88,6 +88,27 @@ def engine(qgis_app):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="session")
+def engine_wheel(tmp_path_factory) -> Path:  # noqa: ANN001
+    """The engine wheel, built once per session by scripts/build_wheel.py."""
+    from scripts.build_wheel import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@contextmanager
+def stored_settings() -> Iterator[None]:
+    """Restore the plugin's stored engine settings and set-up choices (QgsSettings) after the block."""
+    from rsmoe_plugin.settings import load_settings, load_setup_choices, save_settings, save_setup_choices
+
+    settings, choices = load_settings(apply_environment=False), load_setup_choices()
+    try:
+        yield
+    finally:
+        save_settings(settings)
+        save_setup_choices(choices)
+
+
+@pytest.fixture(scope="session")
 def plugin(qgis_iface, qgis_processing, engine):  # noqa: ANN001, ANN201
     """The plugin as QGIS loads it: classFactory(iface) + initGui()."""
     import rsmoe_plugin
