@@ -42,6 +42,7 @@ from training.answer_head import closed_records, head_accuracy, train_answer_hea
 from training.checkpoints import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 from training.config import StageConfig, TrainConfig
 from training.data import derive_ucm_vqa
+from training.data.class_vqa import derive_class_vqa
 from training.data.derived import rsvqa_image_records, with_derived_captions
 from training.data.records import CaptionRecord, VQARecord, evenly_spaced, seen_resolution
 from training.data.sets import CAPTION_SETS, load_mixture
@@ -455,7 +456,8 @@ def with_answer_head(model_dir: Path, data: StageData, config: TrainConfig) -> P
     if not config.answer_head.enabled or RSMoEConfig.load(model_dir).answer_head.enabled:
         return model_dir
     model = RSMoEModel.from_pretrained(model_dir)
-    head = train_answer_head(model, data.vqa_train, config.answer_head, config.seed)
+    class_questions = derive_class_vqa(data.train, seed=config.seed)  # the head's only: stage 2 never saw them
+    head = train_answer_head(model, list(data.vqa_train) + class_questions, config.answer_head, config.seed)
     val = closed_records(data.vqa_val)
     if val:
         log.info("answer head on %d closed val questions: %s", len(val), head_accuracy(model, val))

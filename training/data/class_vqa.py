@@ -1,0 +1,106 @@
+"""Class-derived VQA: closed questions whose answers follow from an image's scene class (EuroSAT, AID).
+
+This is NOT a human-annotated VQA set: each answer is a fact of the class, listed below only where it holds
+for nearly every image of that class ("a River tile shows a river", "a Desert scene has no water", "a
+Residential tile is urban"); where a class says nothing sure about an object (a forest tile may hold a
+stream) no question is derived. It teaches the answer head the objects GIS users ask about across
+resolutions (water, rivers, forest, farmland, buildings) and which ones are absent. Report figures on it as
+"class-derived VQA", never as VQA accuracy on a benchmark.
+
+Per image, ``per_image`` questions are drawn (seeded by the image, so the set is deterministic) from its class's
+facts, each with one of a few wordings; ``type`` is RSVQA's (``presence``, ``rural_urban``).
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Sequence
+
+from training.data.records import CaptionRecord, VQARecord
+
+DATASET_NAME = "class-derived VQA"
+
+#: Wordings of a presence question about an object (``{a}`` the singular with its article, ``{s}`` the plural).
+PRESENCE_WORDINGS: tuple[str, ...] = ("Is there {a}?", "Are there any {s}?", "Is {a} present?",
+                                      "Does this image show {a}?")
+RURAL_URBAN_WORDINGS: tuple[str, ...] = ("Is this a rural or an urban area?", "Is it a rural or an urban area?",
+                                         "Is this area rural or urban?")
+OBJECTS: dict[str, tuple[str, str]] = {  # object -> (singular with article, plural)
+    "river": ("a river", "rivers"),
+    "water": ("a water area", "water areas"),
+    "forest": ("a forest", "forests"),
+    "farmland": ("farmland", "farmlands"),
+    "building": ("a building", "buildings"),
+}
+
+_WATER_FREE = {"river": "no", "water": "no"}
+#: Facts of each class (names lower-cased without separators, so EuroSAT's and AID's spellings both match):
+#: object -> "yes" / "no", and ``setting`` -> "rural" / "urban".
+CLASS_FACTS: dict[str, dict[str, str]] = {
+    # EuroSAT (Sentinel-2, 640 m tiles)
+    "annualcrop": {**_WATER_FREE, "farmland": "yes", "forest": "no", "setting": "rural"},
+    "permanentcrop": {**_WATER_FREE, "farmland": "yes", "setting": "rural"},
+    "pasture": {**_WATER_FREE, "setting": "rural"},
+    "herbaceousvegetation": {**_WATER_FREE, "setting": "rural"},
+    "forest": {"forest": "yes", "farmland": "no", "building": "no", "setting": "rural"},
+    "highway": {**_WATER_FREE},
+    "industrial": {**_WATER_FREE, "building": "yes", "forest": "no", "farmland": "no", "setting": "urban"},
+    "residential": {**_WATER_FREE, "building": "yes", "forest": "no", "farmland": "no", "setting": "urban"},
+    "river": {"river": "yes", "water": "yes", "setting": "rural"},
+    "sealake": {"water": "yes", "river": "no", "building": "no", "forest": "no", "farmland": "no",
+                "setting": "rural"},
+    # AID (Google Earth scenes, about 2-32 m per pixel) where it has other names
+    "bareland": {**_WATER_FREE, "forest": "no", "farmland": "no", "setting": "rural"},
+    "desert": {**_WATER_FREE, "forest": "no", "farmland": "no", "building": "no", "setting": "rural"},
+    "farmland": {"farmland": "yes", "setting": "rural"},
+    "meadow": {**_WATER_FREE, "building": "no", "setting": "rural"},
+    "mountain": {"farmland": "no", "setting": "rural"},
+    "pond": {"water": "yes", "river": "no", "setting": "rural"},
+    "beach": {"water": "yes", "river": "no", "forest": "no", "farmland": "no"},
+    "port": {"water": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
+    "airport": {**_WATER_FREE, "forest": "no", "setting": "urban"},
+    "parking": {**_WATER_FREE, "forest": "no", "farmland": "no", "setting": "urban"},
+    "playground": {**_WATER_FREE, "farmland": "no", "setting": "urban"},
+    "baseballfield": {**_WATER_FREE, "farmland": "no", "setting": "urban"},
+    "stadium": {**_WATER_FREE, "building": "yes", "farmland": "no", "setting": "urban"},
+    "square": {**_WATER_FREE, "building": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
+    "church": {**_WATER_FREE, "building": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
+    "commercial": {**_WATER_FREE, "building": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
+    "center": {"building": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
+    "denseresidential": {**_WATER_FREE, "building": "yes", "farmland": "no", "forest": "no",
+                         "setting": "urban"},
+    "mediumresidential": {"building": "yes", "farmland": "no", "setting": "urban"},
+    "sparseresidential": {"building": "yes"},
+    "school": {"building": "yes", "farmland": "no", "setting": "urban"},
+    "railwaystation": {"building": "yes", "farmland": "no", "setting": "urban"},
+    "storagetanks": {**_WATER_FREE, "farmland": "no", "forest": "no", "setting": "urban"},
+    "bridge": {"water": "yes"},
+    "viaduct": {"setting": "urban"},
+}
+
+
+def class_key(name: str) -> str:
+    """A class name as :data:`CLASS_FACTS` keys it (``SeaLake``, ``Sea Lake``, ``sea_lake`` -> ``sealake``)."""
+    return re.sub(r"[^a-z]", "", name.lower())
+
+
+def derive_class_vqa(records: Sequence[CaptionRecord], per_image: int = 3, seed: int = 0) -> list[VQARecord]:
+    """Up to ``per_image`` closed questions per class-labelled image from its class's facts."""
+    out: list[VQARecord] = []
+    for record in records:
+        facts = CLASS_FACTS.get(class_key(record.class_name or ""))
+        if not facts:
+            continue
+        rng = random.Random(f"{seed}:{record.dataset}:{record.image_id}")
+        for key in rng.sample(sorted(facts), min(per_image, len(facts))):
+            answer = facts[key]
+            if key == "setting":
+                question, question_type = rng.choice(RURAL_URBAN_WORDINGS), "rural_urban"
+            else:
+                singular, plural = OBJECTS[key]
+                question, question_type = rng.choice(PRESENCE_WORDINGS).format(a=singular, s=plural), "presence"
+            out.append(VQARecord(record.image_path, question, answer, question_type,
+                                 f"{record.dataset}:{record.image_id}:{key}", record.split,
+                                 record.filename or record.image_path.name, DATASET_NAME,
+                                 extra={"derived_from": record.dataset}))
+    return out
