@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import UserInputError
-from engine.model import RSMoEModel
+from engine.model import RSMoEConfig, RSMoEModel
+from engine.model.answer_head import ANSWER_HEAD_FILE
 from tests.tiny_models import write_tiny_model_dir
 from training.config import TrainConfig
 from training.data import load_ucm_captions
@@ -133,15 +134,22 @@ def test_continue_from_tunes_a_trained_model_further(tiny_init: Path, tmp_path: 
     trains the bridge and the adapters, and repeats a set's images as configured."""
     from training.train import repeated, train
 
-    first = train(_config(tiny_init, tmp_path / "first"))
-    again = train(_config(tiny_init, tmp_path / "again", continue_from=str(first),
+    head = {"enabled": True, "epochs": 2, "hidden": 8}
+    first = train(_config(tiny_init, tmp_path / "first", answer_head=head))
+    again = train(_config(tiny_init, tmp_path / "again", continue_from=str(first), answer_head=head,
                           data={"ucm": str(SHARED / "ucm_captions"), "max_train_images": 6, "max_val_images": 3,
                                 "augment_variants": 2, "caption_repeats": {"ucm": 2}}))
     assert not (tmp_path / "again" / "stage1").exists()
+    # the answer head is learnt last, from each finished model: the continued model relearns its own
+    assert RSMoEModel.from_pretrained(first).answer_head is not None
+    head_before = load_file(str(first / ANSWER_HEAD_FILE))
+    head_after = load_file(str(again / ANSWER_HEAD_FILE))
+    assert not torch.equal(head_before["mean"], head_after["mean"])
     before, after = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
     bridge = [k for k in before if "query_tokens" in k or "projection" in k]
     assert bridge and any(not torch.equal(before[k], after[k]) for k in bridge)  # the bridge was trained on
     fresh = train(_config(tiny_init, tmp_path / "fresh", one_stage=True))
+    assert not (fresh / ANSWER_HEAD_FILE).exists() and not RSMoEConfig.load(fresh).answer_head.enabled
     a = load_file(str(again / "adapters/theme/adapter_model.safetensors"))
     f = load_file(str(fresh / "adapters/theme/adapter_model.safetensors"))
     b = load_file(str(first / "adapters/theme/adapter_model.safetensors"))

@@ -140,3 +140,26 @@ def test_resolution_phrase_rounds_to_a_few_steps_and_is_off_by_default() -> None
     assert config.phrase(0.348) == "Ground resolution: about 0.3 m per pixel. "
     assert config.phrase(None) == "" and ResolutionConfig().phrase(10.0) == ""
     assert config.outside(0.05) == "finer" and config.outside(40.0) == "coarser" and config.outside(5.0) is None
+
+
+def test_class_derived_questions_state_only_the_facts_of_the_class(tmp_path: Path) -> None:
+    """Closed questions follow from the class (a SeaLake tile has water and no river, a Residential tile is urban),
+    are the same on every run, and a class without listed facts gets none."""
+    from training.answer_head import record_label
+    from training.data.class_vqa import CLASS_FACTS, class_key, derive_class_vqa
+
+    records = load_class_folder(_class_folder(tmp_path / "eurosat", with_sentences=False), split="train")
+    questions = derive_class_vqa(records, per_image=10)
+    assert questions == derive_class_vqa(records, per_image=10)
+    assert {q.dataset for q in questions} == {"class-derived VQA"}
+    by_class = {}
+    for q in questions:
+        klass = next(r.class_name for r in records if r.image_path == q.image_path)
+        by_class.setdefault(klass, set()).add((q.question_id.rsplit(":", 1)[1], q.answer))
+        assert record_label(q) is not None  # every derived question is one the answer head learns
+    assert ("water", "yes") in by_class["SeaLake"] and ("river", "no") in by_class["SeaLake"]
+    assert ("setting", "urban") in by_class["Residential"] and ("building", "yes") in by_class["Residential"]
+    assert by_class["Forest"] == {(k, v) for k, v in CLASS_FACTS["forest"].items()}
+    assert class_key("Sea Lake") == class_key("sea_lake") == "sealake"
+    unknown = [records[0].__class__(**{**records[0].__dict__, "class_name": "Volcano"})]
+    assert derive_class_vqa(unknown) == []

@@ -67,7 +67,10 @@ def build_initial_model(config: TrainConfig) -> RSMoEModel:
                                  "give a model directory an earlier run wrote (its stage2/)")
         if config.model_overrides:
             raise UserInputError("continue_from keeps the trained model's config: remove model_overrides")
-        return RSMoEModel.from_pretrained(source)
+        model = RSMoEModel.from_pretrained(source)
+        # an answer head learnt the features of the model as it was: the continued model learns its own
+        model.answer_head, model.config.answer_head.enabled = None, False
+        return model
     init = Path(config.init)
     model_config = RSMoEConfig.load(init).to_dict()
     for section, values in config.model_overrides.items():

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.errors import ModelDirError, UserInputError
+from engine.errors import UserInputError
 from engine.model.answer_head import AnswerHead, HeadAnswer, head_features, question_kind
 from engine.model.config import ROUTER_ADAPTER, RSMoEConfig
 from engine.model.image_processing import ImageProcessor, dihedral
@@ -413,12 +413,13 @@ class MoEInference:
 
     def answer_head_inputs(self, visual: Any, questions: Sequence[str]) -> np.ndarray:
         """What the answer head sees of each (image, question) but the question's words: the Q-Former's
-        query mean for the question, the mean visual token and the scene head's probabilities (B, Q + D + S)."""
-        queries = _numpy(self.query_embeddings(visual, questions)).mean(axis=1)
+        query mean for the question, the mean visual token and the scene head's probabilities where the model
+        has a scene head (B, Q + D [+ S])."""
+        parts = [_numpy(self.query_embeddings(visual, questions)).mean(axis=1), _numpy(visual).mean(axis=1)]
         scenes = self.scene_logits(visual)
-        if scenes is None:
-            raise ModelDirError("an answer head needs a model with a scene head")
-        return np.concatenate([queries, _numpy(visual).mean(axis=1), softmax_rows(_numpy(scenes))], axis=1)
+        if scenes is not None:
+            parts.append(softmax_rows(_numpy(scenes)))
+        return np.concatenate(parts, axis=1)
 
     def head_answers(self, visual: Any, questions: Sequence[str], kinds: Sequence[str]) -> list[HeadAnswer]:
         """The answer head's answers to closed questions (one per encoded image)."""
