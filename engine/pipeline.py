@@ -35,10 +35,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
@@ -48,12 +49,19 @@ from engine import __version__
 from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
+from engine.model.answer_head import combine_tile_answers, question_kind
 from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows
 from engine.raster import TileRead
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16  # bench/results/annotate_cpu.json: 1.5x the tiles/s of 4 on 2 cores, peak RSS under 2 GB
+#: A closed question about a region seen coarser than the trained range is answered on tiles seen at this share
+#: of the coarsest trained resolution (at most MAX_ANSWER_GRID tiles a side). On the README's Sentinel-2 example
+#: (22.9 m/px as one image) 2 x 2 tiles at the coarsest resolution split rural / urban 2:2; 4 x 4 at half of it
+#: (5.7 m/px, about EuroSAT's 2.9 m/px) answer 10:6 rural, as the scene is.
+ANSWER_TILE_SEEN_FRACTION = 0.5
+MAX_ANSWER_GRID = 6
 #: Default bounds of the feature cache (the lite model's 49 x 1280 float32 tokens are 250 KB per image).
 CACHE_MAX_ENTRIES = 512
 CACHE_MAX_BYTES = 128 * 2**20
@@ -446,16 +454,62 @@ class Pipeline:
                 for res, r, hit in zip(results, regions, hits)]
 
     def ask(self, item: ImageInput | str | Path | bytes, question: str, **region: Any) -> RegionResult:
-        """Answer a question about a raster, an image, or a window / extent of it."""
+        """Answer a question about a raster, an image, or a window / extent of it.
+
+        A closed question (the answer head's: yes / no, rural / urban, a count, an area) about a region seen
+        coarser than the model's trained range is answered over a grid of tiles the model sees within it,
+        and the tiles' answers are combined (:func:`combine_tile_answers`: "is there a river?" is yes when
+        any tile shows one)."""
         check_question(question)
         start = time.perf_counter()
         inp = ImageInput.of(item, **region)
         part = self.read_region(inp)
+        grid = self._answer_grid(part, question)
+        if grid > 1:
+            result = self._ask_over_tiles(inp, part, question, grid)
+            return RegionResult(result, part.read.window, part.source, False, time.perf_counter() - start,
+                                part.ground_resolution_m)
         self._log_outside(part, inp.label)
         hit = self._key(part.key) in self.cache
         (result,) = self.ask_images([part.image], [question], [part.key], [part.seen_resolution(self.image_size)])
         return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
                             part.ground_resolution_m)
+
+    def _answer_grid(self, part: RegionRead, question: str) -> int:
+        """Tiles per side to answer ``question`` over ``part`` at a resolution the model knows (1: as one)."""
+        head = self.model.answer_head
+        kind = question_kind(question) if head is not None and head.knows(question) else None
+        seen = part.seen_resolution(self.image_size)
+        resolution = self.model.config.resolution
+        if kind is None or seen is None or resolution.max_m is None or resolution.outside(seen) != "coarser":
+            return 1
+        target = resolution.max_m * ANSWER_TILE_SEEN_FRACTION
+        return max(2, min(MAX_ANSWER_GRID, math.ceil(seen / target - 0.05)))  # slack: 4x the target is 4 x 4
+
+    def _ask_over_tiles(self, inp: ImageInput, part: RegionRead, question: str, grid: int) -> ModelResult:
+        """A closed question answered on ``grid`` x ``grid`` tiles of the region, the answers combined; the
+        plan names the whole region's scene."""
+        window = part.read.window
+        cols = np.linspace(window.col_off, window.col_off + window.width, grid + 1).round().astype(int)
+        rows = np.linspace(window.row_off, window.row_off + window.height, grid + 1).round().astype(int)
+        tiles = [self.read_region(replace(inp, window=Window(int(c0), int(r0), int(c1 - c0), int(r1 - r0)),
+                                          extent=None, extent_crs=None))
+                 for r0, r1 in zip(rows[:-1], rows[1:]) for c0, c1 in zip(cols[:-1], cols[1:])]
+        kind = question_kind(question)
+        assert kind is not None
+        answers = []
+        for start in range(0, len(tiles), self.batch_size):
+            batch = tiles[start:start + self.batch_size]
+            visual, _ = self.encode([t.image for t in batch], [t.key for t in batch])
+            with self.lock:
+                answers += self.model.head_answers(visual, [question] * len(batch), [kind] * len(batch))
+        combined = combine_tile_answers(answers, self.model.config.answer_head.min_confidence)
+        visual, scene_logits = self.encode([part.image], [part.key])
+        guesses = self.model.scene_guesses(visual, scene_logits)
+        log.info("%s: %r answered over %d x %d tiles (%s): %s", inp.label, question, grid, grid,
+                 ", ".join(a.label for a in answers), combined.label)
+        return self.model.head_result(combined, guesses[0] if guesses else None,
+                                      max(t.seen_resolution(self.image_size) or 0.0 for t in tiles) or None)
 
 
 def _check_style(style: str) -> None:

@@ -13,12 +13,15 @@ from PIL import Image
 
 from engine.errors import ModelDirError
 from engine.model import RSMoEModel
+from engine.pipeline import Pipeline
 from engine.model.answer_head import (
     ANSWER_HEAD_FILE,
     KIND_LABELS,
     LABELS,
     AnswerHead,
+    HeadAnswer,
     answer_text,
+    combine_tile_answers,
     question_kind,
     question_tokens,
 )
@@ -26,7 +29,9 @@ from tests.engine_helpers import tiny_dir  # noqa: F401 - the shared tiny model 
 from training.answer_head import head_accuracy, record_label, train_answer_head
 from training.config import AnswerHeadTraining
 from training.data.records import VQARecord
-from training.metrics import normalize_rsvqa_answer, rsvqa_answers_match, rsvqa_bucket
+from training.metrics import normalize_rsvqa_answer, rsvqa_bucket
+
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize("question, kind", [
@@ -48,7 +53,7 @@ def test_question_kind_from_the_wording(question: str, kind: str | None) -> None
 
 def test_question_tokens_are_singular_words_and_pairs() -> None:
     assert question_tokens("Are there rivers?") == ["are", "there", "river", "are_there", "there_river"]
-    assert "grass" in question_tokens("Is there grass?")  # a word ending in ss keeps its s
+    assert {"grass", "this"} <= set(question_tokens("Is there grass in this image?"))  # ss, is: not plurals
 
 
 @pytest.mark.parametrize("kind", ["count", "area"])
@@ -60,6 +65,31 @@ def test_every_bucket_answer_reads_back_into_its_bucket(kind: str) -> None:
         value = float(normalize_rsvqa_answer(text, question_type).removesuffix("m2"))
         assert rsvqa_bucket(value) == k, text
     assert answer_text("area:2") == "between 11 and 100 m2" and answer_text("yes") == "yes"
+
+
+def _answer(label: str, confidence: float) -> HeadAnswer:
+    kind = next(k for k, labels in KIND_LABELS.items() if label in labels)
+    return HeadAnswer(answer_text(label), kind, confidence, label)
+
+
+def test_tile_answers_combine_into_one_answer_for_the_region() -> None:
+    """Yes when a tile is sure of yes; rural / urban by majority; counts add up across tiles."""
+    sure_yes = combine_tile_answers([_answer("no", 0.9), _answer("yes", 0.8), _answer("yes", 0.95)], 0.6)
+    assert (sure_yes.label, sure_yes.confidence) == ("yes", 0.95)
+    unsure_yes = combine_tile_answers([_answer("no", 0.9), _answer("yes", 0.55)], 0.6)
+    assert unsure_yes.label == "no" and unsure_yes.confidence == pytest.approx(0.45)
+    setting = combine_tile_answers([_answer("rural", 0.9), _answer("urban", 0.99), _answer("rural", 0.7)], 0.6)
+    assert setting.label == "rural" and setting.confidence == pytest.approx((0.9 + 0.7) / 3)
+    counts = combine_tile_answers([_answer("count:1", 0.9)] * 3 + [_answer("count:0", 0.7)], 0.6)
+    assert counts.label == "count:2" and counts.text == "between 11 and 100" and counts.confidence == 0.7
+    assert combine_tile_answers([_answer("area:0", 0.8)] * 4, 0.6).label == "area:0"
+
+
+def test_head_leaves_questions_about_unknown_words_to_the_experts() -> None:
+    head = _random_head(["is", "there", "a", "river", "how", "many", "building", "are"], width=5)
+    assert head.knows("Is there a river?") and head.knows("Is there a river in this picture?")
+    assert head.knows("How many buildings are there?")
+    assert not head.knows("Is there a desert?")
 
 
 def _random_head(vocabulary: list[str], width: int, seed: int = 0) -> AnswerHead:
@@ -135,6 +165,19 @@ def test_trained_head_answers_closed_questions_and_the_experts_the_rest(tiny_dir
     loaded.config.answer_head.min_confidence = 1.01
     (unsure,) = loaded.ask_features(visual[:1], ["Is there a river?"])
     assert unsure.uncertain and unsure.uncertainty[0].startswith("answer unsure")
+
+    # a region seen coarser than the trained range: the closed question is answered on a grid of tiles
+    pipeline = Pipeline(loaded, batch_size=4)
+    loaded.config.answer_head.min_confidence = 0.6
+    seen_whole = 10.0 * 512 / loaded.config.image.image_size  # tests/data/s2_crop512.tif: 512 px at 10 m
+    loaded.config.resolution.min_m, loaded.config.resolution.max_m = seen_whole / 20, seen_whole / 4
+    tiled = pipeline.ask(str(DATA / "s2_crop512.tif"), "Is there a river?")
+    assert tiled.result.router == "answer_head" and tiled.result.text in ("Yes.", "No.")
+    assert tiled.result.model_resolution_m == pytest.approx(seen_whole / 6, rel=0.02)  # 6 x 6 tiles (the most)
+    assert not any("coarser" in reason for reason in tiled.result.uncertainty)
+    whole = pipeline.ask(str(DATA / "s2_crop512.tif"), "What is near the river?")  # open: as one image
+    assert whole.result.model_resolution_m == pytest.approx(seen_whole, rel=0.02)
+    assert any("coarser" in reason for reason in whole.result.uncertainty)
 
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / ANSWER_HEAD_FILE).unlink()

@@ -37,6 +37,9 @@ KIND_LABELS: dict[str, tuple[str, ...]] = {
 }
 LABELS: tuple[str, ...] = tuple(label for labels in KIND_LABELS.values() for label in labels)
 
+#: Words a closed question may hold beside those of the head's vocabulary (they name no object).
+GENERIC_WORDS = frozenset("picture photo photograph scene image tile region view visible see seen here shown "
+                          "please any some in on at of the this that these it".split())
 _AUXILIARIES = frozenset("is are was were does do did has have can could will would should".split())
 _WORD = re.compile(r"[a-z]+")
 
@@ -60,10 +63,11 @@ def question_kind(question: str) -> str | None:
 
 
 def _singular(word: str) -> str:
-    """A plural's singular, roughly ("rivers" -> "river", "buildings" -> "building"); short words kept."""
+    """A plural's singular, roughly ("rivers" -> "river", "buildings" -> "building"); short words and words
+    ending in ss / is / us ("grass", "this", "bus") kept."""
     if len(word) > 3 and word.endswith("ies"):
         return word[:-3] + "y"
-    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "is", "us")):
         return word[:-1]
     return word
 
@@ -96,11 +100,41 @@ def bag_of_words(questions: Sequence[str], index: dict[str, int]) -> np.ndarray:
 
 @dataclass
 class HeadAnswer:
-    """One closed answer: its text, its kind, and the head's probability for it among the kind's labels."""
+    """One closed answer: its text, its kind, the head's probability for it among the kind's labels, and its
+    label (:data:`LABELS`)."""
 
     text: str
     kind: str
     confidence: float
+    label: str
+
+
+#: A count or an area bucket's typical value, for adding up the answers of several tiles.
+_BUCKET_TYPICAL = (0.0, 4.0, 40.0, 400.0, 4000.0)
+
+
+def combine_tile_answers(answers: Sequence[HeadAnswer], min_confidence: float) -> HeadAnswer:
+    """One answer for a region from the answers of its tiles (all of one kind): yes when a tile says yes at
+    ``min_confidence`` or more (the surest yes), else no (as sure as the tile least sure of no); rural / urban by
+    majority (ties: the surer side), as sure as the agreeing tiles' summed probability over all tiles; counts
+    and areas add up (each tile's bucket at its typical value), as sure as the least sure tile."""
+    kind = answers[0].kind
+    if kind == "yes_no":
+        yes = [a for a in answers if a.label == "yes"]
+        if yes and max(a.confidence for a in yes) >= min_confidence:
+            return max(yes, key=lambda a: a.confidence)
+        surest_no = min(a.confidence if a.label == "no" else 1.0 - a.confidence for a in answers)
+        return HeadAnswer(answer_text("no"), kind, surest_no, "no")
+    if kind == "rural_urban":
+        sides = {label: [a for a in answers if a.label == label] for label in KIND_LABELS[kind]}
+        label = max(sides, key=lambda k: (len(sides[k]), sum(a.confidence for a in sides[k])))
+        agreeing = sides[label]
+        confidence = sum(a.confidence for a in agreeing) / len(answers)
+        return HeadAnswer(answer_text(label), kind, confidence, label)
+    total = sum(_BUCKET_TYPICAL[int(a.label.partition(":")[2])] for a in answers)
+    bucket = 0 if total <= 0 else 1 if total <= 10 else 2 if total <= 100 else 3 if total <= 1000 else 4
+    label = f"{kind}:{bucket}"
+    return HeadAnswer(answer_text(label), kind, min(a.confidence for a in answers), label)
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
@@ -151,6 +185,11 @@ class AnswerHead:
         """The questions' bag of known tokens (B, vocabulary)."""
         return bag_of_words(questions, self.index)
 
+    def knows(self, question: str) -> bool:
+        """Whether every word of the question was seen in training (or is a generic word like "picture"): a
+        question about an object the head never learnt ("Is there a desert?") goes to the experts instead."""
+        return all(w in self.index or w in GENERIC_WORDS for w in question_tokens(question) if "_" not in w)
+
     def logits(self, features: np.ndarray) -> np.ndarray:
         t = self.tensors
         x = (np.asarray(features, dtype=np.float32) - t["mean"]) / t["std"]
@@ -165,7 +204,8 @@ class AnswerHead:
             scores = row[columns] - row[columns].max()
             probs = np.exp(scores) / np.exp(scores).sum()
             best = int(probs.argmax())
-            answers.append(HeadAnswer(answer_text(KIND_LABELS[kind][best]), kind, float(probs[best])))
+            label = KIND_LABELS[kind][best]
+            answers.append(HeadAnswer(answer_text(label), kind, float(probs[best]), label))
         return answers
 
 

@@ -389,7 +389,8 @@ class MoEInference:
             if len(q) > MAX_QUESTION_CHARS:
                 raise UserInputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
         questions = list(questions)
-        kinds = [question_kind(q) if self.answer_head is not None else None for q in questions]
+        head = self.answer_head
+        kinds = [question_kind(q) if head is not None and head.knows(q) else None for q in questions]
         closed = [i for i, kind in enumerate(kinds) if kind is not None]
         opened = [i for i, kind in enumerate(kinds) if kind is None]
         results: list[ModelResult | None] = [None] * len(questions)
@@ -397,12 +398,8 @@ class MoEInference:
             answers = self.head_answers(visual[closed], [questions[i] for i in closed], [kinds[i] for i in closed])
             guesses = self.scene_guesses(visual[closed], None if scene_logits is None else scene_logits[closed])
             for j, (i, answer) in enumerate(zip(closed, answers)):
-                resolution = resolutions[i] if resolutions is not None else None
-                guess = guesses[j] if guesses is not None else None
-                plan = RouterPlan(scene=guess.scene if guess else None, experts=[], resolution_m=resolution,
-                                  scene_confidence=guess.confidence if guess else None)
-                results[i] = ModelResult(_sentence_case(answer.text), "ask", None, plan, "answer_head",
-                                         answer_confidence=answer.confidence).assess(self.config)
+                results[i] = self.head_result(answer, guesses[j] if guesses is not None else None,
+                                              resolutions[i] if resolutions is not None else None)
         if opened:
             answered = self.run_experts(visual[opened], "ask", None, [questions[i] for i in opened],
                                         None if scene_logits is None else scene_logits[opened],
@@ -410,6 +407,13 @@ class MoEInference:
             for i, result in zip(opened, answered):
                 results[i] = result
         return [r for r in results if r is not None]
+
+    def head_result(self, answer: HeadAnswer, guess: SceneGuess | None, resolution: float | None) -> ModelResult:
+        """An answer head's answer as a result (the scene head's guess and the seen resolution in its plan)."""
+        plan = RouterPlan(scene=guess.scene if guess else None, experts=[], resolution_m=resolution,
+                          scene_confidence=guess.confidence if guess else None)
+        return ModelResult(_sentence_case(answer.text), "ask", None, plan, "answer_head",
+                           answer_confidence=answer.confidence).assess(self.config)
 
     def answer_head_inputs(self, visual: Any, questions: Sequence[str]) -> np.ndarray:
         """What the answer head sees of each (image, question) but the question's words: the Q-Former's
