@@ -467,8 +467,8 @@ class RasterOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         """An entry of a job's index: raster, out, state (ok / error), error, tiles and the result's counts."""
-        entry: dict[str, Any] = {"raster": self.params.raster, "out": self.params.out,
-                                 "state": "ok" if self.ok else "error",
+        state = "ok" if self.ok else "error" if self.error is not None else "pending"
+        entry: dict[str, Any] = {"raster": self.params.raster, "out": self.params.out, "state": state,
                                  "error": None if self.error is None else str(self.error), "tiles": self.tiles}
         if self.result is not None:
             counts = self.result.to_dict()
@@ -479,12 +479,13 @@ class RasterOutcome:
 def annotate_rasters(jobs: Sequence[AnnotateParams], captioner: TileCaptioner,
                      progress: ProgressCallback | None = None, cancel: CancelFlag | None = None,
                      fail_fast: bool = False,
-                     on_outcome: Callable[[RasterOutcome], None] | None = None) -> list[RasterOutcome]:
+                     on_outcome: Callable[[RasterOutcome, list[RasterOutcome]], None] | None = None
+                     ) -> list[RasterOutcome]:
     """Annotate rasters (see the module docstring): every raster is checked, then its pending tile groups go to
     ``captioner`` raster by raster and its records are journalled as they arrive; a raster's outputs are written
     when its last tile is done. ``progress`` covers every raster. A raster that fails (unreadable, bad region,
     a journal of another job) is reported in its outcome while the others go on, unless ``fail_fast`` (then its
-    error is raised); ``on_outcome`` hears of each raster as it ends.
+    error is raised); ``on_outcome(outcome, outcomes)`` hears of each raster as it ends.
 
     Raises
     ------
@@ -509,7 +510,7 @@ def annotate_rasters(jobs: Sequence[AnnotateParams], captioner: TileCaptioner,
         outcome.error = exc
         log.error("%s: %s", outcome.params.raster, exc)
         if on_outcome:
-            on_outcome(outcome)
+            on_outcome(outcome, outcomes)
 
     def complete(outcome: RasterOutcome, run: RasterRun) -> None:
         runs.pop(id(run), None)
@@ -519,7 +520,7 @@ def annotate_rasters(jobs: Sequence[AnnotateParams], captioner: TileCaptioner,
             fail(outcome, exc)
         else:
             if on_outcome:
-                on_outcome(outcome)
+                on_outcome(outcome, outcomes)
 
     def work() -> Work:
         for outcome in outcomes:
