@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 #: Groups queued per worker: one running, one waiting, so a worker never idles while the driver journals.
 GROUPS_PER_WORKER = 2
+#: How long to try reaching a cluster's address before ``ray.init`` (which waits minutes for a wrong one).
+CONNECT_TIMEOUT_S = 5.0
 #: A dead worker process is restarted this often, and its groups retried as often, before the job fails.
 MAX_RESTARTS = 3
 
@@ -164,6 +167,7 @@ def _connect(ray: Any, address: str) -> bool:
                      runtime_env={"env_vars": {"PYTHONPATH": _code_path()}}, **common)
             log.info("started a local Ray instance (%s CPUs)", os.cpu_count())
         else:
+            _check_reachable(address)
             ray.init(address=address, **common)
             log.info("joined the Ray cluster at %s", address)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
@@ -299,6 +303,21 @@ class RayCaptioner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse at once a ``HOST:PORT`` / ``ray://HOST:PORT`` nothing listens on (``ray.init`` would wait minutes)."""
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep:
+        if address == "auto":
+            return
+        raise UserInputError(f"Ray address {address!r} is not local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot reach the Ray cluster at {address!r}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _code_path() -> str:
