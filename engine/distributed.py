@@ -158,6 +158,8 @@ class TileWorker:
 def _connect(ray: Any, address: str) -> bool:
     """Connect to Ray (see the module docstring); True when this call started the connection."""
     if ray.is_initialized():
+        if address not in ("local", "auto"):
+            raise JobError(f"this process is already connected to Ray, not to {address!r}; use --ray local")
         log.info("using this process's Ray connection")
         return False
     common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
@@ -203,21 +205,23 @@ class RayCaptioner:
             raise
 
     def _worker_count(self) -> int:
-        resources = self.ray.cluster_resources()
+        """The workers asked for, or as many as fit; a local instance refuses more than it has room for (a
+        cluster may grow, so it is given the benefit of the doubt)."""
         opts = self.options
+        local = opts.address == "local"
+        resources = self.ray.available_resources() if local else self.ray.cluster_resources()
         if opts.gpus_per_worker > 0:
             fit = int(resources.get("GPU", 0) // opts.gpus_per_worker)
         else:
             fit = int(resources.get("CPU", 0) // opts.cpus_per_worker)
-        if opts.workers is None:
-            return max(1, fit)
-        if opts.address == "local" and opts.workers > fit:
+        count = int(opts.workers) if opts.workers is not None else max(1, fit)
+        if local and count > fit:
             what = (f"{resources.get('GPU', 0):g} GPUs" if opts.gpus_per_worker > 0
                     else f"{resources.get('CPU', 0):g} CPUs")
-            raise UserInputError(f"the local Ray instance has {what}: room for {fit} worker(s) of "
+            raise UserInputError(f"the local Ray instance has {what} free: room for {fit} worker(s) of "
                                  f"{opts.gpus_per_worker if opts.gpus_per_worker > 0 else opts.cpus_per_worker:g} "
-                                 f"{'GPU' if opts.gpus_per_worker > 0 else 'CPU'} each, not {opts.workers}")
-        return int(opts.workers)
+                                 f"{'GPU' if opts.gpus_per_worker > 0 else 'CPU'} each, not {count}")
+        return count
 
     def _start(self, spec: ModelSpec) -> None:
         ray, opts = self.ray, self.options

@@ -10,6 +10,14 @@ One run (:func:`run_annotation`; :func:`annotate` takes the raster, tiling and o
     uninterrupted run does). Tiles with too little valid data are not captioned: their
     features have ``caption: null`` and a ``skipped`` reason.
 
+Many rasters, other captioners
+    :func:`annotate_rasters` is the one driver: it checks every raster of a job, opens each in turn
+    (:class:`RasterRun`: plan, journal), hands its pending groups to a :class:`TileCaptioner` and journals the
+    records as groups complete, in any order; :func:`run_annotation` is its one-raster case with this process's
+    pipeline (:class:`LocalCaptioner`). Ray workers are another captioner (:mod:`engine.distributed`) running
+    :func:`annotate_group` on the same groups, so their outputs are byte-identical. A raster that fails is
+    reported while the others go on (:class:`RasterOutcome`; :mod:`engine.batch` writes the job's index).
+
 Resume
     Every finished tile is appended to the job's journal (``OUT.geojson.journal``,
     :class:`engine.journal.TileJournal`) as its batch completes, durably. Run the same job again after a
