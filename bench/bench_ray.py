@@ -12,7 +12,11 @@ What it measures (each configuration in a fresh child process, one after the oth
       plain run's).
 
     .venv/bin/python bench/bench_ray.py [--rasters A.tif,B.tif] [--tile-size 128] [--configs plain,ray-1,ray-2]
-        [--out bench/results/ray_cpu.json]
+        [--backend auto|torch|onnx] [--out bench/results/ray_cpu.json]
+
+A plain run uses every core for one model (intra-op threads); a Ray worker of one CPU uses one thread, and two
+workers caption two groups at once. On a machine busy with other work, threads that wait for each other lose
+much more than single-threaded workers do: ``machine.load_avg_*`` says how busy it was.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ CONFIGS = {"plain": None, "ray-1": 1, "ray-2": 2}
 log = logging.getLogger("bench_ray")
 
 
-def run_one(rasters: list[Path], tile_size: int, workers: int | None, out_dir: Path) -> dict[str, Any]:
+def run_one(rasters: list[Path], tile_size: int, workers: int | None, out_dir: Path, backend: str) -> dict[str, Any]:
     """One job in this process: setup, annotation, outputs (child mode)."""
     from engine.batch import output_paths
     from engine.jobs import AnnotateParams, LocalCaptioner, annotate_rasters
@@ -48,13 +52,13 @@ def run_one(rasters: list[Path], tile_size: int, workers: int | None, out_dir: P
             for r, o in zip(rasters, output_paths(rasters, out_dir))]
     start = time.perf_counter()
     if workers is None:
-        captioner: Any = LocalCaptioner(Pipeline.load())
+        captioner: Any = LocalCaptioner(Pipeline.load(backend=backend))
         closing = None
     else:
         from engine.distributed import RayCaptioner, RayOptions
         from engine.runtime import ModelSpec
 
-        captioner = closing = RayCaptioner(ModelSpec(), RayOptions("local", workers=workers))
+        captioner = closing = RayCaptioner(ModelSpec(backend=backend), RayOptions("local", workers=workers))
     setup = time.perf_counter() - start
     try:
         begin = time.perf_counter()
@@ -69,10 +73,10 @@ def run_one(rasters: list[Path], tile_size: int, workers: int | None, out_dir: P
             "tiles_per_s": round(tiles / annotate, 3), "outputs": [o.params.out for o in outcomes]}
 
 
-def child(rasters: list[Path], tile_size: int, config: str, out_dir: Path) -> dict[str, Any]:
+def child(rasters: list[Path], tile_size: int, config: str, out_dir: Path, backend: str) -> dict[str, Any]:
     """Run one configuration in a fresh process (its own model, its own Ray instance)."""
     cmd = [sys.executable, __file__, "--child", config, "--rasters", ",".join(map(str, rasters)),
-           "--tile-size", str(tile_size), "--out", str(out_dir)]
+           "--tile-size", str(tile_size), "--out", str(out_dir), "--backend", backend]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=1200)
     if done.returncode != 0:
@@ -86,12 +90,14 @@ def main() -> int:
     parser.add_argument("--tile-size", type=int, default=128)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ray_cpu.json")
+    parser.add_argument("--backend", default="auto", help="the model's backend (default auto: the ONNX export "
+                                                          "when present and current, else torch)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     rasters = [Path(p) for p in args.rasters.split(",")]
     if args.child:
         logging.basicConfig(level=logging.WARNING)
-        sys.stdout.write(json.dumps(run_one(rasters, args.tile_size, CONFIGS[args.child], args.out)) + "\n")
+        sys.stdout.write(json.dumps(run_one(rasters, args.tile_size, CONFIGS[args.child], args.out, args.backend)) + "\n")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     configs = args.configs.split(",")
@@ -108,7 +114,7 @@ def main() -> int:
             for config in configs:
                 out_dir = Path(tmp) / part / config
                 log.info("%s: %s on %d raster(s)", part, config, len(chosen))
-                row = child(chosen, args.tile_size, config, out_dir)
+                row = child(chosen, args.tile_size, config, out_dir, args.backend)
                 outputs = [Path(p).read_bytes() for p in row.pop("outputs")]
                 if config == "plain":
                     plain_bytes = outputs

@@ -15,7 +15,6 @@ Outputs
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path

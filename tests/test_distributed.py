@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +21,8 @@ from engine.jobs import AnnotateParams, JobProgress
 from engine.journal import journal_path
 from engine.pipeline import Pipeline
 from engine.runtime import ModelSpec
-from tests.engine_helpers import DATA, REPO, RSMOE, S2, cli_env, one_thread, tiny_dir  # noqa: F401 - fixtures
+from tests.engine_helpers import (DATA, REPO, RSMOE, S2, cli_env, one_thread,  # noqa: F401 - fixtures
+                                  sigkill_after_tiles, tiny_dir)
 
 ray = pytest.importorskip("ray", reason="Ray is the distributed extra: bash scripts/setup.sh --test installs it")
 from engine.distributed import RayCaptioner, RayOptions  # noqa: E402
@@ -166,7 +166,7 @@ def test_service_job_on_ray_matches_the_engine_job(ray_local: None, tiny_dir: Pa
 
 
 def _cli(out_dir: Path, tiny_dir: Path) -> list[str]:  # noqa: F811
-    return [RSMOE, "-q", "annotate", str(S2), str(NODATA), "--out-dir", str(out_dir), "--tile-size", "128",
+    return ["-q", "annotate", str(S2), str(NODATA), "--out-dir", str(out_dir), "--tile-size", "128",
             "--batch-size", "3", "--model", str(tiny_dir), "--device", "cpu", "--ray", "local", "--ray-workers", "2"]
 
 
@@ -174,31 +174,12 @@ def test_sigkilled_driver_then_the_same_command_is_byte_identical(tiny_dir: Path
                                                                   tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     journals = [journal_path(out_dir / "s2_crop512.geojson"), journal_path(out_dir / "rgb_byte_nodata.geojson")]
-    proc = subprocess.Popen(_cli(out_dir, tiny_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
-                            cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if journals[0].exists() and journals[0].read_bytes().count(b"\n") >= 1 + 6:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        try:  # whatever of its local Ray instance outlived it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_tiles(_cli(out_dir, tiny_dir), journals[0], 6, timeout=180)
     assert not (out_dir / "rgb_byte_nodata.geojson").exists(), "killed before the last raster was written"
     journalled = sum(j.read_bytes().count(b"\n") - 1 for j in journals if j.exists())
     assert 6 <= journalled < 16 + 42
 
-    again = subprocess.run(_cli(out_dir, tiny_dir), capture_output=True, text=True, env=cli_env(), cwd=REPO,
+    again = subprocess.run([RSMOE, *_cli(out_dir, tiny_dir)], capture_output=True, text=True, env=cli_env(), cwd=REPO,
                            timeout=300)
     assert again.returncode == 0, again.stderr
     assert "resumed from the journals" in again.stdout and str(out_dir / INDEX_NAME) in again.stdout
