@@ -114,7 +114,12 @@ def main() -> int:
             for config in configs:
                 out_dir = Path(tmp) / part / config
                 log.info("%s: %s on %d raster(s)", part, config, len(chosen))
-                row = child(chosen, args.tile_size, config, out_dir, args.backend)
+                try:
+                    row = child(chosen, args.tile_size, config, out_dir, args.backend)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # recorded; the other configurations go on
+                    report[part][config] = {"error": str(exc).strip().splitlines()[-1][:500]}
+                    log.warning("  %s failed: %s", config, report[part][config]["error"])
+                    continue
                 outputs = [Path(p).read_bytes() for p in row.pop("outputs")]
                 if config == "plain":
                     plain_bytes = outputs
@@ -123,13 +128,13 @@ def main() -> int:
                 log.info("  %s", json.dumps(row))
             plain = report[part].get("plain")
             for config, row in report[part].items():
-                if plain and config != "plain":
+                if plain and "error" not in plain and "error" not in row and config != "plain":
                     row["total_over_plain"] = round(row["total_s"] / plain["total_s"], 2)
                     row["tiles_per_s_over_plain"] = round(row["tiles_per_s"] / plain["tiles_per_s"], 2)
     single = report["single_raster"]
-    if "plain" in single:
+    if "total_s" in single.get("plain", {}):
         report["ray_overhead_single_raster_s"] = {c: round(r["total_s"] - single["plain"]["total_s"], 2)
-                                                  for c, r in single.items() if c != "plain"}
+                                                  for c, r in single.items() if c != "plain" and "total_s" in r}
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
