@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, get_type_hints
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from engine.bands import BandSelection
+from engine.distributed import RayOptions
 from engine.errors import RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput
@@ -124,6 +125,27 @@ class CaptionBatchRequest(_Strict):
         return inputs
 
 
+RAY_ADDRESS_PATTERN = r"^(local|auto|(ray://)?[A-Za-z0-9._\-]+:[0-9]{1,5})$"
+
+
+class RayRequest(_Strict):
+    """Run a job's tiles on Ray workers, each loading the model once (as ``rsmoe annotate --ray``; needs the
+    ``rsmoe[distributed]`` extra): the GeoJSON is byte-identical to the same job without Ray."""
+
+    address: Annotated[str, Field(min_length=1, max_length=256, pattern=RAY_ADDRESS_PATTERN),
+                       AfterValidator(_plain_text)] = Field(
+        "local", description='"local" (Ray on the engine\'s machine, for this job), "auto" or a cluster address '
+                             "HOST:PORT / ray://HOST:PORT")
+    workers: int | None = Field(None, ge=1, le=1024,
+                                description="Ray workers (default: as many as the CPUs / GPUs allow)")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs each worker reserves (its threads)")
+    gpus_per_worker: float = Field(0.0, ge=0, le=64, description="GPUs each worker reserves and runs the model on")
+
+    def options(self) -> RayOptions:
+        return RayOptions(address=self.address, workers=self.workers, cpus_per_worker=self.cpus_per_worker,
+                          gpus_per_worker=self.gpus_per_worker)
+
+
 class JobRequest(_Strict):
     """A batch annotation job (see ``rsmoe annotate``)."""
 
@@ -145,6 +167,10 @@ class JobRequest(_Strict):
     restart: bool = Field(False, description="ignore an existing journal instead of resuming it")
     min_valid_fraction: float = Field(0.5, ge=0.0, le=1.0)
     timing: bool = False
+    ray: RayRequest | None = Field(None, description="run the tiles on Ray workers (see RayRequest)")
+
+    def ray_options(self) -> RayOptions | None:
+        return self.ray.options() if self.ray is not None else None
 
     def params(self) -> AnnotateParams:
         if self.window is not None and self.extent is not None:
@@ -218,6 +244,7 @@ class JobStatus(_Answer):
     started: float | None
     finished: float | None
     result: dict[str, Any] | None
+    ray: dict[str, Any] | None = Field(None, description="the job's Ray options, null when it runs in the engine")
 
 
 class JobList(_Answer):

@@ -8,7 +8,9 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.set_defaults(func=cmd_ask)
 
-    p = subparsers.add_parser("annotate", help="caption every tile of a raster into a GeoJSON layer (resumable)")
-    p.add_argument("raster", type=Path, help="the raster to annotate")
-    p.add_argument("--out", type=Path, required=True, help="GeoJSON to write (its journal lies beside it)")
+    p = subparsers.add_parser("annotate", help="caption every tile of rasters into GeoJSON layers (resumable; "
+                                               "many rasters at once, optionally on a Ray cluster)")
+    p.add_argument("raster", type=Path, nargs="+",
+                   help="the raster to annotate; or several rasters, folders of rasters and list files (.txt: one "
+                        "path a line) with --out-dir")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="GeoJSON to write for one raster (its journal lies beside it)")
+    where.add_argument("--out-dir", type=Path,
+                       help="folder for one GeoJSON per raster (named after it) and index.json, what became of each")
     p.add_argument("--tile-size", default=None,
                    help="tile size in pixels (512) or ground metres (500m, 2km); default: the model's ground "
                         "footprint (resolution.tile_m) for georeferenced rasters fine enough for it, else 512")
@@ -75,6 +83,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timing", action="store_true",
                    help="write each tile's seconds into the GeoJSON (runs then differ byte-wise)")
     p.add_argument("--keep-journal", action="store_true", help="keep the journal after success")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="caption on Ray workers (pip install 'rsmoe[distributed]'): --ray or --ray local starts "
+                        "Ray on this machine; an address (auto, HOST:6379, ray://HOST:10001) joins a cluster")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray workers, each loading the model once (default: as many as the CPUs / GPUs allow)")
+    p.add_argument("--ray-cpus-per-worker", type=float, default=1.0, metavar="C",
+                   help="CPUs each Ray worker reserves, its model's threads (default 1)")
+    p.add_argument("--ray-gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="GPUs each Ray worker reserves and runs the model on (default 0; 0.5 shares a GPU)")
     add_model_options(p)
     p.set_defaults(func=cmd_annotate)
 
@@ -209,44 +226,113 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_annotate(args: argparse.Namespace) -> int:
+def _progress_bar(args: argparse.Namespace) -> tuple[Any, Any]:
+    """A tqdm bar over every tile of the job: (progress callback, close)."""
     from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from engine.jobs import AnnotateParams, check_annotation, run_annotation
-
-    region = _region(args)
-    params = AnnotateParams(raster=str(args.raster), out=str(args.out), tile_size=args.tile_size,
-                            overlap=args.overlap, window=region["window"], extent=region["extent"],
-                            extent_crs=region["extent_crs"], bands=region["bands"], style=args.style,
-                            batch_size=args.batch_size, gpkg=str(args.gpkg) if args.gpkg else None,
-                            restart=args.restart, min_valid_fraction=args.min_valid, timing=args.timing,
-                            keep_journal=args.keep_journal)
-    check_annotation(params, config=_model_config(args))  # bad raster / extent / tiling / output fail early
-    pipeline = _load_pipeline(args)
     bars: list = []
 
     def progress(p) -> None:
         if not bars:
             bars.append(tqdm(total=p.total, initial=p.done, unit="tile", desc="annotating", dynamic_ncols=True,
                              disable=getattr(args, "quiet", False)))
+        if bars[0].total != p.total:
+            bars[0].total = p.total
         bars[0].update(p.done - bars[0].n)
         bars[0].set_postfix(skipped=p.skipped)
 
-    try:
-        with logging_redirect_tqdm():
-            result = run_annotation(pipeline, params, progress)
-    except KeyboardInterrupt:
-        log.warning("interrupted: finished tiles are kept in %s.journal; run the same command again to resume",
-                    args.out)
-        raise
-    finally:
+    def close() -> None:
         for bar in bars:
             bar.close()
-    resumed = f", {result.resumed} resumed from the journal" if result.resumed else ""
-    also = f" and {result.gpkg}" if result.gpkg else ""
-    sys.stdout.write(f"wrote {result.out}{also}: {result.total} tiles ({result.captioned} captioned, "
-                     f"{result.skipped} skipped{resumed}) in {result.seconds:.1f} s\n")
+
+    return progress, close
+
+
+@contextmanager
+def _captioner(args: argparse.Namespace) -> Iterator[Any]:
+    """Who captions the tiles: this process's model, or Ray workers with ``--ray`` (each loading the model)."""
+    if args.ray is None:
+        from engine.jobs import LocalCaptioner
+
+        yield LocalCaptioner(_load_pipeline(args))
+        return
+    from engine.distributed import RayCaptioner, RayOptions
+    from engine.runtime import ModelSpec
+
+    options = RayOptions(address=args.ray, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                         gpus_per_worker=args.ray_gpus_per_worker)
+    spec = ModelSpec(str(args.model) if args.model else None, args.backend, args.device, args.dtype)
+    with RayCaptioner(spec, options) as captioner:
+        yield captioner
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from engine.batch import INDEX_NAME, annotate_batch, check_any, expand_rasters, is_many, output_paths
+    from engine.errors import UserInputError
+    from engine.jobs import AnnotateParams, annotate_rasters, check_annotation
+
+    if args.ray is not None:  # a missing extra or bad Ray option is said before anything else
+        from engine.distributed import RayOptions, import_ray
+
+        import_ray()
+        RayOptions(address=args.ray, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                   gpus_per_worker=args.ray_gpus_per_worker)
+    region = _region(args)
+    options = dict(tile_size=args.tile_size, overlap=args.overlap, window=region["window"], extent=region["extent"],
+                   extent_crs=region["extent_crs"], bands=region["bands"], style=args.style,
+                   batch_size=args.batch_size, restart=args.restart, min_valid_fraction=args.min_valid,
+                   timing=args.timing, keep_journal=args.keep_journal)
+    config = _model_config(args)
+    if args.out is not None:
+        if len(args.raster) > 1 or is_many(args.raster[0]):
+            raise UserInputError("several rasters, a folder or a list file need --out-dir DIR (one GeoJSON per "
+                                 "raster), not --out")
+        jobs = [AnnotateParams(raster=str(args.raster[0]), out=str(args.out),
+                               gpkg=str(args.gpkg) if args.gpkg else None, **options)]
+        check_annotation(jobs[0], config=config)  # bad raster / extent / tiling / output fail early
+        index = None
+    else:
+        if args.gpkg is not None:
+            raise UserInputError("--gpkg names one file: use it with --out (one raster)")
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise UserInputError(f"--out-dir '{args.out_dir}' is a file; give a folder")
+        rasters = expand_rasters(args.raster)
+        try:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserInputError(f"cannot create --out-dir '{args.out_dir}': {exc.strerror or exc}") from None
+        jobs = [AnnotateParams(raster=str(r), out=str(o), **options)
+                for r, o in zip(rasters, output_paths(rasters, args.out_dir))]
+        index = args.out_dir / INDEX_NAME
+        check_any(jobs, lambda params: check_annotation(params, config=config), index)
+    progress, close_bar = _progress_bar(args)
+    try:
+        with _captioner(args) as captioner, logging_redirect_tqdm():
+            if index is None:
+                outcomes = annotate_rasters(jobs, captioner, progress, fail_fast=True)
+            else:
+                outcomes = annotate_batch(jobs, captioner, index, progress)
+    except KeyboardInterrupt:
+        log.warning("interrupted: finished tiles are kept in the journals beside the outputs; run the same "
+                    "command again to resume")
+        raise
+    finally:
+        close_bar()
+    results = [o.result for o in outcomes if o.result is not None]
+    if index is None:
+        result = results[0]
+        resumed = f", {result.resumed} resumed from the journal" if result.resumed else ""
+        also = f" and {result.gpkg}" if result.gpkg else ""
+        sys.stdout.write(f"wrote {result.out}{also}: {result.total} tiles ({result.captioned} captioned, "
+                         f"{result.skipped} skipped{resumed}) in {result.seconds:.1f} s\n")
+    else:
+        total, skipped = sum(r.total for r in results), sum(r.skipped for r in results)
+        resumed = sum(r.resumed for r in results)
+        also = f", {resumed} resumed from the journals" if resumed else ""
+        sys.stdout.write(f"wrote {len(results)} GeoJSON(s) to {args.out_dir} (index {index}): {total} tiles "
+                         f"({total - skipped} captioned, {skipped} skipped{also})\n")
     sys.stdout.flush()
     return 0
 

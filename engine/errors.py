@@ -34,6 +34,13 @@ class RasterError(UserInputError):
     http_status = 422
 
 
+class MissingExtraError(UserInputError):
+    """An optional part of the engine was asked for but its extra is not installed (e.g. Ray: ``rsmoe[distributed]``)."""
+
+    exit_code = 2
+    http_status = 400
+
+
 class ModelDirError(RSMoEError):
     """A model directory is missing, incomplete or has an invalid config."""
 
@@ -64,6 +71,13 @@ class JobError(RSMoEError):
 
 class JobNotFoundError(JobError):
     http_status = 404
+
+
+class RastersFailedError(RSMoEError):
+    """A job over several rasters ended with some of them failed; each one's error is in the job's index."""
+
+    exit_code = 7
+    http_status = 422
 
 
 class CancelledError(RSMoEError):

@@ -2,7 +2,9 @@
 
 One worker thread runs the queued jobs in order (:func:`engine.jobs.run_annotation`) over the service's one
 pipeline; interactive caption / ask requests interleave with a job between its batches (the pipeline's
-lock). A job's :meth:`Job.status` is what ``GET /jobs/{id}`` reports; a cancel stops it after its current
+lock). A job with Ray options has its tiles captioned by Ray workers instead
+(:class:`engine.distributed.RayCaptioner`, each loading the service's model with its backend), the engine's
+thread only journalling and writing. A job's :meth:`Job.status` is what ``GET /jobs/{id}`` reports; a cancel stops it after its current
 batch, its journal keeping the finished tiles.
 """
 from __future__ import annotations
@@ -13,13 +15,16 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from engine.errors import CancelledError, JobError, JobNotFoundError, RSMoEError
-from engine.jobs import AnnotateParams, AnnotateResult, JobProgress, check_annotation, run_annotation
+from engine.distributed import RayCaptioner, RayOptions, import_ray
+from engine.jobs import (AnnotateParams, AnnotateResult, JobProgress, ProgressCallback, annotate_rasters,
+                         check_annotation, run_annotation)
 from engine.pipeline import Pipeline
+from engine.runtime import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    ray: RayOptions | None = None
 
     @property
     def active(self) -> bool:
@@ -61,6 +67,7 @@ class Job:
             "warnings": list(self.warnings),
             "created": self.created, "started": self.started, "finished": self.finished,
             "result": self.result.to_dict() if self.result else None,
+            "ray": asdict(self.ray) if self.ray else None,
         }
 
 
@@ -77,8 +84,11 @@ class JobManager:
         self._worker = threading.Thread(target=self._work, name="rsmoe-jobs", daemon=True)
         self._worker.start()
 
-    def submit(self, params: AnnotateParams) -> Job:
-        """Validate and queue a job; bad parameters raise at once (nothing is queued)."""
+    def submit(self, params: AnnotateParams, ray: RayOptions | None = None) -> Job:
+        """Validate and queue a job (on Ray workers with ``ray``); bad parameters, or Ray asked for but not
+        installed, raise at once (nothing is queued)."""
+        if ray is not None:
+            import_ray()
         plan = check_annotation(params, self.pipeline.info, self.pipeline.model.config)
         out = Path(params.out).resolve()
         with self._lock:
@@ -86,7 +96,7 @@ class JobManager:
                 if other.active and Path(other.params.out).resolve() == out:
                     raise JobError(f"job {other.id} is already writing '{params.out}'; wait for it or cancel it")
             job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", params=params, total=len(plan.tiles),
-                      tile_size=str(plan.tile_size), warnings=list(plan.warnings))
+                      tile_size=str(plan.tile_size), warnings=list(plan.warnings), ray=ray)
             self._jobs[job.id] = job
             self._prune()
         self._queue.put(job)
@@ -149,6 +159,16 @@ class JobManager:
         for job in finished[: max(0, len(self._jobs) - self.max_kept)]:
             del self._jobs[job.id]
 
+    def _annotate(self, job: Job, progress: ProgressCallback) -> AnnotateResult:
+        if job.ray is None:
+            return run_annotation(self.pipeline, job.params, progress, job.cancel_event)
+        info = self.pipeline.info
+        spec = replace(self.pipeline.spec or ModelSpec(info.model_dir), backend=info.backend)
+        with RayCaptioner(spec, job.ray, self.pipeline.batch_size) as captioner:
+            (outcome,) = annotate_rasters([job.params], captioner, progress, job.cancel_event, fail_fast=True)
+        assert outcome.result is not None
+        return outcome.result
+
     def _work(self) -> None:
         while True:
             job = self._queue.get()
@@ -168,7 +188,7 @@ class JobManager:
                 job.message = f"{p.done} of {p.total} tiles" + (f" ({p.skipped} skipped)" if p.skipped else "")
 
         try:
-            result = run_annotation(self.pipeline, job.params, progress, job.cancel_event)
+            result = self._annotate(job, progress)
         except CancelledError as exc:
             state, message, error, result = "cancelled", str(exc), None, None
         except RSMoEError as exc:

@@ -10,6 +10,14 @@ One run (:func:`run_annotation`; :func:`annotate` takes the raster, tiling and o
     uninterrupted run does). Tiles with too little valid data are not captioned: their
     features have ``caption: null`` and a ``skipped`` reason.
 
+Many rasters, other captioners
+    :func:`annotate_rasters` is the one driver: it checks every raster of a job, opens each in turn
+    (:class:`RasterRun`: plan, journal), hands its pending groups to a :class:`TileCaptioner` and journals the
+    records as groups complete, in any order; :func:`run_annotation` is its one-raster case with this process's
+    pipeline (:class:`LocalCaptioner`). Ray workers are another captioner (:mod:`engine.distributed`) running
+    :func:`annotate_group` on the same groups, so their outputs are byte-identical. A raster that fails is
+    reported while the others go on (:class:`RasterOutcome`; :mod:`engine.batch` writes the job's index).
+
 Resume
     Every finished tile is appended to the job's journal (``OUT.geojson.journal``,
     :class:`engine.journal.TileJournal`) as its batch completes, durably. Run the same job again after a
@@ -38,11 +46,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from engine.errors import CancelledError, JobError, UserInputError
+from engine.errors import CancelledError, JobError, RSMoEError, UserInputError
 from engine import __version__
 from engine.bands import BandSelection
 from engine.georef import Window
@@ -53,7 +62,7 @@ from engine.model.routing import round_resolution
 from engine.outputs import TileRecord, feature_collection, write_geojson_atomic, write_gpkg
 from engine.pipeline import ModelInfo, Pipeline
 from engine.raster import RasterSource
-from engine.tiling import TileSize, TilingParams, parse_tile_size, plan_tiles
+from engine.tiling import Tile, TileSize, TilingParams, parse_tile_size, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -315,13 +324,273 @@ def check_annotation(params: AnnotateParams, info: ModelInfo | None = None,
             lg.setLevel(level)
 
 
-def _groups(tiles: list[Any], size: int) -> list[list[Any]]:
+def _groups(tiles: list[Tile], size: int) -> list[list[Tile]]:
     return [tiles[i:i + size] for i in range(0, len(tiles), size)]
+
+
+class RasterRun:
+    """One raster's job while it runs: the open raster, its plan, its journal and what is done.
+
+    :meth:`open` plans the job and opens (or resumes) its journal; :meth:`pending` gives the fixed tile groups
+    still to caption; :meth:`add` journals a group's records (groups may complete in any order);
+    :meth:`finish` writes the outputs from the journal once every tile is done. :func:`annotate_rasters`
+    drives it.
+    """
+
+    def __init__(self, params: AnnotateParams, source: RasterSource, identity: str, plan: AnnotationPlan,
+                 journal: TileJournal, done: dict[int, TileRecord], batch_size: int, start: float,
+                 resources: ExitStack) -> None:
+        self.params, self.source, self.identity, self.plan, self.journal = params, source, identity, plan, journal
+        self.batch_size = batch_size
+        self.start = start
+        self.finished = set(done)
+        self.resumed = len(done)
+        self.skipped = sum(1 for r in done.values() if r.skipped)
+        self._resources = resources
+
+    @classmethod
+    def open(cls, params: AnnotateParams, info: ModelInfo | None, config: RSMoEConfig | None,
+             batch_size: int) -> RasterRun:
+        """Open the raster, plan its tiles and start or resume its journal (raises what a bad job raises)."""
+        start = time.perf_counter()
+        _check_params(params)
+        out = Path(params.out)
+        with ExitStack() as stack:
+            source, identity = stack.enter_context(open_input(params.image_input(), params.min_valid_fraction))
+            plan = _plan(source, params, info, config)
+            for warning in plan.warnings:
+                log.warning("%s", warning)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserInputError(f"cannot create the folder of '{out}': {exc.strerror or exc}") from None
+            journal = TileJournal.for_output(out, plan.header)
+            try:
+                done = journal.open(resume=not params.restart)
+            except JobError as exc:
+                if journal.path.exists() and not _journal_has_tiles(journal):
+                    log.info("replacing journal %s of another job that finished no tile", journal.path)
+                    done = journal.open(resume=False)
+                else:
+                    raise JobError(f"{exc} (or run with --restart / \"restart\": true)") from None
+            stack.callback(journal.close)
+            return cls(params, source, identity, plan, journal, done, batch_size, start, stack.pop_all())
+
+    @property
+    def total(self) -> int:
+        return len(self.plan.tiles)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.finished) == self.total
+
+    def pending(self) -> list[list[Tile]]:
+        """The fixed groups of ``batch_size`` consecutive tiles (the same on every run) not yet all done."""
+        return [g for g in _groups(self.plan.tiles, self.batch_size) if not all(t.index in self.finished for t in g)]
+
+    def add(self, records: list[TileRecord]) -> tuple[int, int]:
+        """Journal a group's records durably; returns (tiles newly done, of which skipped)."""
+        new = skipped = 0
+        for rec in records:
+            if rec.tile_index not in self.finished:
+                self.journal.append(rec)
+                self.finished.add(rec.tile_index)
+                new += 1
+                skipped += rec.skipped is not None
+        self.skipped += skipped
+        return new, skipped
+
+    def finish(self) -> AnnotateResult:
+        """Write the GeoJSON (and GeoPackage) from the journal's records, atomically; close the run."""
+        params = self.params
+        records = list(self.journal.records().values())
+        if len(records) != self.total:  # pragma: no cover - guarded by the driver
+            raise JobError(f"journal '{self.journal.path}' holds {len(records)} of {self.total} tiles")
+        try:
+            written = [_for_output(r, params.timing) for r in records]
+            write_geojson_atomic(params.out, feature_collection(written, self.source.georef, self.plan.metadata))
+            gpkg = write_gpkg(params.gpkg, written, self.source.georef) if params.gpkg else None
+        finally:
+            self.close()
+        if not params.keep_journal:
+            self.journal.remove()
+        skipped = sum(1 for r in records if r.skipped)
+        return AnnotateResult(Path(params.out), Path(gpkg) if gpkg else None, self.total, self.total - skipped,
+                              skipped, self.resumed, time.perf_counter() - self.start,
+                              self.journal.path if params.keep_journal else None)
+
+    def close(self) -> None:
+        """Close the journal and the raster (finished tiles stay journalled)."""
+        self._resources.close()
+
+
+Work = Iterator[tuple[RasterRun, list[Tile]]]
+
+
+class TileCaptioner(Protocol):
+    """What captions tile groups for :func:`annotate_rasters`: :class:`LocalCaptioner` (this process's pipeline)
+    or :class:`engine.distributed.RayCaptioner` (Ray workers, one model each)."""
+
+    info: ModelInfo
+    config: RSMoEConfig | None
+    batch_size: int
+
+    def caption_groups(self, work: Work) -> Iterator[tuple[RasterRun, list[TileRecord] | RSMoEError]]:
+        """Caption each (run, group) pulled from ``work``; yield (run, its records, or the error a person can fix)
+        as groups complete, in any order."""
+        ...  # pragma: no cover
+
+
+class LocalCaptioner:
+    """Captions tile groups one after the other with this process's pipeline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.info = pipeline.info
+        self.config: RSMoEConfig | None = pipeline.model.config
+        self.batch_size = pipeline.batch_size
+
+    def caption_groups(self, work: Work) -> Iterator[tuple[RasterRun, list[TileRecord] | RSMoEError]]:
+        for run, group in work:
+            try:
+                records = annotate_group(self.pipeline, run.source, run.identity, group, run.params.style)
+            except RSMoEError as exc:
+                yield run, exc
+            else:
+                yield run, records
+
+
+@dataclass
+class RasterOutcome:
+    """What became of one raster of a job: its result, or the error that stopped it."""
+
+    params: AnnotateParams
+    tiles: int | None = None
+    result: AnnotateResult | None = None
+    error: RSMoEError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """An entry of a job's index: raster, out, state (ok / error), error, tiles and the result's counts."""
+        state = "ok" if self.ok else "error" if self.error is not None else "pending"
+        entry: dict[str, Any] = {"raster": self.params.raster, "out": self.params.out, "state": state,
+                                 "error": None if self.error is None else str(self.error), "tiles": self.tiles}
+        if self.result is not None:
+            counts = self.result.to_dict()
+            entry.update({k: counts[k] for k in ("captioned", "skipped", "resumed", "seconds")})
+        return entry
+
+
+def annotate_rasters(jobs: Sequence[AnnotateParams], captioner: TileCaptioner,
+                     progress: ProgressCallback | None = None, cancel: CancelFlag | None = None,
+                     fail_fast: bool = False,
+                     on_outcome: Callable[[RasterOutcome, list[RasterOutcome]], None] | None = None
+                     ) -> list[RasterOutcome]:
+    """Annotate rasters (see the module docstring): every raster is checked, then its pending tile groups go to
+    ``captioner`` raster by raster and its records are journalled as they arrive; a raster's outputs are written
+    when its last tile is done. ``progress`` covers every raster. A raster that fails (unreadable, bad region,
+    a journal of another job) is reported in its outcome while the others go on, unless ``fail_fast`` (then its
+    error is raised); ``on_outcome(outcome, outcomes)`` hears of each raster as it ends.
+
+    Raises
+    ------
+    CancelledError
+        ``cancel`` was set; finished tiles stay in the journals, no further output is written.
+    """
+    outcomes = [RasterOutcome(params) for params in jobs]
+    state = JobProgress(0, 0, 0, 0)
+    runs: dict[int, tuple[RasterOutcome, RasterRun]] = {}
+
+    def report() -> None:
+        if progress:
+            progress(replace(state))
+
+    def fail(outcome: RasterOutcome, exc: RSMoEError, run: RasterRun | None = None) -> None:
+        if run is not None:
+            runs.pop(id(run), None)
+            run.close()
+            state.total -= run.total - len(run.finished)  # the bar ends at what could be done
+        if fail_fast:
+            raise exc
+        outcome.error = exc
+        log.error("%s: %s", outcome.params.raster, exc)
+        if on_outcome:
+            on_outcome(outcome, outcomes)
+
+    def complete(outcome: RasterOutcome, run: RasterRun) -> None:
+        runs.pop(id(run), None)
+        try:
+            outcome.result = run.finish()
+        except RSMoEError as exc:
+            fail(outcome, exc)
+        else:
+            if on_outcome:
+                on_outcome(outcome, outcomes)
+
+    def work() -> Work:
+        for outcome in outcomes:
+            if outcome.error is not None:
+                continue
+            params = outcome.params
+            try:
+                run = RasterRun.open(params, captioner.info, captioner.config,
+                                     int(params.batch_size or captioner.batch_size))
+            except RSMoEError as exc:
+                state.total -= outcome.tiles or 0
+                fail(outcome, exc)
+                continue
+            runs[id(run)] = (outcome, run)
+            state.total += run.total - (outcome.tiles or 0)
+            state.done += len(run.finished)
+            state.skipped += run.skipped
+            state.resumed += run.resumed
+            report()
+            groups = run.pending()
+            if not groups:
+                complete(outcome, run)
+            for group in groups:
+                if cancel is not None and cancel.is_set():
+                    kept = f"the journal '{run.journal.path}' keeps them" if len(outcomes) == 1 else "the journals keep them"
+                    raise CancelledError(f"cancelled after {state.done} of {state.total} tiles; {kept}: "
+                                         f"run the same job again to resume")
+                if id(run) not in runs:  # failed meanwhile
+                    break
+                yield run, group
+
+    for outcome in outcomes:  # every raster is checked before any model work
+        try:
+            outcome.tiles = len(check_annotation(outcome.params, captioner.info, captioner.config).tiles)
+        except RSMoEError as exc:
+            fail(outcome, exc)
+        else:
+            state.total += outcome.tiles
+    try:
+        for run, result in captioner.caption_groups(work()):
+            entry = runs.get(id(run))
+            if entry is None:  # a late group of a raster that failed
+                continue
+            outcome = entry[0]
+            if isinstance(result, RSMoEError):
+                fail(outcome, result, run)
+                continue
+            new, skipped = run.add(result)
+            state.done += new
+            state.skipped += skipped
+            report()
+            if run.complete:
+                complete(outcome, run)
+    finally:
+        for _, run in runs.values():
+            run.close()
+    return outcomes
 
 
 def run_annotation(pipeline: Pipeline, params: AnnotateParams, progress: ProgressCallback | None = None,
                    cancel: CancelFlag | None = None) -> AnnotateResult:
-    """Run (or resume) one annotation job and write its GeoJSON (see the module docstring).
+    """Run (or resume) one annotation job with ``pipeline`` and write its GeoJSON (see the module docstring).
 
     Raises
     ------
@@ -330,62 +599,9 @@ def run_annotation(pipeline: Pipeline, params: AnnotateParams, progress: Progres
     RSMoEError
         Bad input (raster, extent, tiling, output path) or a journal of another job.
     """
-    start = time.perf_counter()
-    _check_params(params)
-    out = Path(params.out)
-    batch_size = int(params.batch_size or pipeline.batch_size)
-    with open_input(params.image_input(), params.min_valid_fraction) as (source, identity):
-        plan = _plan(source, params, pipeline.info, pipeline.model.config)
-        for warning in plan.warnings:
-            log.warning("%s", warning)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserInputError(f"cannot create the folder of '{out}': {exc.strerror or exc}") from None
-        journal = TileJournal.for_output(out, plan.header)
-        try:
-            done = journal.open(resume=not params.restart)
-        except JobError as exc:
-            if journal.path.exists() and not _journal_has_tiles(journal):
-                log.info("replacing journal %s of another job that finished no tile", journal.path)
-                done = journal.open(resume=False)
-            else:
-                raise JobError(f"{exc} (or run with --restart / \"restart\": true)") from None
-        resumed = len(done)
-        total = len(plan.tiles)
-        state = JobProgress(len(done), total, sum(1 for r in done.values() if r.skipped), resumed)
-        try:
-            if progress:
-                progress(replace(state))
-            finished = set(done)
-            for group in _groups(plan.tiles, batch_size):
-                if all(t.index in finished for t in group):
-                    continue
-                if cancel is not None and cancel.is_set():
-                    raise CancelledError(
-                        f"cancelled after {state.done} of {total} tiles; the journal '{journal.path}' keeps them: "
-                        f"run the same job again to resume")
-                for rec in _annotate_group(pipeline, source, identity, group, params.style):
-                    if rec.tile_index not in finished:
-                        journal.append(rec)
-                        finished.add(rec.tile_index)
-                        state.done += 1
-                        state.skipped += rec.skipped is not None
-                if progress:
-                    progress(replace(state))
-            records = list(journal.records().values())
-            if len(records) != total:  # pragma: no cover - guarded by the loop above
-                raise JobError(f"journal '{journal.path}' holds {len(records)} of {total} tiles")
-            written = [_for_output(r, params.timing) for r in records]
-            write_geojson_atomic(out, feature_collection(written, source.georef, plan.metadata))
-            gpkg = write_gpkg(params.gpkg, written, source.georef) if params.gpkg else None
-        finally:
-            journal.close()
-    if not params.keep_journal:
-        journal.remove()
-    skipped = sum(1 for r in records if r.skipped)
-    return AnnotateResult(out, Path(gpkg) if gpkg else None, total, total - skipped, skipped, resumed,
-                          time.perf_counter() - start, journal.path if params.keep_journal else None)
+    (outcome,) = annotate_rasters([params], LocalCaptioner(pipeline), progress, cancel, fail_fast=True)
+    assert outcome.result is not None
+    return outcome.result
 
 
 def annotate(pipeline: Pipeline, raster: str | Path, tiling: str | int | TilingParams | None = None,
@@ -420,9 +636,10 @@ def _for_output(record: TileRecord, timing: bool) -> TileRecord:
     return replace(record, extra=keep)
 
 
-def _annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, group: list[Any],
-                    style: str) -> list[TileRecord]:
-    """Read a group of tiles, caption the valid ones in one batch, return one record per tile."""
+def annotate_group(pipeline: Pipeline, source: RasterSource, identity: str, group: list[Any],
+                   style: str) -> list[TileRecord]:
+    """Read a group of tiles, caption the valid ones in one batch, return one record per tile (what every
+    captioner, local or a Ray worker, runs on a group)."""
     start = time.perf_counter()
     size = pipeline.image_size
     reads = [source.read_tile(tile.window, size) for tile in group]

@@ -200,6 +200,13 @@ def write_geojson_atomic(path: str | os.PathLike[str], fc: Mapping[str, Any]) ->
     return Path(path)
 
 
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write a JSON document (indented, UTF-8, strict) atomically, as :func:`write_geojson_atomic` does."""
+    data = (json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=1) + "\n").encode("utf-8")
+    _replace_atomic(Path(path), lambda tmp: tmp.write_bytes(data), ".tmp")
+    return Path(path)
+
+
 # --------------------------------------------------------------------------------------------
 # GeoPackage
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from engine.inputs import ImageInput, open_input, resolve_window, seen_resolutio
 from engine.model.answer_head import combine_tile_answers, question_kind
 from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows
 from engine.raster import TileRead
+from engine.runtime import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -314,18 +315,23 @@ class Pipeline:
         self.cache = cache if cache is not None else FeatureCache()
         self.lock = threading.RLock()
         self.stats = PipelineStats()
+        #: how the model was loaded (set by :meth:`load`): what Ray workers load for a job of the service
+        self.spec: ModelSpec | None = None
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "auto", device: str = "auto",
-             dtype: str | None = None, **options: Any) -> Pipeline:
-        """Load a model through :func:`engine.runtime.load_model` (``auto``: the backend it picks) and wrap it."""
+             dtype: str | None = None, threads: int | None = None, **options: Any) -> Pipeline:
+        """Load a model through :func:`engine.runtime.load_model` (``auto``: the backend it picks; ``threads``
+        for ONNX Runtime) and wrap it."""
         from engine.runtime import default_model_dir, load_model
 
-        model = load_model(model_dir, backend, device, dtype)
+        model = load_model(model_dir, backend, device, dtype, threads)
         info = ModelInfo.of(model, model.describe()["backend"], model_dir or default_model_dir())
         log.info("model %s (%s, %s) on %s via %s", info.model_id, info.variant,
                  "trained" if info.trained else "UNTRAINED", info.device, info.backend)
-        return cls(model, info, **options)
+        pipeline = cls(model, info, **options)
+        pipeline.spec = ModelSpec(str(model_dir) if model_dir else None, backend, device, dtype)
+        return pipeline
 
     @property
     def image_size(self) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +18,16 @@ BACKENDS = ("auto", "torch", "onnx")
 ONNX_VARIANTS = {None: "fp32", "float32": "fp32", "float16": "fp16", "fp32": "fp32", "fp16": "fp16",
                  "int8": "int8", "static": "static"}
 DEFAULT_MODEL_ENV = "RSMOE_MODEL"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model (the arguments of :func:`load_model`): what every Ray worker of a job loads."""
+
+    model_dir: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str | None = None
 
 
 def default_model_dir() -> Path:
@@ -56,10 +67,12 @@ def onnx_can_run(device: str = "auto", dtype: str | None = None) -> bool:
 
 
 def load_model(model_dir: str | Path | None = None, backend: str = "auto", device: str = "auto",
-               dtype: str | None = None):
+               dtype: str | None = None, threads: int | None = None):
     """Load the model of ``model_dir`` (default: the embedded model) for the chosen backend; ``auto`` takes ONNX
     Runtime (about twice as fast on CPU) when the model's exported graphs for the precision are present and made
-    from the model as it is now, torch otherwise (saying why). Its ``describe()["backend"]`` says which ran."""
+    from the model as it is now, torch otherwise (saying why). Its ``describe()["backend"]`` says which ran.
+    ``threads``: intra-op threads of ONNX Runtime's sessions (default: its own choice; torch's threads are the
+    process's, ``torch.set_num_threads``)."""
     if backend not in BACKENDS:
         raise UserInputError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     path = Path(model_dir) if model_dir else default_model_dir()
@@ -68,12 +81,12 @@ def load_model(model_dir: str | Path | None = None, backend: str = "auto", devic
     elif backend == "auto":
         if onnx_can_run(device, dtype):
             try:
-                return _load_onnx(path, device, dtype)
+                return _load_onnx(path, device, dtype, threads)
             except ModelDirError as exc:  # no export, or a stale one: checked once, here
                 log.info("torch backend (%s; `rsmoe export` makes the faster ONNX one)", exc)
         backend = "torch"
     if backend == "onnx":
-        return _load_onnx(path, device, dtype)
+        return _load_onnx(path, device, dtype, threads)
     from engine.model import RSMoEModel
 
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,11 +98,11 @@ def load_model(model_dir: str | Path | None = None, backend: str = "auto", devic
     return RSMoEModel.from_pretrained(path, device=torch_device, dtype=dtypes[dtype])
 
 
-def _load_onnx(path: Path, device: str, dtype: str | None):
+def _load_onnx(path: Path, device: str, dtype: str | None, threads: int | None = None):
     """The ONNX Runtime backend over ``path/onnx`` (providers chosen from what onnxruntime offers)."""
     from engine.backends.onnx import OnnxRSMoE
 
     if dtype not in ONNX_VARIANTS:
         raise UserInputError(f"the onnx backend has no {dtype} graphs; use float32, float16, int8 or static")
     log.info("loading %s (onnx backend, %s variant, device %s)", path, ONNX_VARIANTS[dtype], device)
-    return OnnxRSMoE.from_model_dir(path, device=device, variant=ONNX_VARIANTS[dtype])
+    return OnnxRSMoE.from_model_dir(path, device=device, variant=ONNX_VARIANTS[dtype], threads=threads)

@@ -313,7 +313,7 @@ def create_app(pipeline: Pipeline, jobs: JobManager, token: str, max_body_bytes:
     @app.post("/jobs", status_code=202, summary="start a batch annotation job",
               responses=_responses(404, 409, 413, 422), response_model=JobStatus)
     def create_job(req: JobRequest) -> dict[str, Any]:
-        return jobs.submit(req.params()).status()
+        return jobs.submit(req.params(), req.ray_options()).status()
 
     @app.get("/jobs", summary="every job of this session", responses=_responses(), response_model=JobList)
     def list_jobs() -> dict[str, Any]:

@@ -61,3 +61,32 @@ def cli_env(**extra: str) -> dict[str, str]:
     """Environment for ``rsmoe`` subprocesses: one thread, the repo importable."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
     return env
+
+
+def sigkill_after_tiles(argv: list[str], journal: Path, tiles: int, timeout: float = 240) -> None:
+    """Run ``rsmoe ARGV`` in its own process group, SIGKILL it once ``journal`` holds ``tiles`` finished tiles
+    (and whatever it started: a local Ray instance), and check it was killed mid-run."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([RSMOE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if journal.exists() and journal.read_bytes().count(b"\n") >= 1 + tiles:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        try:  # whatever it started and outlived it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL

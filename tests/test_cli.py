@@ -14,7 +14,8 @@ import pytest
 
 from engine.cli import main
 from engine.journal import journal_path
-from tests.engine_helpers import DATA, REPO, RSMOE, S2, cli_env, lite_ready, one_thread, tiny_dir  # noqa: F401
+from tests.engine_helpers import (DATA, REPO, RSMOE, S2, cli_env, lite_ready, one_thread,  # noqa: F401
+                                  sigkill_after_tiles, tiny_dir)
 
 
 def _run(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -131,22 +132,7 @@ def test_sigkill_then_same_command_is_byte_identical(tiny_dir: Path, tmp_path: P
 
     out = tmp_path / "killed.geojson"
     journal = journal_path(out)
-    proc = subprocess.Popen([RSMOE, *_annotate_argv(tiny_dir, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=cli_env(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if journal.exists() and journal.read_bytes().count(b"\n") >= 1 + 5:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_tiles(_annotate_argv(tiny_dir, out), journal, 5)
     assert not out.exists(), "a killed run leaves no output"
     journalled = journal.read_bytes().count(b"\n") - 1
     assert 5 <= journalled < 64

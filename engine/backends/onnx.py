@@ -270,7 +270,7 @@ class OnnxRSMoE(MoEInference):
     """RS-MoE on ONNX Runtime. Build with :meth:`from_model_dir`."""
 
     def __init__(self, model_dir: Path, config: RSMoEConfig, manifest: mf.Manifest, variant: str,
-                 device: str = "auto", export_dir: Path | None = None) -> None:
+                 device: str = "auto", export_dir: Path | None = None, threads: int | None = None) -> None:
         from transformers import AutoTokenizer
 
         from engine.model.qformer import load_qformer_tokenizer
@@ -296,6 +296,8 @@ class OnnxRSMoE(MoEInference):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if threads:  # else ONNX Runtime's default: one per physical core
+            options.intra_op_num_threads = int(threads)
         self.graphs = {name: self._session(name, providers, device_id, options) for name in mf.GRAPHS}
         self.providers = list(self.graphs["decoder"].session.get_providers())
         self.device = _Device(self.providers, device_id)
@@ -319,13 +321,14 @@ class OnnxRSMoE(MoEInference):
     # ------------------------------------------------------------------------------------ building
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: str = "auto", variant: str = "fp32",
-                       export_dir: str | Path | None = None) -> OnnxRSMoE:
-        """Load ``model_dir``'s config and its exported graphs (``model_dir/onnx`` unless ``export_dir``)."""
+                       export_dir: str | Path | None = None, threads: int | None = None) -> OnnxRSMoE:
+        """Load ``model_dir``'s config and its exported graphs (``model_dir/onnx`` unless ``export_dir``);
+        ``threads``: intra-op threads of each session (default: ONNX Runtime's)."""
         model_dir = Path(model_dir)
         config = RSMoEConfig.load(model_dir)
         exported = Path(export_dir) if export_dir else model_dir / mf.ONNX_DIR
         manifest = checked_manifest(model_dir, variant, exported)
-        return cls(model_dir, config, manifest, variant, device, exported)
+        return cls(model_dir, config, manifest, variant, device, exported, threads)
 
     def _session(self, name: str, providers: list[str], device_id: int, options: Any) -> _Graph:
         ort = _ort()
