@@ -205,7 +205,8 @@ class RegionAnswer(_Answer):
     text: str
     task: Literal["caption", "ask"]
     style: Style | None
-    router: str = Field(..., description="generative or template")
+    router: str = Field(..., description="generative or template (the router that planned the experts), or "
+                                         "answer_head (a closed question answered by the answer head, no experts)")
     scene: str | None = Field(..., description="the scene head's class; null where it was unsure or absent")
     scene_confidence: float | None
     experts: list[str]
