@@ -472,8 +472,8 @@ class Pipeline:
         part = self.read_region(inp)
         grid = self._answer_grid(part, question)
         if grid > 1:
-            result = self._ask_over_tiles(inp, part, question, grid)
-            return RegionResult(result, part.read.window, part.source, False, time.perf_counter() - start,
+            result, hit = self._ask_over_tiles(inp, part, question, grid)
+            return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
                                 part.ground_resolution_m)
         self._log_outside(part, inp.label)
         hit = self._key(part.key) in self.cache
@@ -492,9 +492,10 @@ class Pipeline:
         target = resolution.max_m * ANSWER_TILE_SEEN_FRACTION
         return max(2, min(MAX_ANSWER_GRID, math.ceil(seen / target - 0.05)))  # slack: 4x the target is 4 x 4
 
-    def _ask_over_tiles(self, inp: ImageInput, part: RegionRead, question: str, grid: int) -> ModelResult:
+    def _ask_over_tiles(self, inp: ImageInput, part: RegionRead, question: str,
+                        grid: int) -> tuple[ModelResult, bool]:
         """A closed question answered on ``grid`` x ``grid`` tiles of the region, the answers combined; the
-        plan names the whole region's scene."""
+        plan names the whole region's scene. Also says whether every tile's features came from the cache."""
         window = part.read.window
         cols = np.linspace(window.col_off, window.col_off + window.width, grid + 1).round().astype(int)
         rows = np.linspace(window.row_off, window.row_off + window.height, grid + 1).round().astype(int)
@@ -503,6 +504,7 @@ class Pipeline:
                  for r0, r1 in zip(rows[:-1], rows[1:]) for c0, c1 in zip(cols[:-1], cols[1:])]
         kind = question_kind(question)
         assert kind is not None
+        hit = all(self._key(t.key) in self.cache for t in tiles + [part])
         answers = []
         for start in range(0, len(tiles), self.batch_size):
             batch = tiles[start:start + self.batch_size]
@@ -514,8 +516,8 @@ class Pipeline:
         guesses = self.model.scene_guesses(visual, scene_logits)
         log.info("%s: %r answered over %d x %d tiles (%s): %s", inp.label, question, grid, grid,
                  ", ".join(a.label for a in answers), combined.label)
-        return self.model.head_result(combined, guesses[0] if guesses else None,
-                                      max(t.seen_resolution(self.image_size) or 0.0 for t in tiles) or None)
+        seen = max(t.seen_resolution(self.image_size) or 0.0 for t in tiles) or None
+        return self.model.head_result(combined, guesses[0] if guesses else None, seen), hit
 
 
 def _check_style(style: str) -> None:

@@ -57,9 +57,12 @@ class Exchange:
         if self.answer is None:
             return q + "<p><i>waiting for the engine\u2026</i></p>"
         a = self.answer
-        experts = ", ".join(s.expert for s in a.segments) or "-"
+        if a.router == "answer_head":  # a closed question: the model's answer head, no expert decoded
+            by = "answered by the answer head"
+        else:
+            by = "experts: " + (", ".join(s.expert for s in a.segments) or "-")
         cached = "; features from cache" if a.cached else ""
-        return (q + f"<p><b>A:</b> {esc(' '.join(a.text.split()))}<br><small>experts: {esc(experts)}; "
+        return (q + f"<p><b>A:</b> {esc(' '.join(a.text.split()))}<br><small>{esc(by)}; "
                     f"{a.seconds:.1f} s{cached}</small></p>" + uncertainty_html(a))
 
 
