@@ -4,10 +4,11 @@ This is NOT a human-annotated VQA set: each answer is a fact of the class, liste
 for nearly every image of that class ("a River tile shows a river", "a Desert scene has no water", "a
 Residential tile is urban"); where a class says nothing sure about an object (a forest tile may hold a
 stream) no question is derived. It teaches the answer head the objects GIS users ask about across
-resolutions (water, rivers, forest, farmland, buildings) and which ones are absent. Report figures on it as
+resolutions (water, rivers, forest, farmland, buildings) and which ones are absent, small built objects
+(tennis courts, parking lots, pools, airplanes, tanks) included, which natural scenes do not hold. Report figures on it as
 "class-derived VQA", never as VQA accuracy on a benchmark.
 
-Per image, ``per_image`` questions are drawn (seeded by the image, so the set is deterministic) from its class's
+Per image, ``per_image`` (4) questions are drawn (seeded by the image, so the set is deterministic) from its class's
 facts, each with one of a few wordings; ``type`` is RSVQA's (``presence``, ``rural_urban``).
 """
 from __future__ import annotations
@@ -31,35 +32,45 @@ OBJECTS: dict[str, tuple[str, str]] = {  # object -> (singular with article, plu
     "forest": ("a forest", "forests"),
     "farmland": ("farmland", "farmlands"),
     "building": ("a building", "buildings"),
+    "tennis court": ("a tennis court", "tennis courts"),
+    "parking lot": ("a parking lot", "parking lots"),
+    "swimming pool": ("a swimming pool", "swimming pools"),
+    "airplane": ("an airplane", "airplanes"),
+    "ship": ("a ship", "ships"),
+    "storage tank": ("a storage tank", "storage tanks"),
 }
 
 _WATER_FREE = {"river": "no", "water": "no"}
+#: Small built objects a natural scene (fields, forest, grassland, open water, desert) does not hold: the head
+#: learns "no" for them at the scales of EuroSAT and AID, not only "yes" at UCM's.
+_NO_SMALL_BUILT = {"tennis court": "no", "parking lot": "no", "swimming pool": "no", "airplane": "no",
+                   "storage tank": "no"}
 #: Facts of each class (names lower-cased without separators, so EuroSAT's and AID's spellings both match):
 #: object -> "yes" / "no", and ``setting`` -> "rural" / "urban".
 CLASS_FACTS: dict[str, dict[str, str]] = {
     # EuroSAT (Sentinel-2, 640 m tiles)
-    "annualcrop": {**_WATER_FREE, "farmland": "yes", "forest": "no", "setting": "rural"},
-    "permanentcrop": {**_WATER_FREE, "farmland": "yes", "setting": "rural"},
-    "pasture": {**_WATER_FREE, "setting": "rural"},
-    "herbaceousvegetation": {**_WATER_FREE, "setting": "rural"},
-    "forest": {"forest": "yes", "farmland": "no", "building": "no", "setting": "rural"},
+    "annualcrop": {**_NO_SMALL_BUILT, **_WATER_FREE, "farmland": "yes", "forest": "no", "setting": "rural"},
+    "permanentcrop": {**_NO_SMALL_BUILT, **_WATER_FREE, "farmland": "yes", "setting": "rural"},
+    "pasture": {**_NO_SMALL_BUILT, **_WATER_FREE, "setting": "rural"},
+    "herbaceousvegetation": {**_NO_SMALL_BUILT, **_WATER_FREE, "setting": "rural"},
+    "forest": {**_NO_SMALL_BUILT, "forest": "yes", "farmland": "no", "building": "no", "setting": "rural"},
     "highway": {**_WATER_FREE},
     "industrial": {**_WATER_FREE, "building": "yes", "forest": "no", "farmland": "no", "setting": "urban"},
     "residential": {**_WATER_FREE, "building": "yes", "forest": "no", "farmland": "no", "setting": "urban"},
-    "river": {"river": "yes", "water": "yes", "setting": "rural"},
-    "sealake": {"water": "yes", "river": "no", "building": "no", "forest": "no", "farmland": "no",
+    "river": {**_NO_SMALL_BUILT, "river": "yes", "water": "yes", "setting": "rural"},
+    "sealake": {**_NO_SMALL_BUILT, "water": "yes", "river": "no", "building": "no", "forest": "no", "farmland": "no",
                 "setting": "rural"},
     # AID (Google Earth scenes, about 2-32 m per pixel) where it has other names
-    "bareland": {**_WATER_FREE, "forest": "no", "farmland": "no", "setting": "rural"},
-    "desert": {**_WATER_FREE, "forest": "no", "farmland": "no", "building": "no", "setting": "rural"},
-    "farmland": {"farmland": "yes", "setting": "rural"},
-    "meadow": {**_WATER_FREE, "building": "no", "setting": "rural"},
-    "mountain": {"farmland": "no", "setting": "rural"},
+    "bareland": {**_NO_SMALL_BUILT, **_WATER_FREE, "forest": "no", "farmland": "no", "setting": "rural"},
+    "desert": {**_NO_SMALL_BUILT, **_WATER_FREE, "forest": "no", "farmland": "no", "building": "no", "setting": "rural"},
+    "farmland": {**_NO_SMALL_BUILT, "farmland": "yes", "setting": "rural"},
+    "meadow": {**_NO_SMALL_BUILT, **_WATER_FREE, "building": "no", "setting": "rural"},
+    "mountain": {**_NO_SMALL_BUILT, "farmland": "no", "setting": "rural"},
     "pond": {"water": "yes", "river": "no", "setting": "rural"},
     "beach": {"water": "yes", "river": "no", "forest": "no", "farmland": "no"},
-    "port": {"water": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
-    "airport": {**_WATER_FREE, "forest": "no", "setting": "urban"},
-    "parking": {**_WATER_FREE, "forest": "no", "farmland": "no", "setting": "urban"},
+    "port": {"water": "yes", "ship": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
+    "airport": {**_WATER_FREE, "airplane": "yes", "forest": "no", "setting": "urban"},
+    "parking": {**_WATER_FREE, "parking lot": "yes", "forest": "no", "farmland": "no", "setting": "urban"},
     "playground": {**_WATER_FREE, "farmland": "no", "setting": "urban"},
     "baseballfield": {**_WATER_FREE, "farmland": "no", "setting": "urban"},
     "stadium": {**_WATER_FREE, "building": "yes", "farmland": "no", "setting": "urban"},
@@ -73,7 +84,7 @@ CLASS_FACTS: dict[str, dict[str, str]] = {
     "sparseresidential": {"building": "yes"},
     "school": {"building": "yes", "farmland": "no", "setting": "urban"},
     "railwaystation": {"building": "yes", "farmland": "no", "setting": "urban"},
-    "storagetanks": {**_WATER_FREE, "farmland": "no", "forest": "no", "setting": "urban"},
+    "storagetanks": {**_WATER_FREE, "storage tank": "yes", "farmland": "no", "forest": "no", "setting": "urban"},
     "bridge": {"water": "yes"},
     "viaduct": {"setting": "urban"},
 }
@@ -84,7 +95,7 @@ def class_key(name: str) -> str:
     return re.sub(r"[^a-z]", "", name.lower())
 
 
-def derive_class_vqa(records: Sequence[CaptionRecord], per_image: int = 3, seed: int = 0) -> list[VQARecord]:
+def derive_class_vqa(records: Sequence[CaptionRecord], per_image: int = 4, seed: int = 0) -> list[VQARecord]:
     """Up to ``per_image`` closed questions per class-labelled image from its class's facts."""
     out: list[VQARecord] = []
     for record in records:
