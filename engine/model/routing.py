@@ -382,7 +382,8 @@ class MoEInference:
     def ask_features(self, visual: Any, questions: Sequence[str], scene_logits: Any | None = None,
                      resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
         """Answers for already-encoded images, one question per image (``scene_logits`` and ``resolutions``
-        as for :meth:`caption_features`)."""
+        as for :meth:`caption_features`): closed questions the answer head knows are answered by it in one
+        pass (:meth:`head_answers`), every other question by the router and the experts."""
         for q in questions:
             if not q or not q.strip():
                 raise UserInputError("the question is empty")
