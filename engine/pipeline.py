@@ -49,7 +49,7 @@ from engine import __version__
 from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
-from engine.model.answer_head import combine_tile_answers, question_kind
+from engine.model.answer_head import combine_tile_answers
 from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows
 from engine.raster import TileRead
 from engine.runtime import ModelSpec
@@ -470,9 +470,10 @@ class Pipeline:
         start = time.perf_counter()
         inp = ImageInput.of(item, **region)
         part = self.read_region(inp)
-        grid = self._answer_grid(part, question)
-        if grid > 1:
-            result, hit = self._ask_over_tiles(inp, part, question, grid)
+        kind = self.model.closed_kind(question)
+        grid = self._answer_grid(part, kind)
+        if kind is not None and grid > 1:
+            result, hit = self._ask_over_tiles(inp, part, question, kind, grid)
             return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
                                 part.ground_resolution_m)
         self._log_outside(part, inp.label)
@@ -481,10 +482,9 @@ class Pipeline:
         return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
                             part.ground_resolution_m)
 
-    def _answer_grid(self, part: RegionRead, question: str) -> int:
-        """Tiles per side to answer ``question`` over ``part`` at a resolution the model knows (1: as one)."""
-        head = self.model.answer_head
-        kind = question_kind(question) if head is not None and head.knows(question) else None
+    def _answer_grid(self, part: RegionRead, kind: str | None) -> int:
+        """Tiles per side to answer a question of closed ``kind`` (None: open) over ``part`` at a resolution the
+        model knows (1: as one image)."""
         seen = part.seen_resolution(self.image_size)
         resolution = self.model.config.resolution
         if kind is None or seen is None or resolution.max_m is None or resolution.outside(seen) != "coarser":
@@ -492,7 +492,7 @@ class Pipeline:
         target = resolution.max_m * ANSWER_TILE_SEEN_FRACTION
         return max(2, min(MAX_ANSWER_GRID, math.ceil(seen / target - 0.05)))  # slack: 4x the target is 4 x 4
 
-    def _ask_over_tiles(self, inp: ImageInput, part: RegionRead, question: str,
+    def _ask_over_tiles(self, inp: ImageInput, part: RegionRead, question: str, kind: str,
                         grid: int) -> tuple[ModelResult, bool]:
         """A closed question answered on ``grid`` x ``grid`` tiles of the region, the answers combined; the
         plan names the whole region's scene. Also says whether every tile's features came from the cache."""
@@ -502,8 +502,6 @@ class Pipeline:
         tiles = [self.read_region(replace(inp, window=Window(int(c0), int(r0), int(c1 - c0), int(r1 - r0)),
                                           extent=None, extent_crs=None))
                  for r0, r1 in zip(rows[:-1], rows[1:]) for c0, c1 in zip(cols[:-1], cols[1:])]
-        kind = question_kind(question)
-        assert kind is not None
         hit = all(self._key(t.key) in self.cache for t in tiles + [part])
         answers = []
         for start in range(0, len(tiles), self.batch_size):

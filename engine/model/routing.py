@@ -390,8 +390,7 @@ class MoEInference:
             if len(q) > MAX_QUESTION_CHARS:
                 raise UserInputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
         questions = list(questions)
-        head = self.answer_head
-        kinds = [question_kind(q) if head is not None and head.knows(q) else None for q in questions]
+        kinds = [self.closed_kind(q) for q in questions]
         closed = [i for i, kind in enumerate(kinds) if kind is not None]
         opened = [i for i, kind in enumerate(kinds) if kind is None]
         results: list[ModelResult | None] = [None] * len(questions)
@@ -408,6 +407,13 @@ class MoEInference:
             for i, result in zip(opened, answered):
                 results[i] = result
         return [r for r in results if r is not None]
+
+    def closed_kind(self, question: str) -> str | None:
+        """The closed kind of a question the answer head answers (:func:`question_kind`), or None where the
+        experts answer it: an open question, a word the head never learnt, or a model without a head."""
+        if self.answer_head is None or not self.answer_head.knows(question):
+            return None
+        return question_kind(question)
 
     def head_result(self, answer: HeadAnswer, guess: SceneGuess | None, resolution: float | None) -> ModelResult:
         """An answer head's answer as a result (the scene head's guess and the seen resolution in its plan)."""
