@@ -11,8 +11,8 @@ What it measures (every configuration in a fresh child process, all in one run, 
     - ``profile``: per run, the exclusive seconds of each phase (read, preprocess, encode, scene views, router
       decode, expert decode, journal, the rest) and the decode steps/s against the memory-bandwidth bound
       (a decode step reads the LM's weights once: bound = measured copy bandwidth / weight bytes);
-    - ``memory``: peak RSS of the default configuration on a 1k and a 16k px square raster (a bounded window
-      of tiles each: reads are windowed, so the raster's size must not show).
+    - ``memory``: peak RSS of the default configuration (its default batch size) on a 1k and a 16k px square
+      raster (the same 8 x 8 window of tiles each: reads are windowed, so the raster's size must not show).
 
     .venv/bin/python bench/bench_annotate.py [--configs default,torch,onnx-fp32,onnx-int8] [--batches 1,4,16,32]
         [--tile-sizes 128,256] [--rss-sizes 1024,16384] [--out bench/results/annotate_cpu.json]
@@ -246,7 +246,7 @@ def main() -> int:
                     rows.append(child(raster, tile, batch, config, tmp))
         for size in [int(s) for s in args.rss_sizes.split(",") if int(s)]:
             raster = build_mosaic(source, size, tmp / f"mosaic_rss_{size}.tif")
-            row = child(raster, tile_sizes[0], batches[min(1, len(batches) - 1)], "default", tmp, grid=4)
+            row = child(raster, tile_sizes[0], DEFAULT_BATCH_SIZE, "default", tmp, grid=GRID)
             memory.append({"raster_px": row["raster_px"], "tiles": row["tiles"], "peak_rss_mb": row["peak_rss_mb"],
                            "rss_after_load_mb": row["rss_after_load_mb"], "tiles_per_s": row["tiles_per_s"]})
             raster.unlink()

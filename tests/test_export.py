@@ -129,6 +129,28 @@ def test_vision_and_bridge_graphs_match_pytorch(torch_model: RSMoEModel, tiny_tr
     assert np.abs(ort_prefix - prefix.numpy()).max() <= FP32_TOL
 
 
+def test_backend_encodes_many_images_in_cpu_chunks_with_the_same_tokens(backends: dict[str, OnnxRSMoE],
+                                                                        torch_model: RSMoEModel) -> None:
+    """More images than one CPU vision call takes (VISION_ROWS_CPU) are encoded in chunks: same tokens, in
+    order, as torch's single pass."""
+    from engine.backends import onnx as onnx_backend
+
+    count = onnx_backend.VISION_ROWS_CPU * 2 + 3
+    backend = backends["fp32"]
+    calls: list[int] = []
+    run = backend.graphs["vision"].run
+    backend.graphs["vision"].run = lambda feeds: calls.append(len(feeds[mf.PIXELS])) or run(feeds)  # type: ignore[method-assign]
+    try:
+        pixels = torch_model.preprocess(_images(count, seed=11))
+        got = backend.encode_images(pixels.numpy())
+    finally:
+        backend.graphs["vision"].run = run  # type: ignore[method-assign]
+    assert calls == [onnx_backend.VISION_ROWS_CPU, onnx_backend.VISION_ROWS_CPU, 3]
+    with torch.no_grad():
+        expected = torch_model.encode_images(pixels).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= FP32_TOL
+
+
 @pytest.mark.parametrize("variant", ["fp32", "static"])
 def test_decoder_logits_match_pytorch_with_past(variant: str, torch_model: RSMoEModel,
                                                 backends: dict[str, OnnxRSMoE]) -> None:
