@@ -9,7 +9,8 @@ What it measures (every configuration in a fresh child process, all in one run, 
       gives with no backend flag, ``--backend auto``; ``torch``: torch eager; ``onnx-fp32``, ``onnx-int8``)
       at each batch size and tile size; the captions, compared with torch's at the same batch and tile size;
     - ``profile``: per run, the exclusive seconds of each phase (read, preprocess, encode, scene views, router
-      decode, expert decode, journal, the rest) and the decode steps/s against the memory-bandwidth bound
+      decode, expert decode, journal, the rest; within decoding the Q-Former ``bridge`` and, on ONNX, the
+      decoder's ``decode_prefill`` and ``decode_steps``) and the decode steps/s against the memory-bandwidth bound
       (a decode step reads the LM's weights once: bound = measured copy bandwidth / weight bytes);
     - ``memory``: peak RSS of the default configuration (its default batch size) on a 1k and a 16k px square
       raster (the same 8 x 8 window of tiles each: reads are windowed, so the raster's size must not show).
@@ -149,6 +150,11 @@ def instrument(pipeline: Any, timer: PhaseTimer, steps: list[int]) -> None:
         return texts
 
     model.generate_texts = counted_generate
+    model.query_embeddings = timer.wrap("bridge", model.query_embeddings)  # the Q-Former, inside decoding
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:  # ONNX: the decoder's prefill and its one-token steps, inside decoding
+        decoder.start = timer.wrap("decode_prefill", decoder.start)
+        decoder.step = timer.wrap("decode_steps", decoder.step)
     model.encode_images = timer.wrap("encode", model.encode_images)
     model.preprocess = timer.wrap("preprocess", model.preprocess)
     model.view_scene_logits = timer.wrap("scene_views", model.view_scene_logits)
@@ -182,7 +188,8 @@ def run_one(raster: Path, tile_size: int, batch_size: int, config: str, out: Pat
     features = json.loads(out.read_text())["features"]
     phases = {k: round(v, 3) for k, v in sorted(timer.seconds.items())}
     phases["other"] = round(seconds - sum(timer.seconds.values()), 3)
-    decode_s = timer.seconds.get("router_decode", 0.0) + timer.seconds.get("expert_decode", 0.0)
+    decode_s = sum(timer.seconds.get(k, 0.0) for k in ("router_decode", "expert_decode", "bridge", "decode_prefill",
+                                                         "decode_steps"))
     weight_bytes = decoder_weight_bytes(pipeline.model)
     return {
         "config": config, "backend": pipeline.info.backend, "dtype": dtype or "float32",
