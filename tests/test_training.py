@@ -356,9 +356,17 @@ def test_stage0_tunes_the_top_vision_blocks_and_the_model_dir_keeps_them(tiny_ef
 
     config = _config(tiny_efficientnet_init, tmp_path / "run",
                      vision_tuning={"blocks": 2, "epochs": 2, "batch_size": 4, "variants": 2, "max_val_images": 4,
-                                    "scene_views": 4})
+                                    "scene_views": 4},
+                     scene_head_refit={"enabled": True, "epochs": 3, "max_train_per_set": {"ucm": 12},
+                                       "max_val_per_set": {"ucm": 8}})
     final = train(config)
-    assert train(config) == final  # a re-run reuses the finished stage 0 (and stages 1 and 2)
+    assert train(config) == final  # a re-run reuses the finished stage 0 (and stages 1 and 2, and the refit)
+    # the scene head was refitted after stage 2 on the train images (and kept only if val improved)
+    refit = json.loads((final / "scene_head_refit.json").read_text())
+    assert refit["train_images"] == {"ucm": 12} and refit["val_images"] == {"ucm": 8}
+    before, after = refit["val_single_view_before"]["ucm"], refit["val_single_view_after"]["ucm"]
+    assert refit["kept"] == (after > before)
+    assert json.loads((final / "training_state.json").read_text())["done"]  # the stage's record survives
     state = json.loads((tmp_path / "run" / "vision" / "vision_state.json").read_text())
     assert state["done"] and [h["epoch"] for h in state["history"]] == [1, 2]
     assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in state["history"])
@@ -564,6 +572,26 @@ def test_scene_views_choice_keeps_the_views_gain_at_the_lowest_cost(tmp_path: Pa
     assert choose_views({2: {"a": by_views[2]}, 4: {"a": by_views[4]}}, keep_gain=0.0)["extra_passes"] == 0.0
     assert main(["--out", str(tmp_path / "x.json")]) == 2  # no set given: a clear error
     assert main(["--ucm", str(tmp_path), "--keep-gain", "2"]) == 2
+
+
+def test_scene_head_refit_fits_every_view_with_the_sets_weighted_equally() -> None:
+    """:func:`training.scene_head.fit_scene_head` learns a linear head from mean tokens (every view a sample)
+    starting from the given weights, a class seen only in a 6-image set included; seeded."""
+    from training.config import SceneHeadRefit
+    from training.scene_head import fit_scene_head
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8, dtype=np.float32) * 4  # three classes, 8-d tokens
+    labels = np.array([0] * 300 + [1] * 300 + [2] * 6)  # class 2 only in the small set
+    features = (centres[labels][:, None, :] + rng.normal(0, 0.5, (len(labels), 2, 8))).astype(np.float32)
+    sets = ["big"] * 600 + ["small"] * 6
+    options = SceneHeadRefit(epochs=30, batch_size=64, lr=0.05, weight_decay=0.0)
+    weight, bias = fit_scene_head(features, labels, sets, torch.zeros(3, 8), torch.zeros(3), options, seed=0)
+    assert weight.shape == (3, 8) and bias.shape == (3,)
+    predicted = (features[:, 0] @ weight.numpy().T + bias.numpy()).argmax(axis=1)
+    assert (predicted == labels).mean() == 1.0  # the 6 small-set images too
+    again, _ = fit_scene_head(features, labels, sets, torch.zeros(3, 8), torch.zeros(3), options, seed=0)
+    assert torch.equal(weight, again)  # seeded
 
 
 def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path) -> None:

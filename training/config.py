@@ -78,6 +78,20 @@ class AnswerHeadTraining:
 
 
 @dataclass
+class SceneHeadRefit:
+    """The scene head's refit on the frozen encoder after stage 2 (``enabled``; :mod:`training.scene_head`)."""
+
+    enabled: bool = False
+    views_per_image: int = 2  # the image and this many - 1 other dihedral views, each a sample
+    epochs: int = 60
+    batch_size: int = 512
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-3
+    max_train_per_set: dict[str, int] = field(default_factory=dict)  # none: every train image
+    max_val_per_set: dict[str, int] = field(default_factory=lambda: {"eurosat": 500})
+
+
+@dataclass
 class TrainConfig:
     """The whole run: optional stage 0 (vision tuning), then the two stages. ``one_stage`` is the ablation: experts
     from scratch, no dense stage. ``continue_from`` fine-tunes a trained model further instead (stage 2 only, its
@@ -91,6 +105,7 @@ class TrainConfig:
     vision_tuning: VisionTuningConfig = field(default_factory=VisionTuningConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
+    scene_head_refit: SceneHeadRefit = field(default_factory=SceneHeadRefit)
     answer_head: AnswerHeadTraining = field(default_factory=AnswerHeadTraining)
     one_stage: bool = False
     precision: str = "bf16"  # bf16 | fp32 (bf16 autocast: 1.25-1.3x faster steps on an AVX-512-bf16 CPU)
@@ -111,6 +126,7 @@ class TrainConfig:
             data["vision_tuning"] = VisionTuningConfig(**data.get("vision_tuning", {}))
             data["stage1"] = StageConfig(**data.get("stage1", {}))
             data["stage2"] = StageConfig(**data.get("stage2", {}))
+            data["scene_head_refit"] = SceneHeadRefit(**data.get("scene_head_refit", {}))
             data["answer_head"] = AnswerHeadTraining(**data.get("answer_head", {}))
             config = cls(**data)
         except TypeError as exc:

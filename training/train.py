@@ -49,6 +49,8 @@ from training.data.sets import CAPTION_SETS, load_mixture
 from training.data.subtasks import infer_scene
 from training.features import FeatureStore, build_feature_store
 from training.samples import Sample, stage1_samples, stage2_samples
+from training.scene_head import REPORT_FILE as SCENE_HEAD_REPORT
+from training.scene_head import refit_scene_head
 from training.vision_tuning import tune_vision
 
 log = logging.getLogger(__name__)
@@ -360,10 +362,14 @@ def confusable_scenes(model: RSMoEModel, records: Sequence[CaptionRecord], store
     return out
 
 
+def saved_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype a recipe saves its models' weights in (``save_dtype``)."""
+    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[config.save_dtype]
+
+
 def save_stage_model(model: RSMoEModel, out_dir: Path, position: StagePosition, config: TrainConfig,
                      stage_name: str) -> None:
-    dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[config.save_dtype]
-    model.save_pretrained(out_dir, dtype=dtype)
+    model.save_pretrained(out_dir, dtype=saved_dtype(config))
     state = {"stage": stage_name, "config": config.to_dict(), **position.__dict__,
              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     (out_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -423,7 +429,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
 
     if stage_done(stage2_dir):
         log.info("stage 2 already done: %s", stage2_dir)
-        return with_answer_head(stage2_dir, data, config)
+        return with_answer_head(with_refit_scene_head(stage2_dir, config), data, config)
     params = stage_parameters(model, "stage2", one_stage=config.one_stage or bool(config.continue_from))
     with_router = model.config.router.type == "generative"
     confusable = (confusable_scenes(model, data.train, data.train_store)
@@ -450,7 +456,19 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
     save_stage_model(model, stage2_dir, position, config, "stage2")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("stage 2 done: %s (peak RSS %.0f MB)", stage2_dir, peak_mb)
-    return with_answer_head(stage2_dir, data, config)
+    return with_answer_head(with_refit_scene_head(stage2_dir, config), data, config)
+
+
+def with_refit_scene_head(model_dir: Path, config: TrainConfig) -> Path:
+    """Refit the finished model's scene head on every train image when the recipe asks and it was not done yet
+    (:mod:`training.scene_head`; its report marks it done)."""
+    if not config.scene_head_refit.enabled or (model_dir / SCENE_HEAD_REPORT).is_file():
+        return model_dir
+    roots = {name: getattr(config.data, name) for name in CAPTION_SETS}
+    state = (model_dir / STATE_FILE).read_text()  # the stage's record, kept across the model's re-save
+    refit_scene_head(model_dir, roots, config.scene_head_refit, config.seed, saved_dtype(config))
+    (model_dir / STATE_FILE).write_text(state)
+    return model_dir
 
 
 def with_answer_head(model_dir: Path, data: StageData, config: TrainConfig) -> Path:
