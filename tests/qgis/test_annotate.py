@@ -272,18 +272,19 @@ def test_cancelled_rendered_run_leaves_no_output(plugin, xyz_layer, tmp_path, en
     out = tmp_path / "run" / "cancelled.geojson"
     out.parent.mkdir()
     batch = plugin_engine_batch_size()
+    assert batch < 64, "the extent must hold more tiles than one batch"
     feedback = RecordingFeedback(cancel_above=0.0)  # cancel after the first batch of rendered tiles
-    with pytest.raises(QgsProcessingException, match=f"cancelled after {batch} of 16 tiles; nothing was written"):
+    with pytest.raises(QgsProcessingException, match=f"cancelled after {batch} of 64 tiles; nothing was written"):
         processing.run(ALG, {
             "INPUT": xyz_layer, "EXTENT": f"{extent.xMinimum()},{extent.xMaximum()},{extent.yMinimum()},"
                                           f"{extent.yMaximum()} [EPSG:3857]",
-            "TILE_SIZE": 64, "RESOLUTION": extent.width() / 256, "OUTPUT": str(out)}, feedback=feedback)
+            "TILE_SIZE": 64, "RESOLUTION": extent.width() / 512, "OUTPUT": str(out)}, feedback=feedback)
     assert [p for _, p in engine_requests if p.startswith("/caption")] == ["/caption/batch"]  # then it stopped
     _no_output_left(out)
 
 
 def plugin_engine_batch_size() -> int:
-    """Tiles per batch request: the engine's model batch (``rsmoe serve --batch-size``, 4 by default)."""
+    """Tiles per batch request: the engine's model batch (``rsmoe serve --batch-size``)."""
     from rsmoe_plugin.engine_manager import get_manager
 
     return int(get_manager().health().raw["batch_size"])
