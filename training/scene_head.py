@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,7 +140,5 @@ def refit_scene_head(model_dir: Path, roots: dict[str, str | None], options: Sce
 
 
 def _counts(records: Sequence[CaptionRecord]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.dataset] = counts.get(r.dataset, 0) + 1
-    return counts
+    """Images per set."""
+    return dict(Counter(r.dataset for r in records))
