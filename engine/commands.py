@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
     add_region_options(p, window_help="annotate only this pixel window col_off,row_off,width,height")
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default 64)")
     p.add_argument("--gpkg", type=Path, default=None, help="also write a GeoPackage (raster CRS) here")
     p.add_argument("--restart", action="store_true", help="ignore an existing journal and start afresh")
     p.add_argument("--min-valid", type=float, default=0.5,
@@ -101,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", type=Path, default=None,
                    help="where to write {url, token, pid} (default $RSMOE_HOME/engine.json or ~/.cache/rsmoe/engine.json)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 64)")
     p.add_argument("--stop-on-stdin-eof", action="store_true",
                    help="stop when standard input closes (the QGIS plugin's pipe: the engine ends with QGIS)")
     add_model_options(p)

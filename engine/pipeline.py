@@ -57,7 +57,7 @@ from engine.runtime import ModelSpec
 log = logging.getLogger(__name__)
 
 #: bench/results/annotate_cpu.json (2 cores, ONNX fp32): the most tiles/s whose peak RSS stays under 2 GB
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = 64
 #: A closed question about a region seen coarser than the trained range is answered on tiles seen at this share
 #: of the coarsest trained resolution (at most MAX_ANSWER_GRID tiles a side). On the README's Sentinel-2 example
 #: (22.9 m/px as one image) 2 x 2 tiles at the coarsest resolution split rural / urban 2:2; 4 x 4 at half of it

@@ -183,6 +183,23 @@ def test_decoder_logits_match_pytorch_with_past(variant: str, torch_model: RSMoE
     assert np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
+def test_cpu_decoding_in_row_groups_gives_torch_texts(torch_model: RSMoEModel, backends: dict[str, OnnxRSMoE],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows than one CPU decode takes (DECODE_ROWS_CPU) decode in groups, unpadded, with torch's texts."""
+    from engine.backends import onnx as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "DECODE_ROWS_CPU", 4)
+    backend = backends["fp32"]
+    prompts, adapters = _mixed_rows(torch_model)
+    visual = torch_model.encode_images(torch_model.preprocess(_images(len(prompts), seed=5)))
+    groups: list[int] = []
+    greedy = backend.greedy
+    monkeypatch.setattr(backend, "greedy", lambda embeds, *rest: groups.append(len(embeds)) or greedy(embeds, *rest))
+    got = backend.generate_texts(visual.numpy(), prompts, adapters, max_new_tokens=8)
+    assert groups == [4, 2]
+    assert got == torch_model.generate_texts(visual, prompts, adapters, max_new_tokens=8)
+
+
 # ------------------------------------------------------------------------------------------ backend
 def _assert_same_results(got: list, expected: list) -> None:
     """The same texts, plans and segments; the scene head's probability equal up to float rounding."""

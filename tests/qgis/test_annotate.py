@@ -268,17 +268,17 @@ def test_cancelled_engine_job_leaves_no_output(plugin, s2_layer, tmp_path) -> No
 def test_cancelled_rendered_run_leaves_no_output(plugin, xyz_layer, tmp_path, engine_requests) -> None:  # noqa: ANN001
     import processing
 
-    extent = s2_mercator_extent(0.5, aspect=1.0)
+    extent = s2_mercator_extent(0.5, aspect=2.0)
     out = tmp_path / "run" / "cancelled.geojson"
     out.parent.mkdir()
     batch = plugin_engine_batch_size()
-    assert batch < 64, "the extent must hold more tiles than one batch"
+    assert batch < 128, "the extent must hold more tiles than one batch"
     feedback = RecordingFeedback(cancel_above=0.0)  # cancel after the first batch of rendered tiles
-    with pytest.raises(QgsProcessingException, match=f"cancelled after {batch} of 64 tiles; nothing was written"):
-        processing.run(ALG, {
+    with pytest.raises(QgsProcessingException, match=f"cancelled after {batch} of 128 tiles; nothing was written"):
+        processing.run(ALG, {  # 1024 x 512 rendered pixels: 16 x 8 tiles
             "INPUT": xyz_layer, "EXTENT": f"{extent.xMinimum()},{extent.xMaximum()},{extent.yMinimum()},"
                                           f"{extent.yMaximum()} [EPSG:3857]",
-            "TILE_SIZE": 64, "RESOLUTION": extent.width() / 512, "OUTPUT": str(out)}, feedback=feedback)
+            "TILE_SIZE": 64, "RESOLUTION": extent.width() / 1024, "OUTPUT": str(out)}, feedback=feedback)
     assert [p for _, p in engine_requests if p.startswith("/caption")] == ["/caption/batch"]  # then it stopped
     _no_output_left(out)
 
