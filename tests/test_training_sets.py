@@ -163,3 +163,79 @@ def test_class_derived_questions_state_only_the_facts_of_the_class(tmp_path: Pat
     assert class_key("Sea Lake") == class_key("sea_lake") == "sealake"
     unknown = [records[0].__class__(**{**records[0].__dict__, "class_name": "Volcano"})]
     assert derive_class_vqa(unknown) == []
+
+
+# ------------------------------------------------------------------------------------------ EuroSAT mosaics
+_MOSAIC_COLOURS = {"AnnualCrop": (200, 150, 100), "Forest": (20, 60, 30), "River": (30, 40, 120)}
+
+
+def _eurosat_like(root: Path) -> Path:
+    """Three EuroSAT classes (one linear), one flat colour each, three patches per split."""
+    images = []
+    for klass, colour in _MOSAIC_COLOURS.items():
+        (root / "images" / klass).mkdir(parents=True)
+        for i, split in enumerate(("train",) * 3 + ("val",) * 3):
+            name = f"{klass}/{klass}_{i}.jpg"
+            Image.fromarray(np.full((64, 64, 3), colour, np.uint8)).save(root / "images" / name, quality=95)
+            images.append({"filename": name, "class": klass, "split": split})
+    (root / "dataset.json").write_text(json.dumps({"dataset": "eurosat", "classes": list(_MOSAIC_COLOURS),
+                                                   "ground_resolution_m": 10, "image_size": 64, "images": images}))
+    return root
+
+
+def test_mosaic_captions_name_the_main_cover_then_the_others_by_area() -> None:
+    from training.data.mosaics import main_class, mosaic_captions
+
+    cells = ["AnnualCrop"] * 10 + ["River"] * 4 + ["Forest"] * 2
+    assert main_class(cells) == "AnnualCrop"
+    assert mosaic_captions(cells) == ["A rural area of farmland with a river and a forest.",
+                                      "Farmland with a river and a forest.",
+                                      "A river and a forest in a rural area of farmland."]
+    assert mosaic_captions(["Forest"] * 16) == list(EUROSAT_CAPTIONS["Forest"])
+    # a linear class is never the main cover, even on a tie
+    assert main_class(["River"] * 8 + ["Forest"] * 8) == "Forest"
+
+
+def test_mosaics_lay_their_cells_patches_out_at_the_sentinel2_tile_scale(tmp_path: Path) -> None:
+    from training.data.mosaics import GRID, load_mosaics, write_mosaics
+
+    eurosat = _eurosat_like(tmp_path / "eurosat")
+    out = write_mosaics(eurosat, tmp_path / "mosaics", {"train": 12, "val": 4}, seed=3)
+    cells = {i["filename"]: i["cells"] for i in json.loads((out / "dataset.json").read_text())["images"]}
+    records = load_mosaics(out, "train")
+    assert len(records) == 12 and len(load_mosaics(out, "val")) == 4
+    assert {r.dataset for r in records} == {"eurosat_mosaic"}
+    assert any(len(set(c)) == 1 for c in cells.values()) and any(len(set(c)) > 1 for c in cells.values())
+    for r in records:
+        image = np.asarray(Image.open(r.image_path).convert("RGB")).astype(int)
+        assert image.shape == (256, 256, 3) and r.width == 256 and r.ground_resolution_m == 10
+        layout = cells[r.filename]
+        for index, klass in enumerate(layout):  # every cell holds a patch of its class
+            row, col = divmod(index, GRID)
+            cell = image[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64].reshape(-1, 3).mean(axis=0)
+            assert np.abs(cell - _MOSAIC_COLOURS[klass]).max() < 6, (r.filename, index, klass)
+        assert r.class_name == min(set(layout), key=lambda k: (-layout.count(k), k == "River", k))
+        if len(set(layout)) > 1:
+            words = {"AnnualCrop": "farmland", "Forest": "forest", "River": "river"}
+            assert all(all(words[k] in c.lower() for k in set(layout)) for c in r.captions)
+    assert seen_resolution(records[0].ground_resolution_m, records[0].width, 224) == pytest.approx(11.43, abs=0.01)
+    # the same request keeps the folder; another rewrites it
+    stamp = (out / "dataset.json").stat().st_mtime_ns
+    write_mosaics(eurosat, out, {"train": 12, "val": 4}, seed=3)
+    assert (out / "dataset.json").stat().st_mtime_ns == stamp
+    write_mosaics(eurosat, out, {"train": 5, "val": 4}, seed=3)
+    assert len(load_mosaics(out, "train")) == 5
+    # in the mixture: ids offset like every set's
+    mix = load_mixture({"eurosat_mosaic": str(out)}, "val")
+    assert sorted(r.image_id for r in mix.captions) == [SET_ID_OFFSETS["eurosat_mosaic"] + i for i in range(5, 9)]
+
+
+def test_recipe_mosaics_need_eurosat_and_counts_per_split() -> None:
+    from training.config import TrainConfig
+
+    with pytest.raises(UserInputError, match="needs data.eurosat"):
+        TrainConfig.from_dict({"data": {"eurosat_mosaics": {"train": 10}}})
+    with pytest.raises(UserInputError, match="train / val counts"):
+        TrainConfig.from_dict({"data": {"eurosat": "x", "eurosat_mosaics": {"test": 10}}})
+    config = TrainConfig.from_dict({"data": {"eurosat": "x", "eurosat_mosaics": {"train": 10}}, "cache_dir": "c"})
+    assert config.set_roots()["eurosat_mosaic"] == str(Path("c") / "eurosat_mosaics")

@@ -58,6 +58,8 @@ class DataConfig:
     max_train_per_set: dict[str, int] = field(default_factory=dict)  # stages 1-2: images per set (evenly spaced)
     max_val_per_set: dict[str, int] = field(default_factory=dict)  # val images per set scored after each epoch
     caption_repeats: dict[str, int] = field(default_factory=dict)  # stages 1-2: a set's images appear N times an epoch
+    # EuroSAT patches laid 4 x 4 into 256 px Sentinel-2 tiles, e.g. {train: 2000, val: 200} (training.data.mosaics)
+    eurosat_mosaics: dict[str, int] = field(default_factory=dict)
     augment_variants: int = 8  # dihedral variants of each train image with cached features (1 = none)
     max_train_images: int | None = None
     max_val_images: int | None = 60  # val images captioned after each epoch for model selection
@@ -134,6 +136,11 @@ class TrainConfig:
         for set_name, count in config.data.caption_repeats.items():
             if not isinstance(count, int) or count < 1:
                 raise UserInputError(f"data.caption_repeats.{set_name} must be a whole number >= 1, got {count!r}")
+        for split, count in config.data.eurosat_mosaics.items():
+            if split not in ("train", "val") or not isinstance(count, int) or count < 1:
+                raise UserInputError(f"data.eurosat_mosaics takes train / val counts >= 1, got {split}: {count!r}")
+        if config.data.eurosat_mosaics and not config.data.eurosat:
+            raise UserInputError("data.eurosat_mosaics needs data.eurosat (the patches they are made of)")
         for name, stage in (("stage1", config.stage1), ("stage2", config.stage2)):
             if not 0.0 < stage.router_fraction <= 1.0:
                 raise UserInputError(f"{name}.router_fraction must be in (0, 1], got {stage.router_fraction}")
@@ -170,6 +177,12 @@ class TrainConfig:
         return asdict(self)
 
     def set_roots(self) -> dict[str, str | None]:
-        """The configured sets' folders by name (None: not used)."""
+        """The configured sets' folders by name (None: not used); the EuroSAT mosaics are written under the
+        cache folder (:meth:`mosaic_root`) by the run."""
         d = self.data
-        return {"ucm": d.ucm, "aid": d.aid, "eurosat": d.eurosat, "rsvqa_lr": d.rsvqa_lr, "rsvqa_hr": d.rsvqa_hr}
+        return {"ucm": d.ucm, "aid": d.aid, "eurosat": d.eurosat, "rsvqa_lr": d.rsvqa_lr, "rsvqa_hr": d.rsvqa_hr,
+                "eurosat_mosaic": str(self.mosaic_root()) if d.eurosat_mosaics else None}
+
+    def mosaic_root(self) -> Path:
+        """Where the run writes its EuroSAT mosaics."""
+        return Path(self.cache_dir) / "eurosat_mosaics"

@@ -44,6 +44,7 @@ from training.config import StageConfig, TrainConfig
 from training.data import derive_ucm_vqa
 from training.data.class_vqa import derive_class_vqa
 from training.data.derived import rsvqa_image_records, with_derived_captions
+from training.data.mosaics import write_mosaics
 from training.data.records import CaptionRecord, VQARecord, evenly_spaced, seen_resolution
 from training.data.sets import CAPTION_SETS, load_mixture
 from training.data.subtasks import infer_scene
@@ -389,6 +390,8 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = build_initial_model(config)
+    if config.data.eurosat_mosaics:
+        write_mosaics(str(config.data.eurosat), config.mosaic_root(), config.data.eurosat_mosaics, config.seed)
     if config.vision_tuning.blocks and not config.continue_from:
         tuning = config.vision_tuning
         roots = {k: v for k, v in config.set_roots().items() if k in CAPTION_SETS}
@@ -464,7 +467,7 @@ def with_refit_scene_head(model_dir: Path, config: TrainConfig) -> Path:
     (:mod:`training.scene_head`; its report marks it done)."""
     if not config.scene_head_refit.enabled or (model_dir / SCENE_HEAD_REPORT).is_file():
         return model_dir
-    roots = {name: getattr(config.data, name) for name in CAPTION_SETS}
+    roots = {name: root for name, root in config.set_roots().items() if name in CAPTION_SETS}
     state = (model_dir / STATE_FILE).read_text()  # the stage's record, kept across the model's re-save
     refit_scene_head(model_dir, roots, config.scene_head_refit, config.seed, saved_dtype(config))
     (model_dir / STATE_FILE).write_text(state)

@@ -82,11 +82,11 @@ _SKIPPED_OBJECTS = {"pedestrian", "place of worship", "religious building"}
 _MAX_NAMED = 5
 
 
-def _join(items: Sequence[str]) -> str:
+def join_words(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _capital(text: str) -> str:
+def capital(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
@@ -111,11 +111,11 @@ def rsvqa_captions(questions: Sequence[VQARecord]) -> list[str]:
     area = f"{setting} area" if setting else "area"
     if not words:
         if {"building", "road", "water area"} <= absent:
-            return [f"{_capital(setting + ' area') if setting else 'An area'} without buildings, roads or water."] * 3
+            return [f"{capital(setting + ' area') if setting else 'An area'} without buildings, roads or water."] * 3
         return []
     article = "an" if area[0] in "aeiou" else "a"
-    return [f"{_capital(article)} {area} with {_join(words)}.", f"This {area} has {_join(words[::-1])}.",
-            f"{_capital(_join(words))} can be seen in this {area}."]
+    return [f"{capital(article)} {area} with {join_words(words)}.", f"This {area} has {join_words(words[::-1])}.",
+            f"{capital(join_words(words))} can be seen in this {area}."]
 
 
 def rsvqa_image_records(questions: Sequence[VQARecord], input_size: int) -> list[CaptionRecord]:

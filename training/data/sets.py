@@ -2,7 +2,8 @@
 
 Sets: UCM-captions (0.3 m aerials, human captions), AID with RSICD's human captions (Google Earth, 2-32 m),
 EuroSAT (Sentinel-2, 10 m, class labels only), RSVQA-LR (Sentinel-2) and RSVQA-HR (15 cm orthophotos), the
-last two as questions. Image ids are offset per set (``SET_ID_OFFSETS``) so one feature store holds them all.
+last two as questions, and mosaics of EuroSAT patches (:mod:`training.data.mosaics`) where the recipe asks.
+Image ids are offset per set (``SET_ID_OFFSETS``) so one feature store holds them all.
 The scene classes are the union of the class-labelled sets' classes, by readable phrase
 (:func:`training.data.vocab.class_phrase`): classes of the same phrase in two sets (``forest``, ``river``,
 ``airport``, ``dense residential area`` ...) are one scene.
@@ -16,6 +17,7 @@ from typing import Iterable, Sequence
 
 from engine.errors import UserInputError
 from training.data.loaders import load_class_folder, load_rsvqa_split, load_ucm_captions
+from training.data.mosaics import load_mosaics
 from training.data.records import CaptionRecord, VQARecord, evenly_spaced
 from training.data.vocab import class_phrase
 
@@ -23,8 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Image-id offset of each set in the mixture (every set has fewer than a million images).
 SET_ID_OFFSETS: dict[str, int] = {"ucm": 0, "aid": 1_000_000, "eurosat": 2_000_000, "rsvqa_lr": 3_000_000,
-                                  "rsvqa_hr": 4_000_000}
-CAPTION_SETS: tuple[str, ...] = ("ucm", "aid", "eurosat")
+                                  "rsvqa_hr": 4_000_000, "eurosat_mosaic": 5_000_000}
+CAPTION_SETS: tuple[str, ...] = ("ucm", "aid", "eurosat", "eurosat_mosaic")
 VQA_SETS: tuple[str, ...] = ("rsvqa_lr", "rsvqa_hr")
 
 
@@ -50,6 +52,8 @@ def load_set(name: str, root: str | Path, split: str) -> list[CaptionRecord] | l
         return [replace(r, dataset=name) for r in load_class_folder(root, split=split)]
     if name in VQA_SETS:
         return load_rsvqa_split(root, split, dataset=name)
+    if name == "eurosat_mosaic":
+        return load_mosaics(root, split)
     raise UserInputError(f"unknown data set {name!r} (known: {', '.join(SET_ID_OFFSETS)})")
 
 

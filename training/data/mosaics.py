@@ -1,0 +1,146 @@
+"""EuroSAT mosaics: Sentinel-2 land cover at the scale the engine reads Sentinel-2 (a 256 px tile, 11.4 m seen).
+
+EuroSAT's 64 px patches (10 m) are magnified 3.5x to fill the model input, so on its own the set teaches what a
+640 m patch looks like at 2.9 m per pixel; a 256 px Sentinel-2 tile (2.56 km, the README's example) is seen at
+11.4 m per pixel, where the only labelled imagery is RSVQA-LR's few tiles. A mosaic lays 4 x 4 EuroSAT patches of
+one split side by side (each in a random dihedral view) into one 256 px image at 10 m: one class (a pure scene),
+or a patchwork of a main areal class with one or two others (a block of cells, or a row or column of cells for a
+river or a highway), as a landscape mixes fields, forest and water.
+
+Each mosaic's class is the class of most cells; its captions are **derived** from the cells, in the style of the
+RSVQA-derived ones (``A rural area with farmland, a forest and a river.``, land covers by area): the class's
+three EuroSAT sentences for a pure mosaic (:data:`training.data.derived.EUROSAT_CAPTIONS`). The set is written
+once into a folder laid out like EuroSAT's (``dataset.json`` + ``images/``, the cells of each mosaic in
+``cells``), so ``rsmoe evaluate`` scores its classes, and never its derived sentences.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from training.data.derived import EUROSAT_CAPTIONS, capital, join_words
+from training.data.loaders import load_class_folder
+from training.data.records import CaptionRecord
+
+log = logging.getLogger(__name__)
+
+GRID = 4  # cells a side: 4 x 64 px = a 256 px tile
+FORMAT = 1  # bumped when the layout or the captions change (a folder of another format is rewritten)
+#: How each EuroSAT class reads in a mosaic caption: (as the main land cover, as a further one); the linear
+#: classes (river, highway) are never the main one.
+COVER_WORDS: dict[str, tuple[str | None, str]] = {
+    "AnnualCrop": ("farmland", "farmland"), "Forest": ("forest", "a forest"),
+    "HerbaceousVegetation": ("herbaceous vegetation", "herbaceous vegetation"), "Pasture": ("pasture", "pasture"),
+    "PermanentCrop": ("orchards", "orchards"), "Residential": ("houses", "houses"),
+    "Industrial": ("industrial buildings", "industrial buildings"), "SeaLake": ("water", "a lake"),
+    "River": (None, "a river"), "Highway": (None, "a highway"),
+}
+LINEAR = ("River", "Highway")
+_BLOCKS = ((2, 2), (2, 3), (3, 2), (1, 2), (2, 1), (3, 3))
+
+
+def mosaic_captions(cells: Sequence[str]) -> list[str]:
+    """Three derived sentences for a mosaic of ``cells`` (EuroSAT class names): the pure class's own, else the
+    main cover with the others by area."""
+    counts = Counter(cells)
+    if len(counts) == 1:
+        return list(EUROSAT_CAPTIONS[cells[0]])
+    order = sorted(counts, key=lambda c: (-counts[c], c))
+    main = next(c for c in order if COVER_WORDS[c][0])
+    others = [COVER_WORDS[c][1] for c in order if c != main]
+    area = "an urban area" if main in ("Residential", "Industrial") else "a rural area"
+    main_words = str(COVER_WORDS[main][0])
+    return [f"{capital(area)} of {main_words} with {join_words(others)}.",
+            f"{capital(main_words)} with {join_words(others)}.",
+            f"{capital(join_words(others))} in {area} of {main_words}."]
+
+
+def main_class(cells: Sequence[str]) -> str:
+    """The class of most cells (ties: the areal class first, then by name)."""
+    counts = Counter(cells)
+    return min(counts, key=lambda c: (-counts[c], c in LINEAR, c))
+
+
+def mosaic_layout(classes: Sequence[str], rng: random.Random, pure_share: float = 0.3) -> list[str]:
+    """The classes of a mosaic's GRID x GRID cells (row-major): one class, or a main areal class with one or two
+    others (a block, or a full row or column for a linear class), the main class keeping most cells."""
+    if rng.random() < pure_share:
+        return [rng.choice(list(classes))] * GRID * GRID
+    areal = [c for c in classes if c not in LINEAR]
+    while True:
+        main = rng.choice(areal)
+        grid = [[main] * GRID for _ in range(GRID)]
+        for other in rng.sample([c for c in classes if c != main], rng.choice((1, 1, 2))):
+            if other in LINEAR:
+                line = rng.randrange(GRID)
+                for i in range(GRID):
+                    if rng.random() < 0.5:
+                        grid[line][i] = other
+                    else:
+                        grid[i][line] = other
+            else:
+                h, w = rng.choice(_BLOCKS)
+                top, left = rng.randrange(GRID - h + 1), rng.randrange(GRID - w + 1)
+                for r in range(top, top + h):
+                    for c in range(left, left + w):
+                        grid[r][c] = other
+        cells = [c for row in grid for c in row]
+        if main_class(cells) == main and len(set(cells)) > 1:
+            return cells
+
+
+def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """Write ``counts[split]`` mosaics of each split of ``eurosat_root`` into ``out_root`` (a class-folder set);
+    a folder already written with the same sources, counts and seed is kept as it is."""
+    eurosat_root, out_root = Path(eurosat_root), Path(out_root)
+    signature = {"format": FORMAT, "source": str(eurosat_root.resolve()), "counts": dict(sorted(counts.items())),
+                 "seed": seed, "grid": GRID}
+    index_path = out_root / "dataset.json"
+    if index_path.is_file() and json.loads(index_path.read_text()).get("mosaic") == signature:
+        return out_root
+    patches = load_class_folder(eurosat_root)
+    by_split_class: dict[tuple[str, str], list[Path]] = {}
+    for r in patches:
+        by_split_class.setdefault((r.split, str(r.class_name)), []).append(r.image_path)
+    classes = sorted({str(r.class_name) for r in patches})
+    unknown = sorted(set(classes) - set(COVER_WORDS))
+    if unknown:
+        raise ValueError(f"{eurosat_root}: classes without mosaic words: {unknown}")
+    rng = random.Random(seed)
+    images = []
+    (out_root / "images").mkdir(parents=True, exist_ok=True)
+    for split, count in sorted(counts.items()):
+        for i in range(count):
+            cells = mosaic_layout(classes, rng)
+            tiles = []
+            for name in cells:
+                with Image.open(rng.choice(by_split_class[(split, name)])) as im:
+                    tile = np.asarray(im.convert("RGB"))
+                tile = np.rot90(tile, rng.randrange(4))
+                tiles.append(tile[:, ::-1] if rng.random() < 0.5 else tile)
+            rows = [np.concatenate(tiles[r * GRID:(r + 1) * GRID], axis=1) for r in range(GRID)]
+            filename = f"{split}_{i:05d}.png"
+            Image.fromarray(np.ascontiguousarray(np.concatenate(rows, axis=0))).save(out_root / "images" / filename)
+            images.append({"filename": filename, "class": main_class(cells), "split": split, "cells": cells})
+    size = int(np.asarray(Image.open(out_root / "images" / images[0]["filename"])).shape[1]) if images else 0
+    index = {"dataset": "eurosat_mosaic", "classes": classes, "ground_resolution_m": 10.0, "image_size": size,
+             "images": images, "mosaic": signature}
+    index_path.write_text(json.dumps(index) + "\n")
+    log.info("wrote %d EuroSAT mosaics (%s) into %s", len(images), counts, out_root)
+    return out_root
+
+
+def load_mosaics(root: str | Path, split: str) -> list[CaptionRecord]:
+    """A mosaic folder's records of ``split`` with their derived captions."""
+    root = Path(root)
+    cells = {item["filename"]: item["cells"] for item in json.loads((root / "dataset.json").read_text())["images"]}
+    return [replace(r, dataset="eurosat_mosaic", captions=mosaic_captions(cells[r.filename]))
+            for r in load_class_folder(root, split=split)]
