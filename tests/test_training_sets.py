@@ -239,3 +239,22 @@ def test_recipe_mosaics_need_eurosat_and_counts_per_split() -> None:
         TrainConfig.from_dict({"data": {"eurosat": "x", "eurosat_mosaics": {"test": 10}}})
     config = TrainConfig.from_dict({"data": {"eurosat": "x", "eurosat_mosaics": {"train": 10}}, "cache_dir": "c"})
     assert config.set_roots()["eurosat_mosaic"] == str(Path("c") / "eurosat_mosaics")
+
+
+def test_a_linear_class_runs_along_a_whole_row_or_column() -> None:
+    import random
+
+    from training.data.mosaics import GRID, mosaic_layout
+
+    rng = random.Random(0)
+    seen = 0
+    for _ in range(200):
+        cells = mosaic_layout(["AnnualCrop", "Forest", "River"], rng, pure_share=0.0)
+        grid = [cells[r * GRID:(r + 1) * GRID] for r in range(GRID)]
+        if "River" not in cells:
+            continue
+        seen += 1
+        # a later block may cover part of it; what is left lies on one row or one column
+        river = {(r, c) for r in range(GRID) for c in range(GRID) if grid[r][c] == "River"}
+        assert len({r for r, _ in river}) == 1 or len({c for _, c in river}) == 1, grid
+    assert seen > 20

@@ -33,7 +33,7 @@ from training.data.records import CaptionRecord
 log = logging.getLogger(__name__)
 
 GRID = 4  # cells a side: 4 x 64 px = a 256 px tile
-FORMAT = 1  # bumped when the layout or the captions change (a folder of another format is rewritten)
+FORMAT = 2  # bumped when the layout or the captions change (a folder of another format is rewritten)
 #: How each EuroSAT class reads in a mosaic caption: (as the main land cover, as a further one); the linear
 #: classes (river, highway) are never the main one.
 COVER_WORDS: dict[str, tuple[str | None, str]] = {
@@ -80,12 +80,10 @@ def mosaic_layout(classes: Sequence[str], rng: random.Random, pure_share: float 
         grid = [[main] * GRID for _ in range(GRID)]
         for other in rng.sample([c for c in classes if c != main], rng.choice((1, 1, 2))):
             if other in LINEAR:
-                line = rng.randrange(GRID)
+                line, across = rng.randrange(GRID), rng.random() < 0.5
                 for i in range(GRID):
-                    if rng.random() < 0.5:
-                        grid[line][i] = other
-                    else:
-                        grid[i][line] = other
+                    row, col = (line, i) if across else (i, line)
+                    grid[row][col] = other
             else:
                 h, w = rng.choice(_BLOCKS)
                 top, left = rng.randrange(GRID - h + 1), rng.randrange(GRID - w + 1)
