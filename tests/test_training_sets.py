@@ -258,3 +258,22 @@ def test_a_linear_class_runs_along_a_whole_row_or_column() -> None:
         river = {(r, c) for r in range(GRID) for c in range(GRID) if grid[r][c] == "River"}
         assert len({r for r, _ in river}) == 1 or len({c for _, c in river}) == 1, grid
     assert seen > 20
+
+
+def test_a_mosaics_derived_questions_follow_its_cells_not_its_main_class() -> None:
+    from training.data.class_vqa import combined_facts, derive_class_vqa
+    from training.data.records import CaptionRecord
+
+    facts = combined_facts(["AnnualCrop"] * 12 + ["River"] * 4)
+    # the main class alone would say "no river, no water"; its river cells say otherwise
+    assert facts["river"] == "yes" and facts["water"] == "yes" and facts["farmland"] == "yes"
+    assert facts["setting"] == "rural" and facts["tennis court"] == "no"
+    assert "forest" not in facts  # AnnualCrop says no forest, River says nothing about it
+    mixed = combined_facts(["Residential"] * 10 + ["Forest"] * 6)
+    assert "setting" not in mixed and mixed["forest"] == "yes" and mixed["building"] == "yes"
+    assert combined_facts(["Forest", "NoSuchClass"]) == {}
+    record = CaptionRecord(image_id=1, image_path=Path("m.png"), split="train", class_name="AnnualCrop", captions=[],
+                           dataset="eurosat_mosaic", parts=["AnnualCrop"] * 12 + ["River"] * 4)
+    questions = derive_class_vqa([record], per_image=20)
+    assert len(questions) == len(facts)
+    assert {q.question_id.split(":")[-1]: q.answer for q in questions} == facts

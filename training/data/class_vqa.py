@@ -95,11 +95,33 @@ def class_key(name: str) -> str:
     return re.sub(r"[^a-z]", "", name.lower())
 
 
+def combined_facts(classes: Sequence[str]) -> dict[str, str]:
+    """The facts of an image made of patches of ``classes`` (a mosaic): an object is there when one patch's class
+    shows it and absent only when every patch's class lacks it; rural / urban only when every patch says the
+    same. No facts when a class has none."""
+    per_class = [CLASS_FACTS.get(class_key(c)) for c in set(classes)]
+    if not per_class or any(f is None for f in per_class):
+        return {}
+    facts: dict[str, str] = {}
+    for key in sorted({k for f in per_class for k in f}):  # type: ignore[union-attr]
+        answers = [f.get(key) for f in per_class]  # type: ignore[union-attr]
+        if key == "setting":
+            if len(set(answers)) == 1 and answers[0]:
+                facts[key] = str(answers[0])
+        elif "yes" in answers:
+            facts[key] = "yes"
+        elif all(a == "no" for a in answers):
+            facts[key] = "no"
+    return facts
+
+
 def derive_class_vqa(records: Sequence[CaptionRecord], per_image: int = 4, seed: int = 0) -> list[VQARecord]:
-    """Up to ``per_image`` closed questions per class-labelled image from its class's facts."""
+    """Up to ``per_image`` closed questions per class-labelled image from its class's facts (a mosaic's: from
+    its patches' classes, :func:`combined_facts`)."""
     out: list[VQARecord] = []
     for record in records:
-        facts = CLASS_FACTS.get(class_key(record.class_name or ""))
+        facts = (combined_facts(record.parts) if record.parts
+                 else CLASS_FACTS.get(class_key(record.class_name or "")))
         if not facts:
             continue
         rng = random.Random(f"{seed}:{record.dataset}:{record.image_id}")

@@ -140,5 +140,6 @@ def load_mosaics(root: str | Path, split: str) -> list[CaptionRecord]:
     """A mosaic folder's records of ``split`` with their derived captions."""
     root = Path(root)
     cells = {item["filename"]: item["cells"] for item in json.loads((root / "dataset.json").read_text())["images"]}
-    return [replace(r, dataset="eurosat_mosaic", captions=mosaic_captions(cells[r.filename]))
+    return [replace(r, dataset="eurosat_mosaic", parts=list(cells[r.filename]),
+                    captions=mosaic_captions(cells[r.filename]))
             for r in load_class_folder(root, split=split)]

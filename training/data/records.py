@@ -30,6 +30,8 @@ class CaptionRecord:
     a class-labelled set without sentences (EuroSAT).
     ``ground_resolution_m`` / ``width``: the image's native ground sample distance and width, where known, from
     which :func:`seen_resolution` gives the metres per pixel of what the model sees.
+    ``parts``: for an image made of patches of several classes (EuroSAT mosaics), each patch's class; its
+    ``class_name`` is then the main one.
     """
 
     image_id: int
@@ -41,6 +43,7 @@ class CaptionRecord:
     filename: str = ""
     ground_resolution_m: float | None = None  # native metres per pixel of the image file (None: unknown)
     width: int | None = None  # the image file's width in pixels, when the dataset says it
+    parts: list[str] = field(default_factory=list)  # a composite image's class of each part (a mosaic's cells)
 
 
 @dataclass
