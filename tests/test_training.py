@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from engine.errors import UserInputError
@@ -594,15 +595,31 @@ def test_scene_head_refit_fits_every_view_with_the_sets_weighted_equally() -> No
     assert torch.equal(weight, again)  # seeded
 
 
-def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path) -> None:
+def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path, tmp_path: Path) -> None:
     """Cached vision features stay valid when only the scene head's settings change (views, threshold),
-    and not when the images do."""
+    and not when the images do: other ids, or an image file written again (a regenerated mosaic)."""
+    import os
+
+    from training.data.records import CaptionRecord
     from training.features import _cache_key
 
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(paths[-1])
+
+    def records(ids: list[int]) -> list[CaptionRecord]:
+        return [CaptionRecord(image_id=i, image_path=p, split="train", class_name=None, captions=[])
+                for i, p in zip(ids, paths)]
+
     model = RSMoEModel.from_pretrained(tiny_init)
-    key = _cache_key(model, [1, 2, 3], variants=2)
+    key = _cache_key(model, records([1, 2, 3]), variants=2)
     model.config.vision.scene_views = 8
     model.config.vision.scene_min_confidence = 0.8
-    assert _cache_key(model, [1, 2, 3], variants=2) == key
-    assert _cache_key(model, [1, 2, 4], variants=2) != key
-    assert _cache_key(model, [1, 2, 3], variants=1) != key
+    assert _cache_key(model, records([1, 2, 3]), variants=2) == key
+    assert _cache_key(model, records([1, 2, 4]), variants=2) != key
+    assert _cache_key(model, records([1, 2, 3]), variants=1) != key
+    stat = paths[2].stat()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(paths[2])
+    os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert _cache_key(model, records([1, 2, 3]), variants=2) != key

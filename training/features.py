@@ -56,15 +56,23 @@ def _tuned_vision_digest(model: RSMoEModel) -> str | None:
     return digest.hexdigest()
 
 
-def _cache_key(model: RSMoEModel, image_ids: Sequence[int], variants: int) -> str:
+def _cache_key(model: RSMoEModel, records: Sequence[CaptionRecord], variants: int) -> str:
+    """The cache file's key: the vision config, the variants, and each image's id, path, size and modification
+    time (an image written again, e.g. a regenerated mosaic, is encoded again)."""
     vision = {k: v for k, v in model.config.vision.__dict__.items()
               if not k.startswith("scene_")}  # the scene head and its use: no effect on features
+    files = [(r.image_id, str(r.image_path), *_size_and_time(Path(r.image_path))) for r in records]
     spec = {"vision": vision, "image": model.config.image.to_dict(), "variants": variants,
-            "images": hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()}
+            "images": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
     tuned = _tuned_vision_digest(model)
     if tuned:  # the tuned weights, not only their count, decide the features
         spec["tuned_vision"] = tuned
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 @torch.no_grad()
@@ -81,7 +89,7 @@ def build_feature_store(model: RSMoEModel, records: Sequence[CaptionRecord], cac
     from safetensors.torch import load_file, save_file
 
     image_ids = [r.image_id for r in records]
-    path = Path(cache_dir) / f"{name}-{_cache_key(model, image_ids, variants)}.safetensors"
+    path = Path(cache_dir) / f"{name}-{_cache_key(model, records, variants)}.safetensors"
     if path.is_file():
         log.info("vision features from cache %s", path)
         return FeatureStore(load_file(str(path))["features"], image_ids)
