@@ -623,3 +623,15 @@ def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path, t
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(paths[2])
     os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert _cache_key(model, records([1, 2, 3]), variants=2) != key
+
+
+def test_shipped_recipes_parse_and_chain() -> None:
+    """Every recipe in training/configs loads, and a continuing recipe starts from another recipe's output."""
+    folder = Path(__file__).parents[1] / "training" / "configs"
+    recipes = {p.name: TrainConfig.load(p) for p in sorted(folder.glob("*.yaml"))}
+    assert {"lite.yaml", "lite-continue.yaml", "lite-sentinel2.yaml"} <= set(recipes)
+    outputs = {str(Path(c.out) / "stage2") for c in recipes.values()}
+    for name, config in recipes.items():
+        if config.continue_from:
+            assert config.continue_from in outputs, name
+    assert recipes["lite-sentinel2.yaml"].set_roots()["eurosat_mosaic"]
