@@ -225,6 +225,8 @@ def test_mosaics_lay_their_cells_patches_out_at_the_sentinel2_tile_scale(tmp_pat
     assert (out / "dataset.json").stat().st_mtime_ns == stamp
     write_mosaics(eurosat, out, {"train": 5, "val": 4}, seed=3)
     assert len(load_mosaics(out, "train")) == 5
+    with pytest.raises(UserInputError, match="no test patches"):
+        write_mosaics(eurosat, tmp_path / "other", {"test": 2})
     # in the mixture: ids offset like every set's
     mix = load_mixture({"eurosat_mosaic": str(out)}, "val")
     assert sorted(r.image_id for r in mix.captions) == [SET_ID_OFFSETS["eurosat_mosaic"] + i for i in range(5, 9)]

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from engine.errors import UserInputError
 from training.data.derived import EUROSAT_CAPTIONS, capital, join_words
 from training.data.loaders import load_class_folder
 from training.data.records import CaptionRecord
@@ -111,9 +112,14 @@ def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[s
     classes = sorted({str(r.class_name) for r in patches})
     unknown = sorted(set(classes) - set(COVER_WORDS))
     if unknown:
-        raise ValueError(f"{eurosat_root}: classes without mosaic words: {unknown}")
+        raise UserInputError(f"{eurosat_root}: classes without mosaic words (not EuroSAT's?): {unknown}")
+    for split in counts:
+        missing = [c for c in classes if (split, c) not in by_split_class]
+        if missing:
+            raise UserInputError(f"{eurosat_root}: no {split} patches of {missing} to lay mosaics with")
     rng = random.Random(seed)
     images = []
+    size = 0
     (out_root / "images").mkdir(parents=True, exist_ok=True)
     for split, count in sorted(counts.items()):
         for i in range(count):
@@ -125,12 +131,13 @@ def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[s
                 tile = np.rot90(tile, rng.randrange(4))
                 tiles.append(tile[:, ::-1] if rng.random() < 0.5 else tile)
             rows = [np.concatenate(tiles[r * GRID:(r + 1) * GRID], axis=1) for r in range(GRID)]
+            mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0))
+            size = mosaic.shape[1]
             filename = f"{split}_{i:05d}.png"
-            Image.fromarray(np.ascontiguousarray(np.concatenate(rows, axis=0))).save(out_root / "images" / filename)
+            Image.fromarray(mosaic).save(out_root / "images" / filename)
             images.append({"filename": filename, "class": main_class(cells), "split": split, "cells": cells})
-    size = int(np.asarray(Image.open(out_root / "images" / images[0]["filename"])).shape[1]) if images else 0
-    index = {"dataset": "eurosat_mosaic", "classes": classes, "ground_resolution_m": 10.0, "image_size": size,
-             "images": images, "mosaic": signature}
+    index = {"dataset": "eurosat_mosaic", "classes": classes, "ground_resolution_m": patches[0].ground_resolution_m,
+             "image_size": size, "images": images, "mosaic": signature}
     index_path.write_text(json.dumps(index) + "\n")
     log.info("wrote %d EuroSAT mosaics (%s) into %s", len(images), counts, out_root)
     return out_root
