@@ -184,6 +184,9 @@ def _cancel_job(manager: EngineManager, status: dict[str, Any], out: Path, feedb
         time.sleep(POLL_INTERVAL_S)
         status = manager.call(lambda c: c.job(job_id), "cancelling the annotation job")
     journal_of(out).unlink(missing_ok=True)  # no leftovers next to the output
+    if status["state"] == "done":  # its last batch was under way when the cancel came: the output is complete
+        raise CancelledByUser(f"cancelled, but the engine job had finished its last batch: all {status['total']} "
+                              f"tiles were written to {out}")
     raise CancelledByUser(f"cancelled after {status['done']} of {status['total']} tiles; nothing was written to "
                           f"{out}")
 
