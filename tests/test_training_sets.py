@@ -227,6 +227,14 @@ def test_mosaics_lay_their_cells_patches_out_at_the_sentinel2_tile_scale(tmp_pat
     assert len(load_mosaics(out, "train")) == 5
     with pytest.raises(UserInputError, match="no test patches"):
         write_mosaics(eurosat, tmp_path / "other", {"test": 2})
+    rivers = tmp_path / "rivers"
+    (rivers / "images").mkdir(parents=True)
+    (eurosat / "images" / "River").rename(rivers / "images" / "River")
+    index = json.loads((eurosat / "dataset.json").read_text())
+    index["images"] = [i for i in index["images"] if i["class"] == "River"]
+    (rivers / "dataset.json").write_text(json.dumps(index))
+    with pytest.raises(UserInputError, match="two classes or more"):
+        write_mosaics(rivers, tmp_path / "other", {"train": 2})
     # in the mixture: ids offset like every set's
     mix = load_mixture({"eurosat_mosaic": str(out)}, "val")
     assert sorted(r.image_id for r in mix.captions) == [SET_ID_OFFSETS["eurosat_mosaic"] + i for i in range(5, 9)]

@@ -467,9 +467,8 @@ def with_refit_scene_head(model_dir: Path, config: TrainConfig) -> Path:
     (:mod:`training.scene_head`; its report marks it done)."""
     if not config.scene_head_refit.enabled or (model_dir / SCENE_HEAD_REPORT).is_file():
         return model_dir
-    roots = {name: root for name, root in config.set_roots().items() if name in CAPTION_SETS}
     state = (model_dir / STATE_FILE).read_text()  # the stage's record, kept across the model's re-save
-    refit_scene_head(model_dir, roots, config.scene_head_refit, config.seed, saved_dtype(config))
+    refit_scene_head(model_dir, config.set_roots(), config.scene_head_refit, config.seed, saved_dtype(config))
     (model_dir / STATE_FILE).write_text(state)
     return model_dir
 

@@ -113,6 +113,8 @@ def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[s
     unknown = sorted(set(classes) - set(COVER_WORDS))
     if unknown:
         raise UserInputError(f"{eurosat_root}: classes without mosaic words (not EuroSAT's?): {unknown}")
+    if not any(c not in LINEAR for c in classes) or len(classes) < 2:
+        raise UserInputError(f"{eurosat_root}: mosaics need two classes or more, one of them not {LINEAR}")
     for split in counts:
         missing = [c for c in classes if (split, c) not in by_split_class]
         if missing:
