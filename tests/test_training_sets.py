@@ -3,6 +3,7 @@ captions and the ground-resolution conditioning, on small fixtures written in th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,7 @@ def test_mosaic_captions_name_the_main_cover_then_the_others_by_area() -> None:
 
 
 def test_mosaics_lay_their_cells_patches_out_at_the_sentinel2_tile_scale(tmp_path: Path) -> None:
-    from training.data.mosaics import GRID, load_mosaics, write_mosaics
+    from training.data.mosaics import FINE_GRID, GRID, load_mosaics, write_mosaics
 
     eurosat = _eurosat_like(tmp_path / "eurosat")
     out = write_mosaics(eurosat, tmp_path / "mosaics", {"train": 12, "val": 4}, seed=3)
@@ -206,13 +207,18 @@ def test_mosaics_lay_their_cells_patches_out_at_the_sentinel2_tile_scale(tmp_pat
     assert len(records) == 12 and len(load_mosaics(out, "val")) == 4
     assert {r.dataset for r in records} == {"eurosat_mosaic"}
     assert any(len(set(c)) == 1 for c in cells.values()) and any(len(set(c)) > 1 for c in cells.values())
+    # whole patches (4 x 4, pure mosaics among them) and fine patchworks of crops (8 x 8, no river in them)
+    assert {len(c) for c in cells.values()} == {GRID * GRID, FINE_GRID * FINE_GRID}
+    assert all("River" not in c for c in cells.values() if len(c) == FINE_GRID ** 2)
     for r in records:
         image = np.asarray(Image.open(r.image_path).convert("RGB")).astype(int)
         assert image.shape == (256, 256, 3) and r.width == 256 and r.ground_resolution_m == 10
         layout = cells[r.filename]
-        for index, klass in enumerate(layout):  # every cell holds a patch of its class
-            row, col = divmod(index, GRID)
-            cell = image[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64].reshape(-1, 3).mean(axis=0)
+        grid = math.isqrt(len(layout))
+        side = 256 // grid
+        for index, klass in enumerate(layout):  # every cell holds a patch (or a crop) of its class
+            row, col = divmod(index, grid)
+            cell = image[row * side:(row + 1) * side, col * side:(col + 1) * side].reshape(-1, 3).mean(axis=0)
             assert np.abs(cell - _MOSAIC_COLOURS[klass]).max() < 6, (r.filename, index, klass)
         assert r.class_name == min(set(layout), key=lambda k: (-layout.count(k), k == "River", k))
         if len(set(layout)) > 1:

@@ -4,8 +4,10 @@ EuroSAT's 64 px patches (10 m) are magnified 3.5x to fill the model input, so on
 640 m patch looks like at 2.9 m per pixel; a 256 px Sentinel-2 tile (2.56 km, the README's example) is seen at
 11.4 m per pixel, where the only labelled imagery is RSVQA-LR's few tiles. A mosaic lays 4 x 4 EuroSAT patches of
 one split side by side (each in a random dihedral view) into one 256 px image at 10 m: one class (a pure scene),
-or a patchwork of a main areal class with one or two others (a block of cells, or a row or column of cells for a
-river or a highway), as a landscape mixes fields, forest and water.
+or a patchwork of a main areal class with one to three others (a block of cells, or a row or column of cells for a
+river or a highway), as a landscape mixes fields, forest and water. Half the patchworks are finer: 8 x 8 cells
+of 32 px crops (320 m, the size of real fields and woods, as on the README's Virginia example), their other
+covers in one or two blocks each; rivers and highways only in the 4 x 4 ones (a 32 px crop may miss the line).
 
 Each mosaic's class is the class of most cells; its captions are **derived** from the cells, in the style of the
 RSVQA-derived ones (``A rural area with farmland, a forest and a river.``, land covers by area): the class's
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import replace
@@ -33,8 +36,12 @@ from training.data.records import CaptionRecord
 
 log = logging.getLogger(__name__)
 
-GRID = 4  # cells a side: 4 x 64 px = a 256 px tile
-FORMAT = 2  # bumped when the layout or the captions change (a folder of another format is rewritten)
+PATCH_PX = 64  # EuroSAT's patches
+GRID = 4  # cells a side: 4 x 64 px (whole EuroSAT patches) = a 256 px tile
+FINE_GRID = 8  # cells a side of a fine patchwork: 8 x 32 px crops
+FINE_SHARE = 0.5  # of the patchworks (not of the pure mosaics)
+PURE_SHARE = 0.25
+FORMAT = 3  # bumped when the layout or the captions change (a folder of another format is rewritten)
 #: How each EuroSAT class reads in a mosaic caption: (as the main land cover, as a further one); the linear
 #: classes (river, highway) are never the main one.
 COVER_WORDS: dict[str, tuple[str | None, str]] = {
@@ -45,7 +52,8 @@ COVER_WORDS: dict[str, tuple[str | None, str]] = {
     "River": (None, "a river"), "Highway": (None, "a highway"),
 }
 LINEAR = ("River", "Highway")
-_BLOCKS = ((2, 2), (2, 3), (3, 2), (1, 2), (2, 1), (3, 3))
+_BLOCKS = ((2, 2), (2, 3), (3, 2), (1, 2), (2, 1), (3, 3))  # of a GRID layout
+_FINE_SIDES = (2, 2, 3, 3, 4)  # block sides of a FINE_GRID layout
 
 
 def mosaic_captions(cells: Sequence[str]) -> list[str]:
@@ -70,28 +78,35 @@ def main_class(cells: Sequence[str]) -> str:
     return min(counts, key=lambda c: (-counts[c], c in LINEAR, c))
 
 
-def mosaic_layout(classes: Sequence[str], rng: random.Random, pure_share: float = 0.3) -> list[str]:
-    """The classes of a mosaic's GRID x GRID cells (row-major): one class, or a main areal class with one or two
-    others (a block, or a full row or column for a linear class), the main class keeping most cells."""
+def mosaic_layout(classes: Sequence[str], rng: random.Random, grid: int = GRID,
+                  pure_share: float = PURE_SHARE) -> list[str]:
+    """The classes of a mosaic's cells (row-major, ``grid`` x ``grid``; GRID x GRID for a pure one): one class, or
+    a main areal class with one to three others (a block, or a full row or column for a linear class; in a fine
+    grid one or two blocks of an areal class and no linear one), the main class keeping most cells."""
     if rng.random() < pure_share:
-        return [rng.choice(list(classes))] * GRID * GRID
+        return [rng.choice(list(classes))] * GRID * GRID  # a pure mosaic: whole patches
     areal = [c for c in classes if c not in LINEAR]
+    if len(areal) < 2:
+        grid = GRID  # a fine grid mixes areal classes only
+    fine = grid != GRID
     while True:
         main = rng.choice(areal)
-        grid = [[main] * GRID for _ in range(GRID)]
-        for other in rng.sample([c for c in classes if c != main], rng.choice((1, 1, 2))):
+        layout = [[main] * grid for _ in range(grid)]
+        candidates = [c for c in classes if c != main and not (fine and c in LINEAR)]
+        for other in rng.sample(candidates, min(len(candidates), rng.choice((1, 2, 2, 3)))):
             if other in LINEAR:
-                line, across = rng.randrange(GRID), rng.random() < 0.5
-                for i in range(GRID):
+                line, across = rng.randrange(grid), rng.random() < 0.5
+                for i in range(grid):
                     row, col = (line, i) if across else (i, line)
-                    grid[row][col] = other
-            else:
-                h, w = rng.choice(_BLOCKS)
-                top, left = rng.randrange(GRID - h + 1), rng.randrange(GRID - w + 1)
+                    layout[row][col] = other
+                continue
+            for _ in range(rng.choice((1, 2)) if fine else 1):
+                h, w = (rng.choice(_FINE_SIDES), rng.choice(_FINE_SIDES)) if fine else rng.choice(_BLOCKS)
+                top, left = rng.randrange(grid - h + 1), rng.randrange(grid - w + 1)
                 for r in range(top, top + h):
                     for c in range(left, left + w):
-                        grid[r][c] = other
-        cells = [c for row in grid for c in row]
+                        layout[r][c] = other
+        cells = [c for row in layout for c in row]
         if main_class(cells) == main and len(set(cells)) > 1:
             return cells
 
@@ -101,7 +116,7 @@ def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[s
     a folder already written with the same sources, counts and seed is kept as it is."""
     eurosat_root, out_root = Path(eurosat_root), Path(out_root)
     signature = {"format": FORMAT, "source": str(eurosat_root.resolve()), "counts": dict(sorted(counts.items())),
-                 "seed": seed, "grid": GRID}
+                 "seed": seed, "grid": [GRID, FINE_GRID]}
     index_path = out_root / "dataset.json"
     if index_path.is_file() and json.loads(index_path.read_text()).get("mosaic") == signature:
         return out_root
@@ -125,14 +140,11 @@ def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[s
     (out_root / "images").mkdir(parents=True, exist_ok=True)
     for split, count in sorted(counts.items()):
         for i in range(count):
-            cells = mosaic_layout(classes, rng)
-            tiles = []
-            for name in cells:
-                with Image.open(rng.choice(by_split_class[(split, name)])) as im:
-                    tile = np.asarray(im.convert("RGB"))
-                tile = np.rot90(tile, rng.randrange(4))
-                tiles.append(tile[:, ::-1] if rng.random() < 0.5 else tile)
-            rows = [np.concatenate(tiles[r * GRID:(r + 1) * GRID], axis=1) for r in range(GRID)]
+            cells = mosaic_layout(classes, rng, FINE_GRID if rng.random() < FINE_SHARE else GRID)
+            grid = math.isqrt(len(cells))
+            tiles = [_cell(rng.choice(by_split_class[(split, name)]), GRID * PATCH_PX // grid, rng)
+                     for name in cells]
+            rows = [np.concatenate(tiles[r * grid:(r + 1) * grid], axis=1) for r in range(grid)]
             mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0))
             size = mosaic.shape[1]
             filename = f"{split}_{i:05d}.png"
@@ -143,6 +155,15 @@ def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[s
     index_path.write_text(json.dumps(index) + "\n")
     log.info("wrote %d EuroSAT mosaics (%s) into %s", len(images), counts, out_root)
     return out_root
+
+
+def _cell(path: Path, size: int, rng: random.Random) -> np.ndarray:
+    """One cell of a mosaic: the patch at ``path`` (or a random ``size`` px crop of it) in a random dihedral view."""
+    with Image.open(path) as im:
+        patch = np.asarray(im.convert("RGB"))
+    top, left = rng.randrange(patch.shape[0] - size + 1), rng.randrange(patch.shape[1] - size + 1)
+    tile = np.rot90(patch[top:top + size, left:left + size], rng.randrange(4))
+    return tile[:, ::-1] if rng.random() < 0.5 else tile
 
 
 def load_mosaics(root: str | Path, split: str) -> list[CaptionRecord]:
