@@ -124,6 +124,26 @@ def test_efficientnet_loads_and_gives_7x7x1280(provisioned: Path) -> None:
 
 
 @needs_packages
+def test_efficientnet_encoder_keeps_the_activation_its_weights_were_trained_with(provisioned: Path) -> None:
+    """``vision.activation: relu6`` is the ImageNet network itself; ``swish`` (older models) is another network."""
+    from engine.model.config import RSMoEConfig, VisionConfig
+    from engine.model.vision import EfficientNetLiteEncoder
+
+    d = bm.base_model_dir("efficientnet-lite0")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        reference = bm.load_efficientnet(d).extract_features(x).flatten(2).transpose(1, 2)
+        relu6 = EfficientNetLiteEncoder(d, "relu6").eval()(x)
+        swish = EfficientNetLiteEncoder(d, "swish").eval()(x)
+    torch.testing.assert_close(relu6, reference)
+    assert (swish - reference).abs().mean() > 0.1 * reference.abs().mean()
+    assert VisionConfig().activation == "swish"  # a model directory without the key: as it was trained
+    assert RSMoEConfig.variant("lite").vision.activation == "relu6"  # new models
+    with pytest.raises(ModelDirError, match="vision.activation"):
+        VisionConfig(activation="gelu")
+
+
+@needs_packages
 def test_minilm_loads_as_bert(provisioned: Path) -> None:
     from transformers import AutoTokenizer, BertModel
 

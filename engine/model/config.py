@@ -32,6 +32,10 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**data)
 
 
+#: efficientnet_lite0 activations (``vision.activation``)
+VISION_ACTIVATIONS = ("relu6", "swish")
+
+
 @dataclass
 class VisionConfig:
     """Frozen image encoder. ``type``: ``efficientnet_lite0`` | ``hf`` (any transformers vision model,
@@ -39,6 +43,9 @@ class VisionConfig:
 
     type: str = "efficientnet_lite0"
     path: str = "base:efficientnet-lite0"
+    # efficientnet_lite0's activation: ``relu6``, the one its ImageNet weights were trained with (new models), or
+    # ``swish``, which models up to v21 were trained with (by mistake: their encoder swapped ReLU6 for Swish)
+    activation: str = "swish"
     # > 0: the encoder's last ``tuned_blocks`` blocks (and its head) were fine-tuned on the target domain;
     # their weights are stored in the model directory's model.safetensors (``vision.*``), the rest is the base's
     tuned_blocks: int = 0
@@ -59,6 +66,9 @@ class VisionConfig:
     scene_min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.activation not in VISION_ACTIVATIONS:
+            raise ModelDirError(f"vision.activation must be one of {', '.join(VISION_ACTIVATIONS)}, "
+                                f"got {self.activation!r}")
         if not 1 <= int(self.scene_views) <= DIHEDRAL_VIEWS:
             raise ModelDirError(f"vision.scene_views must be between 1 and {DIHEDRAL_VIEWS}, got {self.scene_views}")
         if not 0.0 <= float(self.scene_views_below) <= 1.0:

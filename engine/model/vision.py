@@ -47,9 +47,13 @@ class VisionEncoder(nn.Module):
 
 
 class EfficientNetLiteEncoder(VisionEncoder):
-    """EfficientNet-Lite0 trunk (ImageNet weights): 224 px -> 7x7 map of 1280 features = 49 tokens."""
+    """EfficientNet-Lite0 trunk (ImageNet weights): 224 px -> 7x7 map of 1280 features = 49 tokens.
 
-    def __init__(self, weights_dir: Path) -> None:
+    ``activation``: ``relu6`` keeps the network as its ImageNet weights were trained; ``swish`` replaces every
+    ReLU6 by Swish, as the models trained before ``vision.activation`` existed had it (their later layers
+    learnt on those features, so they keep it)."""
+
+    def __init__(self, weights_dir: Path, activation: str = "swish") -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -60,7 +64,10 @@ class EfficientNetLiteEncoder(VisionEncoder):
         self.net = EfficientNet.from_name(meta.get("architecture", "efficientnet-lite0").replace("_", "-"))
         state = load_safetensors_checked(weights_dir / "model.safetensors")
         self.net.load_state_dict(state, strict=True)
-        self.net.set_swish(memory_efficient=False)  # plain ops: exportable, same numbers
+        if activation == "swish":
+            self.net.set_swish(memory_efficient=False)  # plain ops: exportable
+        elif activation != "relu6":  # relu6: efficientnet_lite_pytorch builds lite networks with nn.ReLU6
+            raise ModelDirError(f"unknown efficientnet activation {activation!r} (relu6 | swish)")
         self.num_features = int(meta.get("num_features", 1280))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -129,7 +136,7 @@ def build_vision_encoder(config: VisionConfig, path: Path, instructblip: nn.Modu
 
     ``instructblip`` is a loaded InstructBLIP model when the variant takes parts from one."""
     if config.type == "efficientnet_lite0":
-        encoder: VisionEncoder = EfficientNetLiteEncoder(path)
+        encoder: VisionEncoder = EfficientNetLiteEncoder(path, config.activation)
     elif config.type == "hf":
         encoder = TransformersVisionEncoder.from_directory(path)
     elif config.type == "instructblip":
