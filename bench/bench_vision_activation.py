@@ -34,6 +34,7 @@ from engine.base_models import base_model_dir  # noqa: E402
 from engine.model.config import VISION_ACTIVATIONS, RSMoEConfig  # noqa: E402
 from engine.model.image_processing import ImageProcessor  # noqa: E402
 from engine.model.vision import EfficientNetLiteEncoder  # noqa: E402
+from training.data.loaders import load_class_folder  # noqa: E402
 
 log = logging.getLogger("bench_vision_activation")
 ROWS_PER_CALL = 8  # engine.backends.onnx.VISION_ROWS_CPU
@@ -46,22 +47,19 @@ def encoders() -> dict[str, EfficientNetLiteEncoder]:
 
 def probe(encoder: EfficientNetLiteEncoder, processor: ImageProcessor, root: Path, limit: int) -> dict[str, Any]:
     """Val accuracy of a linear probe on the frozen encoder's mean visual token (``limit`` images a split)."""
-    index = json.loads((root / "dataset.json").read_text())
-    classes = sorted({i["class"] for i in index["images"]})
+    records = {split: load_class_folder(root, split=split) for split in ("train", "val")}
+    classes = sorted({str(r.class_name) for rows in records.values() for r in rows})
     rng = random.Random(0)
-    splits = {}
-    for split in ("train", "val"):
-        items = [i for i in index["images"] if i["split"] == split]
-        splits[split] = rng.sample(items, min(limit, len(items)))
     features, labels = {}, {}
-    for split, items in splits.items():
+    for split, rows in records.items():
+        rows = rng.sample(rows, min(limit, len(rows)))
         chunks = []
-        for start in range(0, len(items), 32):
-            pixels = processor([str(root / "images" / i["filename"]) for i in items[start:start + 32]])
+        for start in range(0, len(rows), 32):
+            pixels = processor([str(r.image_path) for r in rows[start:start + 32]])
             with torch.no_grad():
                 chunks.append(encoder(pixels).mean(dim=1))
         features[split] = torch.cat(chunks)
-        labels[split] = torch.tensor([classes.index(i["class"]) for i in items])
+        labels[split] = torch.tensor([classes.index(str(r.class_name)) for r in rows])
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
     train, val = (features["train"] - mean) / std, (features["val"] - mean) / std
     best = 0.0
@@ -75,7 +73,7 @@ def probe(encoder: EfficientNetLiteEncoder, processor: ImageProcessor, root: Pat
             optimiser.step()
         with torch.no_grad():
             best = max(best, (linear(val).argmax(1) == labels["val"]).float().mean().item())
-    return {"set": root.name, "train_images": len(splits["train"]), "val_images": len(splits["val"]),
+    return {"set": root.name, "train_images": len(labels["train"]), "val_images": len(labels["val"]),
             "classes": len(classes), "val_accuracy": round(best, 4)}
 
 
