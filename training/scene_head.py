@@ -23,7 +23,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,20 +42,31 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "scene_head_refit.json"
 
 
+def per_view(model: MoEInference, records: Sequence[CaptionRecord], views: Callable[[], Sequence[int]],
+             reduce: Callable[[Any], Any], batch_size: int, desc: str) -> np.ndarray:
+    """``reduce`` of the visual tokens of each image under each dihedral view ``views()`` draws for its batch,
+    stacked (N, views, ...)."""
+    from tqdm import tqdm
+
+    rows = []
+    for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
+        pixels = model.preprocess([r.image_path for r in records[start:start + batch_size]])
+        rows.append(np.stack([np.asarray(reduce(model.encode_images(dihedral(pixels, v, axes=(2, 3)))),
+                                         dtype=np.float32) for v in views()], axis=1))
+    return np.concatenate(rows)
+
+
 def mean_tokens(model: MoEInference, records: Sequence[CaptionRecord], views: int, seed: int,
                 batch_size: int = 64) -> np.ndarray:
     """The mean visual token (N, views, D) of each image as it is and, for ``views`` > 1, under ``views - 1``
     other dihedral views drawn at random (the same for a batch)."""
-    from tqdm import tqdm
-
     rng = np.random.default_rng(seed)
-    rows = []
-    for start in tqdm(range(0, len(records), batch_size), desc="scene head features", unit="batch"):
-        pixels = model.preprocess([r.image_path for r in records[start:start + batch_size]])
-        chosen = [0, *rng.choice(np.arange(1, DIHEDRAL_VIEWS), size=views - 1, replace=False).tolist()]
-        rows.append(np.stack([np.asarray(model.encode_images(dihedral(pixels, v, axes=(2, 3))),
-                                         dtype=np.float32).mean(axis=1) for v in chosen], axis=1))
-    return np.concatenate(rows)
+
+    def drawn() -> list[int]:
+        return [0, *rng.choice(np.arange(1, DIHEDRAL_VIEWS), size=views - 1, replace=False).tolist()]
+
+    return per_view(model, records, drawn, lambda tokens: np.asarray(tokens, dtype=np.float32).mean(axis=1),
+                    batch_size, "scene head features")
 
 
 def fit_scene_head(features: np.ndarray, labels: np.ndarray, sets: Sequence[str], weight: torch.Tensor,

@@ -23,12 +23,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.errors import UserInputError
-from engine.model.image_processing import DIHEDRAL_VIEWS, dihedral
+from engine.model.image_processing import DIHEDRAL_VIEWS
 from engine.model.routing import MoEInference, softmax_rows
 from training.data.records import CaptionRecord
 from training.data.sets import CAPTION_SETS, load_mixture
 from training.evaluate import class_map
 from training.report_tool import run_report_tool
+from training.scene_head import per_view
 
 #: Thresholds tried: 0 (never the views), 0.5, 0.6, ..., 0.9, 0.95, 0.99, 1 (always).
 DEFAULT_GRID: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -39,14 +40,7 @@ VIEW_COUNTS: tuple[int, ...] = (2, 4, DIHEDRAL_VIEWS)
 def view_logits(model: MoEInference, records: Sequence[CaptionRecord], batch_size: int = 32) -> np.ndarray:
     """The scene head's logits (N, views, scenes) of each image under each of the 8 dihedral views (the head is
     linear over the mean token, so averaging these logits is what the model does with the views' tokens)."""
-    from tqdm import tqdm
-
-    rows = []
-    for start in tqdm(range(0, len(records), batch_size), desc="scene views", unit="batch"):
-        pixels = model.preprocess([r.image_path for r in records[start:start + batch_size]])
-        rows.append(np.stack([np.asarray(model.scene_logits(model.encode_images(dihedral(pixels, v, axes=(2, 3)))),
-                                         dtype=np.float32) for v in range(DIHEDRAL_VIEWS)], axis=1))
-    return np.concatenate(rows)
+    return per_view(model, records, lambda: range(DIHEDRAL_VIEWS), model.scene_logits, batch_size, "scene views")
 
 
 def views_scores(single: np.ndarray, averaged: np.ndarray, columns: Sequence[int], truth: Sequence[int],
