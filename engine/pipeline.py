@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -49,8 +49,9 @@ from engine import __version__
 from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
-from engine.model.answer_head import combine_tile_answers
-from engine.model.routing import CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows
+from engine.model.answer_head import HeadAnswer, combine_tile_answers, region_grid, scene_profile
+from engine.model.routing import (CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows,
+                                  softmax_rows)
 from engine.raster import TileRead
 from engine.runtime import ModelSpec
 
@@ -466,12 +467,19 @@ class Pipeline:
         A closed question (the answer head's: yes / no, rural / urban, a count, an area) about a region seen
         coarser than the model's trained range is answered over a grid of tiles the model sees within it,
         and the tiles' answers are combined (:func:`combine_tile_answers`: "is there a river?" is yes when
-        any tile shows one)."""
+        any tile shows one). Rural / urban about a region that spans two or more of the head's region tiles
+        is answered from the region's land-cover profile (:meth:`region_profile`) where the head can."""
         check_question(question)
         start = time.perf_counter()
         inp = ImageInput.of(item, **region)
         part = self.read_region(inp)
         kind = self.model.closed_kind(question)
+        head = self.model.answer_head
+        if kind == "rural_urban" and head is not None and head.region_tile_m is not None \
+                and self._profile_grid(part, head.region_tile_m) > 1:
+            result, hit = self._rural_urban_over_tiles(inp, part)
+            return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
+                                part.ground_resolution_m)
         grid = self._answer_grid(part, kind)
         if kind is not None and grid > 1:
             result, hit = self._ask_over_tiles(inp, part, question, kind, grid)
@@ -497,26 +505,79 @@ class Pipeline:
                         grid: int) -> tuple[ModelResult, bool]:
         """A closed question answered on ``grid`` x ``grid`` tiles of the region, the answers combined; the
         plan names the whole region's scene. Also says whether every tile's features came from the cache."""
-        window = part.read.window
-        cols = np.linspace(window.col_off, window.col_off + window.width, grid + 1).round().astype(int)
-        rows = np.linspace(window.row_off, window.row_off + window.height, grid + 1).round().astype(int)
-        tiles = [self.read_region(replace(inp, window=Window(int(c0), int(r0), int(c1 - c0), int(r1 - r0)),
-                                          extent=None, extent_crs=None))
-                 for r0, r1 in zip(rows[:-1], rows[1:]) for c0, c1 in zip(cols[:-1], cols[1:])]
+        tiles = self._grid_tiles(inp, part, grid)
         hit = all(self._key(t.key) in self.cache for t in tiles + [part])
         answers = []
-        for start in range(0, len(tiles), self.batch_size):
-            batch = tiles[start:start + self.batch_size]
-            visual, _ = self.encode([t.image for t in batch], [t.key for t in batch])
+        for batch, visual in self._encoded_tiles(tiles):
             with self.lock:
                 answers += self.model.head_answers(visual, [question] * len(batch), [kind] * len(batch))
         combined = combine_tile_answers(answers, self.model.config.answer_head.min_confidence)
-        visual, scene_logits = self.encode([part.image], [part.key])
-        guesses = self.model.scene_guesses(visual, scene_logits)
         log.info("%s: %r answered over %d x %d tiles (%s): %s", inp.label, question, grid, grid,
                  ", ".join(a.label for a in answers), combined.label)
+        return self._region_result(combined, part, tiles), hit
+
+    @staticmethod
+    def _profile_grid(part: RegionRead, tile_m: float) -> int:
+        """Tiles per side of the region's land-cover profile over tiles of ``tile_m`` metres (1: the region's
+        ground size is unknown or about one tile)."""
+        if part.ground_resolution_m is None:
+            return 1
+        window = part.read.window
+        return region_grid(window.width * part.ground_resolution_m, window.height * part.ground_resolution_m,
+                           tile_m, MAX_ANSWER_GRID)
+
+    def region_profile(self, item: ImageInput | str | Path | bytes, tile_m: float,
+                       **region: Any) -> np.ndarray | None:
+        """The land-cover profile (:func:`scene_profile`) of an input over tiles of about ``tile_m`` metres,
+        or None where the input spans fewer than 2 a side (what the head's region classifier learns from)."""
+        inp = ImageInput.of(item, **region)
+        part = self.read_region(inp)
+        grid = self._profile_grid(part, tile_m)
+        return None if grid <= 1 else self._tiles_profile(self._grid_tiles(inp, part, grid))
+
+    def _tiles_profile(self, tiles: Sequence[RegionRead]) -> np.ndarray:
+        """:func:`scene_profile` of the tiles' single-view scene probabilities."""
+        probabilities = []
+        for _, visual in self._encoded_tiles(tiles):
+            with self.lock:
+                probabilities.append(softmax_rows(self.model.scene_logits(visual)))
+        return scene_profile(np.concatenate(probabilities))
+
+    def _rural_urban_over_tiles(self, inp: ImageInput, part: RegionRead) -> tuple[ModelResult, bool]:
+        """Rural / urban for the region from its land-cover profile (the head's region classifier)."""
+        head = self.model.answer_head
+        assert head is not None and head.region_tile_m is not None
+        grid = self._profile_grid(part, head.region_tile_m)
+        tiles = self._grid_tiles(inp, part, grid)
+        hit = all(self._key(t.key) in self.cache for t in tiles + [part])
+        answer = head.region_answer(self._tiles_profile(tiles))
+        log.info("%s: rural / urban from the land covers of %d x %d tiles: %s (%.2f)", inp.label, grid, grid,
+                 answer.label, answer.confidence)
+        return self._region_result(answer, part, tiles), hit
+
+    def _grid_tiles(self, inp: ImageInput, part: RegionRead, grid: int) -> list[RegionRead]:
+        """The region cut into ``grid`` x ``grid`` tiles, each read for the model."""
+        window = part.read.window
+        cols = np.linspace(window.col_off, window.col_off + window.width, grid + 1).round().astype(int)
+        rows = np.linspace(window.row_off, window.row_off + window.height, grid + 1).round().astype(int)
+        return [self.read_region(replace(inp, window=Window(int(c0), int(r0), int(c1 - c0), int(r1 - r0)),
+                                         extent=None, extent_crs=None))
+                for r0, r1 in zip(rows[:-1], rows[1:]) for c0, c1 in zip(cols[:-1], cols[1:])]
+
+    def _encoded_tiles(self, tiles: Sequence[RegionRead]) -> Iterator[tuple[Sequence[RegionRead], Any]]:
+        """The tiles in batches, each with its visual tokens (through the feature cache)."""
+        for start in range(0, len(tiles), self.batch_size):
+            batch = tiles[start:start + self.batch_size]
+            visual, _ = self.encode([t.image for t in batch], [t.key for t in batch])
+            yield batch, visual
+
+    def _region_result(self, answer: HeadAnswer, part: RegionRead, tiles: Sequence[RegionRead]) -> ModelResult:
+        """A region's combined answer as a result: the plan names the whole region's scene and the coarsest
+        resolution a tile was seen at."""
+        visual, scene_logits = self.encode([part.image], [part.key])
+        guesses = self.model.scene_guesses(visual, scene_logits)
         seen = max(t.seen_resolution(self.image_size) or 0.0 for t in tiles) or None
-        return self.model.head_result(combined, guesses[0] if guesses else None, seen), hit
+        return self.model.head_result(answer, guesses[0] if guesses else None, seen)
 
 
 def _check_style(style: str) -> None:

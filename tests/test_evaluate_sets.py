@@ -63,10 +63,10 @@ RSVQA_QA = [  # (type, question, answer)
 ]
 
 
-def write_rsvqa_set(root: Path, prefix: str = "LR_", images: int = 3) -> Path:
+def write_rsvqa_set(root: Path, prefix: str = "LR_", images: int = 3, size: int = 40) -> Path:
     """An RSVQA folder: ``<prefix>split_val_{images,questions,answers}.json`` + ``images/<id>.tif`` GeoTIFFs
-    (EPSG:3857, 10 m nominal); image 11 is inactive; image 12 has no ``res_x`` (its resolution comes from the
-    georeferencing); one question is inactive."""
+    (``size`` px a side, EPSG:3857, 10 m nominal); image 11 is inactive; image 12 has no ``res_x`` (its
+    resolution comes from the georeferencing); one question is inactive."""
     import rasterio
     from affine import Affine
 
@@ -74,8 +74,8 @@ def write_rsvqa_set(root: Path, prefix: str = "LR_", images: int = 3) -> Path:
     image_rows, questions, answers = [], [], []
     qid = 1000
     for img_id in range(10, 10 + images):
-        data = np.random.default_rng(img_id).integers(0, 255, (3, 40, 40), dtype=np.uint8)
-        with rasterio.open(root / "images" / f"{img_id}.tif", "w", driver="GTiff", width=40, height=40, count=3,
+        data = np.random.default_rng(img_id).integers(0, 255, (3, size, size), dtype=np.uint8)
+        with rasterio.open(root / "images" / f"{img_id}.tif", "w", driver="GTiff", width=size, height=size, count=3,
                            dtype="uint8", crs="EPSG:3857", transform=Affine(10, 0, 600000, 0, -10, 6900000)) as dst:
             dst.write(data)
         row = {"id": img_id, "active": img_id != 11, "questions_ids": []}

@@ -133,3 +133,4 @@ def head_accuracy(model: RSMoEModel, records: Sequence[VQARecord]) -> dict[str, 
                 total[record.dataset] += 1
                 right[record.dataset] += rsvqa_answers_match(answer.text, record.answer, record.question_type)
     return {name: round(right[name] / total[name], 4) for name in total}
+

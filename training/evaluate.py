@@ -409,6 +409,7 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
                     visual[index], [q.question for _, q in part],
                     None if routing_logits is None else routing_logits[index], [resolutions[k] for k in index])):
                 generated[q.question_id] = result.text
+    generated.update(_region_answers(model, questions))
     answers = {q.question_id: normalize_rsvqa_answer(generated[q.question_id], q.question_type) for q in questions}
     metrics.update({"images": len(images), "questions": len(questions),
                     "seconds": round(time.perf_counter() - started, 1),
@@ -419,6 +420,21 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
                               "question": q.question, "reference": q.answer, "generated": generated[q.question_id],
                               "answer": answers[q.question_id]} for q in questions],
     }
+
+
+def _region_answers(model: MoEInference, questions: Sequence[VQARecord]) -> dict[Any, str]:
+    """Rural / urban questions answered as ``rsmoe ask`` answers them where the answer head has a region
+    classifier (:meth:`engine.pipeline.Pipeline.ask`: from the land covers of the region's tiles)."""
+    from engine.inputs import ImageInput
+    from engine.pipeline import Pipeline
+
+    head = model.answer_head
+    if head is None or head.region_tile_m is None:
+        return {}
+    pipeline = Pipeline(model)
+    return {q.question_id: pipeline.ask(ImageInput(path=str(q.image_path), ground_resolution_m=q.ground_resolution_m),
+                                        q.question).text
+            for q in questions if model.closed_kind(q.question) == "rural_urban"}
 
 
 def evaluate(args: EvaluateArgs) -> dict:

@@ -39,6 +39,7 @@ from engine.model import RSMoEConfig, RSMoEModel
 from engine.model.config import ROUTER_ADAPTER
 from engine.model.answer_head import ANSWER_HEAD_FILE
 from training.answer_head import closed_records, head_accuracy, train_answer_head
+from training.region_classifier import add_region_classifier
 from training.checkpoints import StagePosition, keep_best, load_checkpoint, save_checkpoint, update_best
 from training.config import StageConfig, TrainConfig
 from training.data import derive_ucm_vqa
@@ -481,6 +482,7 @@ def with_answer_head(model_dir: Path, data: StageData, config: TrainConfig) -> P
     model = RSMoEModel.from_pretrained(model_dir)
     class_questions = derive_class_vqa(data.train, seed=config.seed)  # the head's only: stage 2 never saw them
     head = train_answer_head(model, list(data.vqa_train) + class_questions, config.answer_head, config.seed)
+    head = add_region_classifier(model_dir, head, data.vqa_train)
     val = closed_records(data.vqa_val)
     if val:
         log.info("answer head on %d closed val questions: %s", len(val), head_accuracy(model, val))

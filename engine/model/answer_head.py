@@ -137,6 +137,23 @@ def combine_tile_answers(answers: Sequence[HeadAnswer], min_confidence: float) -
     return HeadAnswer(answer_text(label), kind, min(a.confidence for a in answers), label)
 
 
+#: Scene probabilities are floored at this before their log is averaged into a region's profile.
+PROFILE_FLOOR = 1e-4
+
+
+def scene_profile(scene_probabilities: np.ndarray) -> np.ndarray:
+    """A region's land-cover profile (S,): the mean over its tiles (tiles, S) of the log scene probabilities."""
+    return np.log(np.asarray(scene_probabilities, dtype=np.float64) + PROFILE_FLOOR).mean(axis=0).astype(np.float32)
+
+
+def region_grid(width_m: float | None, height_m: float | None, tile_m: float, max_grid: int) -> int:
+    """Tiles per side that cut a region of ``width_m`` x ``height_m`` metres into tiles of about ``tile_m``
+    (at most ``max_grid``; 1 where the size is unknown or the region is not much larger than one tile)."""
+    if not width_m or not height_m or tile_m <= 0:
+        return 1
+    return max(1, min(int(max_grid), round(max(width_m, height_m) / tile_m)))
+
+
 def _gelu(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (what the head is trained with: ``nn.GELU(approximate="tanh")``)."""
     return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
@@ -146,13 +163,17 @@ class AnswerHead:
     """A two-layer classifier over ``[question words; query mean; visual mean; scene probabilities]``,
     standardised with the training set's mean and deviation."""
 
-    def __init__(self, vocabulary: Sequence[str], tensors: dict[str, np.ndarray]) -> None:
+    def __init__(self, vocabulary: Sequence[str], tensors: dict[str, np.ndarray],
+                 region_tile_m: float | None = None) -> None:
         self.vocabulary = list(vocabulary)
+        self.region_tile_m = region_tile_m
         self.index = {token: i for i, token in enumerate(self.vocabulary)}
         self.tensors = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
         t = self.tensors
         if t["w2"].shape[0] != len(LABELS) or t["w1"].shape[1] != t["mean"].shape[0]:
             raise ModelDirError("the answer head's weights do not match its labels; retrain it")
+        if ("region_w" in t) != (region_tile_m is not None) or ("region_w" in t) != ("region_b" in t):
+            raise ModelDirError("the answer head's region classifier is incomplete; fit it again")
 
     # -- files -------------------------------------------------------------------------------------------
     @classmethod
@@ -165,6 +186,7 @@ class AnswerHead:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             vocabulary = json.loads(meta["vocabulary"])
             labels = json.loads(meta["labels"])
+            region_tile_m = float(meta["region_tile_m"]) if "region_tile_m" in meta else None
         except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise ModelDirError(f"cannot read the answer head {path}: {exc}") from exc
         if list(labels) != list(LABELS):
@@ -172,13 +194,22 @@ class AnswerHead:
         missing = {"mean", "std", "w1", "b1", "w2", "b2"} - set(tensors)
         if missing:
             raise ModelDirError(f"{path} lacks {', '.join(sorted(missing))}; retrain it")
-        return cls(vocabulary, tensors)
+        return cls(vocabulary, tensors, region_tile_m)
 
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
 
-        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path),
-                  metadata={"vocabulary": json.dumps(self.vocabulary), "labels": json.dumps(list(LABELS))})
+        metadata = {"vocabulary": json.dumps(self.vocabulary), "labels": json.dumps(list(LABELS))}
+        if self.region_tile_m is not None:
+            metadata["region_tile_m"] = str(self.region_tile_m)
+        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path), metadata=metadata)
+
+    def with_region_classifier(self, weight: np.ndarray, bias: float, tile_m: float) -> "AnswerHead":
+        """This head with a region classifier (rural / urban from a :func:`scene_profile` of tiles of
+        ``tile_m`` metres)."""
+        tensors = {**self.tensors, "region_w": np.asarray(weight, np.float32).reshape(-1),
+                   "region_b": np.asarray([bias], np.float32)}
+        return AnswerHead(self.vocabulary, tensors, float(tile_m))
 
     # -- inference ----------------------------------------------------------------------------------------
     def words(self, questions: Sequence[str]) -> np.ndarray:
@@ -194,6 +225,17 @@ class AnswerHead:
         t = self.tensors
         x = (np.asarray(features, dtype=np.float32) - t["mean"]) / t["std"]
         return _gelu(x @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"]
+
+    def region_answer(self, profile: np.ndarray) -> HeadAnswer:
+        """Rural or urban for a region from its :func:`scene_profile` (needs the region classifier)."""
+        if self.region_tile_m is None:
+            raise ModelDirError("this answer head has no region classifier")
+        t = self.tensors
+        if profile.shape != t["region_w"].shape:
+            raise ModelDirError("the region classifier does not match the scene head; fit it again")
+        urban = float(1.0 / (1.0 + np.exp(-(float(profile @ t["region_w"]) + float(t["region_b"][0])))))
+        label = "urban" if urban >= 0.5 else "rural"
+        return HeadAnswer(answer_text(label), "rural_urban", max(urban, 1.0 - urban), label)
 
     def answer(self, features: np.ndarray, kinds: Sequence[str]) -> list[HeadAnswer]:
         """The best label of each row's kind, with its probability among that kind's labels."""
