@@ -49,7 +49,7 @@ from engine import __version__
 from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
-from engine.model.answer_head import HeadAnswer, combine_tile_answers, region_grid, scene_profile
+from engine.model.answer_head import HeadAnswer, built_up_share, combine_tile_answers, region_grid
 from engine.model.routing import (CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows,
                                   softmax_rows)
 from engine.raster import TileRead
@@ -468,7 +468,7 @@ class Pipeline:
         coarser than the model's trained range is answered over a grid of tiles the model sees within it,
         and the tiles' answers are combined (:func:`combine_tile_answers`: "is there a river?" is yes when
         any tile shows one). Rural / urban about a region that spans two or more of the head's region tiles
-        is answered from the region's land-cover profile (:meth:`region_profile`) where the head can."""
+        is answered from the region's built-up share (:func:`built_up_share`) where the head can."""
         check_question(question)
         start = time.perf_counter()
         inp = ImageInput.of(item, **region)
@@ -476,7 +476,7 @@ class Pipeline:
         kind = self.model.closed_kind(question)
         head = self.model.answer_head
         if kind == "rural_urban" and head is not None and head.region_tile_m is not None \
-                and self._profile_grid(part, head.region_tile_m) > 1:
+                and self._region_grid(part, head.region_tile_m) > 1:
             result, hit = self._rural_urban_over_tiles(inp, part)
             return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
                                 part.ground_resolution_m)
@@ -517,42 +517,44 @@ class Pipeline:
         return self._region_result(combined, part, tiles), hit
 
     @staticmethod
-    def _profile_grid(part: RegionRead, tile_m: float) -> int:
-        """Tiles per side of the region's land-cover profile over tiles of ``tile_m`` metres (1: the region's
-        ground size is unknown or about one tile)."""
+    def _region_grid(part: RegionRead, tile_m: float) -> int:
+        """Tiles per side that cut the region into tiles of about ``tile_m`` metres (1: the region's ground size
+        is unknown or about one tile)."""
         if part.ground_resolution_m is None:
             return 1
         window = part.read.window
         return region_grid(window.width * part.ground_resolution_m, window.height * part.ground_resolution_m,
                            tile_m, MAX_ANSWER_GRID)
 
-    def region_profile(self, item: ImageInput | str | Path | bytes, tile_m: float,
-                       **region: Any) -> np.ndarray | None:
-        """The land-cover profile (:func:`scene_profile`) of an input over tiles of about ``tile_m`` metres,
-        or None where the input spans fewer than 2 a side (what the head's region classifier learns from)."""
+    def region_scene_probabilities(self, item: ImageInput | str | Path | bytes, tile_m: float,
+                                   **region: Any) -> np.ndarray | None:
+        """The scene head's probabilities (tiles, S) for the input cut into tiles of about ``tile_m`` metres, or
+        None where it spans fewer than 2 a side (what the head's region classifier learns from)."""
         inp = ImageInput.of(item, **region)
         part = self.read_region(inp)
-        grid = self._profile_grid(part, tile_m)
-        return None if grid <= 1 else self._tiles_profile(self._grid_tiles(inp, part, grid))
+        grid = self._region_grid(part, tile_m)
+        return None if grid <= 1 else self._tile_probabilities(self._grid_tiles(inp, part, grid))
 
-    def _tiles_profile(self, tiles: Sequence[RegionRead]) -> np.ndarray:
-        """:func:`scene_profile` of the tiles' single-view scene probabilities."""
+    def _tile_probabilities(self, tiles: Sequence[RegionRead]) -> np.ndarray:
+        """The tiles' single-view scene probabilities (tiles, S)."""
         probabilities = []
         for _, visual in self._encoded_tiles(tiles):
             with self.lock:
                 probabilities.append(softmax_rows(self.model.scene_logits(visual)))
-        return scene_profile(np.concatenate(probabilities))
+        return np.concatenate(probabilities)
 
     def _rural_urban_over_tiles(self, inp: ImageInput, part: RegionRead) -> tuple[ModelResult, bool]:
-        """Rural / urban for the region from its land-cover profile (the head's region classifier)."""
+        """Rural / urban for the region from its built-up share (the head's region classifier)."""
         head = self.model.answer_head
         assert head is not None and head.region_tile_m is not None
-        grid = self._profile_grid(part, head.region_tile_m)
+        grid = self._region_grid(part, head.region_tile_m)
         tiles = self._grid_tiles(inp, part, grid)
         hit = all(self._key(t.key) in self.cache for t in tiles + [part])
-        answer = head.region_answer(self._tiles_profile(tiles))
-        log.info("%s: rural / urban from the land covers of %d x %d tiles: %s (%.2f)", inp.label, grid, grid,
-                 answer.label, answer.confidence)
+        share = built_up_share(self._tile_probabilities(tiles), self.model.config.vision.scene_classes,
+                               head.region_scenes)
+        answer = head.region_answer(share)
+        log.info("%s: rural / urban from %d x %d tiles: built-up share %.3f, %s (%.2f)", inp.label, grid, grid,
+                 share, answer.label, answer.confidence)
         return self._region_result(answer, part, tiles), hit
 
     def _grid_tiles(self, inp: ImageInput, part: RegionRead, grid: int) -> list[RegionRead]:

@@ -24,14 +24,14 @@ from engine.model.answer_head import (
     combine_tile_answers,
     question_kind,
     question_tokens,
+    built_up_share,
     region_grid,
-    scene_profile,
 )
 from tests.engine_helpers import tiny_dir  # noqa: F401 - the shared tiny model fixture
 from training.answer_head import head_accuracy, record_label, train_answer_head
 from training.config import AnswerHeadTraining
 from training.data.records import VQARecord
-from training.region_classifier import fit_region_classifier, with_fitted_classifier
+from training.region_classifier import BUILT_UP_SCENES, fit_logistic, urban_threshold, with_fitted_classifier
 from training.metrics import normalize_rsvqa_answer, rsvqa_bucket
 
 DATA = Path(__file__).parent / "data"
@@ -217,50 +217,57 @@ def test_onnx_backend_gives_the_torch_answers(tiny_dir: Path, tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------------- the region classifier
-def test_scene_profile_and_region_grid() -> None:
-    """A profile is the mean log probability over tiles; the grid cuts a region into tiles of about the size."""
-    probabilities = np.array([[0.9, 0.1], [0.5, 0.5]])
-    np.testing.assert_allclose(scene_profile(probabilities), np.log(probabilities + 1e-4).mean(axis=0), rtol=1e-6)
+def test_built_up_share_and_region_grid() -> None:
+    """The share is the mean over tiles of the built-up scenes' summed probability; the grid cuts a region into
+    tiles of about the size."""
+    probabilities = np.array([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    assert built_up_share(probabilities, ["forest", "residential area", "industrial area"],
+                          ["industrial area", "residential area", "stadium"]) == pytest.approx((0.4 + 0.9) / 2)
+    with pytest.raises(ModelDirError, match="knows none"):
+        built_up_share(probabilities, ["forest", "beach", "river"], ["industrial area"])
     assert region_grid(2560, 2560, 640, 6) == 4  # an RSVQA-LR tile: 256 px at 10 m
     assert region_grid(5120, 2000, 640, 6) == 6  # the longer side, at most max_grid
     assert region_grid(77, 77, 640, 6) == 1 and region_grid(None, 100, 640, 6) == 1
 
 
-def test_region_classifier_fit_minimises_the_penalised_log_loss() -> None:
-    """The fit is the optimum of its objective (zero gradient) and separates separable regions."""
+def test_logistic_fit_minimises_the_penalised_log_loss() -> None:
+    """The fit is the optimum of its objective (zero gradient) and separates separable data."""
     rng = np.random.default_rng(0)
     labels = (np.arange(40) % 2).astype(np.float32)
-    profiles = rng.normal(size=(40, 5)).astype(np.float32)
-    profiles[:, 2] += 3 * labels
-    weight, bias = fit_region_classifier(profiles, labels, c=0.5)
+    features = rng.normal(size=(40, 3)).astype(np.float32)
+    features[:, 2] += 3 * labels
+    weight, bias = fit_logistic(features, labels, c=0.5)
     w = torch.tensor(weight, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
-    x, y = torch.from_numpy(profiles.astype(np.float64)), torch.from_numpy(labels.astype(np.float64))
+    x, y = torch.from_numpy(features.astype(np.float64)), torch.from_numpy(labels.astype(np.float64))
     loss = (torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, reduction="sum")
             + (w * w).sum() / (2 * 0.5))
     loss.backward()
     assert float(w.grad.abs().max()) < 1e-3 and abs(float(b.grad)) < 1e-3
-    assert ((profiles @ weight + bias > 0) == (labels > 0.5)).mean() > 0.9 and np.argmax(np.abs(weight)) == 2
-    assert with_fitted_classifier(_random_head(["a"], 3), profiles[:3], np.array([1, 0, 0], np.float32)) is None
+    assert ((features @ weight + bias > 0) == (labels > 0.5)).mean() > 0.9 and np.argmax(np.abs(weight)) == 2
 
 
-def test_head_file_keeps_the_region_classifier(tmp_path: Path) -> None:
-    head = _random_head(["rural", "urban"], width=5).with_region_classifier(np.array([1.0, -2.0]), 0.5, 640.0)
+def test_region_classifier_is_urban_above_a_built_up_share_and_survives_the_file(tmp_path: Path) -> None:
+    shares = np.array([0.01, 0.02, 0.03, 0.04, 0.2, 0.3, 0.4, 0.5], np.float32)
+    labels = (shares > 0.1).astype(np.float32)
+    head = with_fitted_classifier(_random_head(["rural", "urban"], width=5), shares, labels, c=10.0)
+    assert 0.04 < urban_threshold(head) < 0.2
+    assert [head.region_answer(s).label for s in (0.01, 0.5)] == ["rural", "urban"]
+    assert head.region_answer(urban_threshold(head)).confidence == pytest.approx(0.5, abs=1e-3)
+    assert with_fitted_classifier(head, shares[:3], np.array([1, 0, 0], np.float32)) is None  # too few urban
     head.save(tmp_path / ANSWER_HEAD_FILE)
     loaded = AnswerHead.load(tmp_path / ANSWER_HEAD_FILE)
-    assert loaded.region_tile_m == 640.0
-    answer = loaded.region_answer(np.array([0.0, 1.0], np.float32))  # logit -1.5: rural
-    assert (answer.label, answer.text, answer.kind) == ("rural", "rural", "rural_urban")
-    assert answer.confidence == pytest.approx(1 - 1 / (1 + np.exp(1.5)), abs=1e-6)
-    with pytest.raises(ModelDirError, match="does not match the scene head"):
-        loaded.region_answer(np.zeros(3, np.float32))
+    assert (loaded.region_tile_m, loaded.region_scenes) == (640.0, list(BUILT_UP_SCENES))
+    answer = loaded.region_answer(0.3)
+    assert (answer.label, answer.text, answer.kind) == ("urban", "urban", "rural_urban")
+    assert answer.confidence == pytest.approx(head.region_answer(0.3).confidence, abs=1e-6)
     with pytest.raises(ModelDirError, match="no region classifier"):
-        _random_head(["a"], 5).region_answer(np.zeros(2, np.float32))
+        _random_head(["a"], 5).region_answer(0.3)
     with pytest.raises(ModelDirError, match="incomplete"):
         AnswerHead(["a"], {**head.tensors}, region_tile_m=None)
 
 
-def test_rural_urban_about_a_large_region_comes_from_the_land_covers_of_its_tiles(
+def test_rural_urban_about_a_large_region_comes_from_its_built_up_share(
         tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``ask`` answers rural / urban about a region of several region tiles with the region classifier (as
     ``rsmoe evaluate`` does for RSVQA); a small or unreferenced image still goes to the answer head."""
@@ -270,31 +277,36 @@ def test_rural_urban_about_a_large_region_comes_from_the_land_covers_of_its_tile
     model = RSMoEModel.from_pretrained(tiny_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        model.set_scene_head(["beach", "forest"], torch.nn.Linear(model.vision.num_features, 2))
+        model.set_scene_head(["forest", "residential area"], torch.nn.Linear(model.vision.num_features, 2))
     train_answer_head(model, _bright_and_dark_questions(tmp_path / "images"),
                       AnswerHeadTraining(hidden=16, epochs=20, batch_size=8), seed=0)
     pipeline = Pipeline(model, batch_size=8)
     raster = str(DATA / "s2_crop512.tif")  # 512 px at 10 m: 6 x 6 tiles (the most) of 640 m
-    profile = pipeline.region_profile(raster, 640.0)
-    assert profile.shape == (2,) and np.all(profile <= 0) and np.all(np.isfinite(profile))
-    assert pipeline.region_profile(raster, 640.0, window=[0, 0, 80, 80]) is None  # 800 m: one tile
-    assert pipeline.region_profile(str(DATA / "s2_plain.png"), 640.0) is None  # no ground resolution
+    probabilities = pipeline.region_scene_probabilities(raster, 640.0)
+    assert probabilities.shape == (36, 2) and np.allclose(probabilities.sum(axis=1), 1.0)
+    assert pipeline.region_scene_probabilities(raster, 640.0, window=[0, 0, 80, 80]) is None  # 800 m: one tile
+    assert pipeline.region_scene_probabilities(str(DATA / "s2_plain.png"), 640.0) is None  # no resolution
 
     question = "Is it a rural or an urban area?"
+    share = built_up_share(probabilities, ["forest", "residential area"], BUILT_UP_SCENES)
     for bias, text in ((4.0, "Urban."), (-4.0, "Rural.")):
-        model.answer_head = model.answer_head.with_region_classifier(np.zeros(2), bias, 640.0)
+        model.answer_head = model.answer_head.with_region_classifier(0.0, bias, 640.0, BUILT_UP_SCENES)
         region = pipeline.ask(raster, question).result
         assert (region.text, region.router) == (text, "answer_head")
         assert region.answer_confidence == pytest.approx(1 / (1 + np.exp(-4.0)), abs=1e-6)
         assert region.model_resolution_m == pytest.approx(10.0 * 512 / 6 / model.config.image.image_size, rel=0.02)
+    for margin, text in ((0.01, "Urban."), (-0.01, "Rural.")):  # the threshold just below / above this share
+        model.answer_head = model.answer_head.with_region_classifier(1.0, margin - np.log(share + 1e-3), 640.0,
+                                                                     BUILT_UP_SCENES)
+        assert pipeline.ask(raster, question).result.text == text
     calls: list = []
-    monkeypatch.setattr(AnswerHead, "region_answer", lambda self, p: calls.append(p))
+    monkeypatch.setattr(AnswerHead, "region_answer", lambda self, share: calls.append(share))
     assert pipeline.ask(str(DATA / "s2_plain.png"), question).result.router == "answer_head" and not calls
     monkeypatch.undo()
 
     data = write_rsvqa_set(tmp_path / "lr", images=3, size=192)  # 1.2-1.9 km: 2 x 2 or 3 x 3 tiles
     for bias, answer in ((4.0, "urban"), (-4.0, "rural")):  # the classifier decides, whatever the head says
-        model.answer_head = model.answer_head.with_region_classifier(np.zeros(2), bias, 640.0)
+        model.answer_head = model.answer_head.with_region_classifier(0.0, bias, 640.0, BUILT_UP_SCENES)
         model.save_pretrained(tmp_path / answer)
         out = tmp_path / f"out-{answer}"
         assert main(["-q", "evaluate", "--model", str(tmp_path / answer), "--data", str(data), "--split", "val",

@@ -11,6 +11,13 @@ The head is plain numpy (weights in ``answer_head.safetensors`` next to the mode
 ONNX Runtime backends run the same code; its vocabulary of question words travels in the file's metadata.
 :func:`question_kind` decides from the question's wording which questions the head answers; every other
 question goes to the experts.
+
+Rural / urban is a question about a whole region (RSVQA-LR calls a 2.5 km tile urban when it holds more than
+about 500 buildings), which one look at the region, magnified from 10 m, reads poorly. Where the head holds a
+*region classifier* (``region_w``, ``region_b``; the tile size ``region_tile_m`` and the built-up scenes
+``region_scenes`` in the metadata), a region that spans two or more such tiles is answered from its built-up
+share instead: the mean over its tiles, each seen at the scale the scene head knows best, of the scene head's
+probability for a built-up scene (:func:`built_up_share`), through a logistic regression on its log.
 """
 from __future__ import annotations
 
@@ -137,13 +144,24 @@ def combine_tile_answers(answers: Sequence[HeadAnswer], min_confidence: float) -
     return HeadAnswer(answer_text(label), kind, min(a.confidence for a in answers), label)
 
 
-#: Scene probabilities are floored at this before their log is averaged into a region's profile.
-PROFILE_FLOOR = 1e-4
+#: A region's built-up share is floored at this before its log is the region classifier's input.
+SHARE_FLOOR = 1e-3
 
 
-def scene_profile(scene_probabilities: np.ndarray) -> np.ndarray:
-    """A region's land-cover profile (S,): the mean over its tiles (tiles, S) of the log scene probabilities."""
-    return np.log(np.asarray(scene_probabilities, dtype=np.float64) + PROFILE_FLOOR).mean(axis=0).astype(np.float32)
+def region_feature(share: float) -> float:
+    """The region classifier's input for a built-up share: its log (floored)."""
+    return float(np.log(share + SHARE_FLOOR))
+
+
+def built_up_share(tile_probabilities: np.ndarray, scene_classes: Sequence[str],
+                   built_up_scenes: Sequence[str]) -> float:
+    """A region's built-up share: the mean over its tiles (tiles, S: the scene head's probabilities over
+    ``scene_classes``) of the probability of a scene of ``built_up_scenes``."""
+    built_up = set(built_up_scenes)
+    columns = [i for i, scene in enumerate(scene_classes) if scene in built_up]
+    if not columns:
+        raise ModelDirError("the scene head knows none of the region classifier's built-up scenes; fit it again")
+    return float(np.asarray(tile_probabilities)[:, columns].sum(axis=1).mean())
 
 
 def region_grid(width_m: float | None, height_m: float | None, tile_m: float, max_grid: int) -> int:
@@ -164,15 +182,16 @@ class AnswerHead:
     standardised with the training set's mean and deviation."""
 
     def __init__(self, vocabulary: Sequence[str], tensors: dict[str, np.ndarray],
-                 region_tile_m: float | None = None) -> None:
+                 region_tile_m: float | None = None, region_scenes: Sequence[str] = ()) -> None:
         self.vocabulary = list(vocabulary)
         self.region_tile_m = region_tile_m
+        self.region_scenes = list(region_scenes)
         self.index = {token: i for i, token in enumerate(self.vocabulary)}
         self.tensors = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
         t = self.tensors
         if t["w2"].shape[0] != len(LABELS) or t["w1"].shape[1] != t["mean"].shape[0]:
             raise ModelDirError("the answer head's weights do not match its labels; retrain it")
-        if ("region_w" in t) != (region_tile_m is not None) or ("region_w" in t) != ("region_b" in t):
+        if len({"region_w" in t, "region_b" in t, region_tile_m is not None, bool(self.region_scenes)}) > 1:
             raise ModelDirError("the answer head's region classifier is incomplete; fit it again")
 
     # -- files -------------------------------------------------------------------------------------------
@@ -187,6 +206,7 @@ class AnswerHead:
             vocabulary = json.loads(meta["vocabulary"])
             labels = json.loads(meta["labels"])
             region_tile_m = float(meta["region_tile_m"]) if "region_tile_m" in meta else None
+            region_scenes = json.loads(meta.get("region_scenes", "[]"))
         except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise ModelDirError(f"cannot read the answer head {path}: {exc}") from exc
         if list(labels) != list(LABELS):
@@ -194,22 +214,23 @@ class AnswerHead:
         missing = {"mean", "std", "w1", "b1", "w2", "b2"} - set(tensors)
         if missing:
             raise ModelDirError(f"{path} lacks {', '.join(sorted(missing))}; retrain it")
-        return cls(vocabulary, tensors, region_tile_m)
+        return cls(vocabulary, tensors, region_tile_m, region_scenes)
 
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
 
         metadata = {"vocabulary": json.dumps(self.vocabulary), "labels": json.dumps(list(LABELS))}
         if self.region_tile_m is not None:
-            metadata["region_tile_m"] = str(self.region_tile_m)
+            metadata.update(region_tile_m=str(self.region_tile_m), region_scenes=json.dumps(self.region_scenes))
         save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path), metadata=metadata)
 
-    def with_region_classifier(self, weight: np.ndarray, bias: float, tile_m: float) -> "AnswerHead":
-        """This head with a region classifier (rural / urban from a :func:`scene_profile` of tiles of
-        ``tile_m`` metres)."""
-        tensors = {**self.tensors, "region_w": np.asarray(weight, np.float32).reshape(-1),
+    def with_region_classifier(self, weight: float, bias: float, tile_m: float,
+                               scenes: Sequence[str]) -> "AnswerHead":
+        """This head with a region classifier: urban with probability sigmoid(``weight`` *
+        :func:`region_feature` + ``bias``) of the share of ``scenes`` over tiles of ``tile_m`` metres."""
+        tensors = {**self.tensors, "region_w": np.asarray([weight], np.float32),
                    "region_b": np.asarray([bias], np.float32)}
-        return AnswerHead(self.vocabulary, tensors, float(tile_m))
+        return AnswerHead(self.vocabulary, tensors, float(tile_m), scenes)
 
     # -- inference ----------------------------------------------------------------------------------------
     def words(self, questions: Sequence[str]) -> np.ndarray:
@@ -226,14 +247,14 @@ class AnswerHead:
         x = (np.asarray(features, dtype=np.float32) - t["mean"]) / t["std"]
         return _gelu(x @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"]
 
-    def region_answer(self, profile: np.ndarray) -> HeadAnswer:
-        """Rural or urban for a region from its :func:`scene_profile` (needs the region classifier)."""
+    def region_answer(self, share: float) -> HeadAnswer:
+        """Rural or urban for a region from its :func:`built_up_share` over ``region_scenes`` (needs the
+        region classifier)."""
         if self.region_tile_m is None:
             raise ModelDirError("this answer head has no region classifier")
         t = self.tensors
-        if profile.shape != t["region_w"].shape:
-            raise ModelDirError("the region classifier does not match the scene head; fit it again")
-        urban = float(1.0 / (1.0 + np.exp(-(float(profile @ t["region_w"]) + float(t["region_b"][0])))))
+        logit = float(t["region_w"][0]) * region_feature(share) + float(t["region_b"][0])
+        urban = float(1.0 / (1.0 + np.exp(-logit)))
         label = "urban" if urban >= 0.5 else "rural"
         return HeadAnswer(answer_text(label), "rural_urban", max(urban, 1.0 - urban), label)
 
