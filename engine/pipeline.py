@@ -65,6 +65,9 @@ DEFAULT_BATCH_SIZE = 64
 #: (5.7 m/px, about EuroSAT's 2.9 m/px) answer 10:6 rural, as the scene is.
 ANSWER_TILE_SEEN_FRACTION = 0.5
 MAX_ANSWER_GRID = 6
+#: Region tiles (rural / urban, an answer head's region inputs) are at least this many raster pixels a side:
+#: EuroSAT's and RSVQA-LR's are 64; a few dozen pixels magnified to the model's input show nothing.
+MIN_REGION_TILE_PX = 48
 #: Default bounds of the feature cache (the lite model's 49 x 1280 float32 tokens are 250 KB per image).
 CACHE_MAX_ENTRIES = 512
 CACHE_MAX_BYTES = 128 * 2**20
@@ -377,12 +380,15 @@ class Pipeline:
 
     def ask_images(self, images: Sequence[np.ndarray], questions: Sequence[str],
                    keys: Sequence[Hashable | None] | None = None,
-                   resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
-        """Answer one question per image, ``batch_size`` at a time (``resolutions`` as for :meth:`caption_images`)."""
+                   resolutions: Sequence[float | None] | None = None,
+                   region_probabilities: np.ndarray | None = None) -> list[ModelResult]:
+        """Answer one question per image, ``batch_size`` at a time (``resolutions`` as for :meth:`caption_images`;
+        ``region_probabilities`` as for :meth:`MoEInference.head_answers`)."""
         if len(questions) != len(images):
             raise ValueError("one question per image")
         return self._run(images, keys, resolutions, lambda visual, logits, rows, res: self.model.ask_features(
-            visual, [questions[i] for i in rows], logits, resolutions=res))
+            visual, [questions[i] for i in rows], logits, resolutions=res,
+            region_probabilities=None if region_probabilities is None else region_probabilities[rows]))
 
     def _run(self, images: Sequence[np.ndarray], keys: Sequence[Hashable | None] | None,
              resolutions: Sequence[float | None] | None, call: Any) -> list[ModelResult]:
@@ -487,7 +493,9 @@ class Pipeline:
                                 part.ground_resolution_m)
         self._log_outside(part, inp.label)
         hit = self._key(part.key) in self.cache
-        (result,) = self.ask_images([part.image], [question], [part.key], [part.seen_resolution(self.image_size)])
+        region = self._region_mean(inp, part) if kind is not None else None
+        (result,) = self.ask_images([part.image], [question], [part.key], [part.seen_resolution(self.image_size)],
+                                   None if region is None else region[None])
         return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
                             part.ground_resolution_m)
 
@@ -509,8 +517,12 @@ class Pipeline:
         hit = all(self._key(t.key) in self.cache for t in tiles + [part])
         answers = []
         for batch, visual in self._encoded_tiles(tiles):
+            regions = [self._region_mean(inp, tile) for tile in batch]
             with self.lock:
-                answers += self.model.head_answers(visual, [question] * len(batch), [kind] * len(batch))
+                probabilities = (None if all(r is None for r in regions)
+                                 else self.model.region_probabilities(visual, regions))
+                answers += self.model.head_answers(visual, [question] * len(batch), [kind] * len(batch),
+                                                   probabilities)
         combined = combine_tile_answers(answers, self.model.config.answer_head.min_confidence)
         log.info("%s: %r answered over %d x %d tiles (%s): %s", inp.label, question, grid, grid,
                  ", ".join(a.label for a in answers), combined.label)
@@ -518,22 +530,42 @@ class Pipeline:
 
     @staticmethod
     def _region_grid(part: RegionRead, tile_m: float) -> int:
-        """Tiles per side that cut the region into tiles of about ``tile_m`` metres (1: the region's ground size
-        is unknown or about one tile)."""
+        """Tiles per side that cut the region into tiles of about ``tile_m`` metres and at least
+        :data:`MIN_REGION_TILE_PX` pixels (1: the region's ground size is unknown or about one tile)."""
         if part.ground_resolution_m is None:
             return 1
         window = part.read.window
+        most = max(1, min(MAX_ANSWER_GRID, min(window.width, window.height) // MIN_REGION_TILE_PX))
         return region_grid(window.width * part.ground_resolution_m, window.height * part.ground_resolution_m,
-                           tile_m, MAX_ANSWER_GRID)
+                           tile_m, most)
 
     def region_scene_probabilities(self, item: ImageInput | str | Path | bytes, tile_m: float,
                                    **region: Any) -> np.ndarray | None:
         """The scene head's probabilities (tiles, S) for the input cut into tiles of about ``tile_m`` metres, or
         None where it spans fewer than 2 a side (what the head's region classifier learns from)."""
         inp = ImageInput.of(item, **region)
-        part = self.read_region(inp)
+        return self._region_tile_probabilities(inp, self.read_region(inp), tile_m)
+
+    def _region_tile_probabilities(self, inp: ImageInput, part: RegionRead, tile_m: float) -> np.ndarray | None:
+        """:meth:`region_scene_probabilities` of a region already read (``inp``: the input it was read from)."""
         grid = self._region_grid(part, tile_m)
         return None if grid <= 1 else self._tile_probabilities(self._grid_tiles(inp, part, grid))
+
+    def region_mean_probabilities(self, item: ImageInput | str | Path | bytes, tile_m: float,
+                                  **region: Any) -> np.ndarray | None:
+        """:meth:`region_scene_probabilities` averaged over the tiles (S,), or None for about one tile."""
+        probabilities = self.region_scene_probabilities(item, tile_m, **region)
+        return None if probabilities is None else probabilities.mean(axis=0)
+
+    def _region_mean(self, inp: ImageInput, part: RegionRead) -> np.ndarray | None:
+        """The region's scene probabilities averaged over its tiles (S,) for an answer head with
+        ``region_inputs``; None where the head has none or the region is about one tile (the head then sees
+        the image's own). ``inp``: the input ``part`` was read from (its window is ``part``'s)."""
+        head = self.model.answer_head
+        if head is None or not head.region_inputs or head.region_tile_m is None:
+            return None
+        probabilities = self._region_tile_probabilities(inp, part, head.region_tile_m)
+        return None if probabilities is None else probabilities.mean(axis=0)
 
     def _tile_probabilities(self, tiles: Sequence[RegionRead]) -> np.ndarray:
         """The tiles' single-view scene probabilities (tiles, S)."""

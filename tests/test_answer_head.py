@@ -286,6 +286,8 @@ def test_rural_urban_about_a_large_region_comes_from_its_built_up_share(
     assert probabilities.shape == (36, 2) and np.allclose(probabilities.sum(axis=1), 1.0)
     assert pipeline.region_scene_probabilities(raster, 640.0, window=[0, 0, 80, 80]) is None  # 800 m: one tile
     assert pipeline.region_scene_probabilities(str(DATA / "s2_plain.png"), 640.0) is None  # no resolution
+    assert pipeline.region_scene_probabilities(raster, 640.0, window=[0, 0, 90, 90],
+                                               ground_resolution_m=100.0) is None  # 9 km in 90 px: tiles too small
 
     question = "Is it a rural or an urban area?"
     share = built_up_share(probabilities, ["forest", "residential area"], BUILT_UP_SCENES)
@@ -313,3 +315,47 @@ def test_rural_urban_about_a_large_region_comes_from_its_built_up_share(
                      "--out", str(out), "--no-meteor", "--batch-size", "3"]) == 0
         raw = json.loads((out / "answers_raw.json").read_text())
         assert [r["answer"] for r in raw if r["question_type"] == "rural_urban"] == [answer, answer]
+
+
+def test_a_head_with_region_inputs_sees_the_region_tiles_where_the_region_spans_several(
+        tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head learnt with ``region_inputs`` sees each image's region averaged over 640 m tiles: ``ask`` on a
+    large region hands the head the tiles' mean scene probabilities, a small image its own; the flag survives
+    the head's file."""
+    from engine.model.routing import MoEInference
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model.set_scene_head(["forest", "residential area"], torch.nn.Linear(model.vision.num_features, 2))
+    records = _bright_and_dark_questions(tmp_path / "images")
+    head = train_answer_head(model, records, AnswerHeadTraining(hidden=16, epochs=20, batch_size=8,
+                                                                region_inputs=True), seed=0)
+    assert head.region_inputs and head.region_tile_m == 640.0 and head.region_scenes == []
+    head.save(tmp_path / ANSWER_HEAD_FILE)
+    assert AnswerHead.load(tmp_path / ANSWER_HEAD_FILE).region_inputs
+
+    visual = model.encode_images(model.preprocess([str(records[0].image_path), str(records[3].image_path)]))
+    questions, kinds = ["How many buildings are there?"] * 2, ["count"] * 2
+    own = model.region_probabilities(visual, [None, None])
+    assert [a.confidence for a in model.head_answers(visual, questions, kinds)] == \
+        [a.confidence for a in model.head_answers(visual, questions, kinds, own)]  # None: the image's own
+    swapped = model.head_answers(visual, questions, kinds, own[:, ::-1].copy())
+    assert [a.confidence for a in swapped] != [a.confidence for a in model.head_answers(visual, questions, kinds)]
+
+    seen: list = []
+    original = MoEInference.ask_features
+
+    def spy(self, visual, questions, scene_logits=None, resolutions=None, region_probabilities=None):
+        seen.append(region_probabilities)
+        return original(self, visual, questions, scene_logits, resolutions, region_probabilities)
+
+    monkeypatch.setattr(MoEInference, "ask_features", spy)
+    pipeline = Pipeline(model, batch_size=8)
+    raster = str(DATA / "s2_crop512.tif")  # 512 px at 10 m, within the tiny model's range: 6 x 6 tiles
+    model.config.resolution.min_m, model.config.resolution.max_m = 0.01, 1e5  # as one image, not coarser
+    pipeline.ask(raster, "How many buildings are there?")
+    expected = pipeline.region_scene_probabilities(raster, 640.0).mean(axis=0)
+    np.testing.assert_allclose(seen[-1], expected[None], rtol=1e-5)
+    pipeline.ask(raster, "How many buildings are there?", window=[0, 0, 64, 64])  # 640 m: its own
+    assert seen[-1] is None

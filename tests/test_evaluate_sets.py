@@ -322,10 +322,10 @@ def test_evaluate_answers_every_active_rsvqa_question_in_its_vocabulary(
     seen: list = []
     original = MoEInference.ask_features
 
-    def spy(self, visual, questions, scene_logits=None, resolutions=None):
+    def spy(self, visual, questions, scene_logits=None, resolutions=None, region_probabilities=None):
         assert scene_logits is not None and len(scene_logits) == len(questions)  # generative router: the head's
         seen.extend(resolutions)
-        return original(self, visual, questions, scene_logits, resolutions)
+        return original(self, visual, questions, scene_logits, resolutions, region_probabilities)
 
     monkeypatch.setattr(MoEInference, "ask_features", spy)
     out = tmp_path / "out"

@@ -635,3 +635,33 @@ def test_shipped_recipes_parse_and_chain() -> None:
         if config.continue_from:
             assert config.continue_from in outputs, name
     assert recipes["lite-sentinel2.yaml"].set_roots()["eurosat_mosaic"]
+
+
+def test_answer_head_of_a_trained_model_is_learnt_again_with_region_inputs(tiny_init: Path, tmp_path: Path) -> None:
+    """``rsmoe train --answer-head-of DIR`` learns only the answer head of a trained model again (here seeing
+    the images' regions too); the model's other weights stay as they were; a folder without a model is refused."""
+    import yaml
+
+    from engine.cli import main
+    from engine.model.answer_head import AnswerHead
+    from training.train import train
+
+    first = train(_config(tiny_init, tmp_path / "first", answer_head={"enabled": True, "epochs": 2, "hidden": 8}))
+    model = RSMoEModel.from_pretrained(first)
+    model.set_scene_head(["forest", "residential area"], torch.nn.Linear(model.vision.num_features, 2))
+    model.save_pretrained(first)  # region inputs are the scene head's probabilities
+    weights = load_file(str(first / "model.safetensors"))
+    before = AnswerHead.load(first / ANSWER_HEAD_FILE)
+    assert not before.region_inputs
+    config = _config(tiny_init, tmp_path / "unused", answer_head={"enabled": True, "epochs": 2, "hidden": 8,
+                                                                  "region_inputs": True})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["-q", "train", "--config", str(recipe), "--answer-head-of", str(first)]) == 0
+    after = AnswerHead.load(first / ANSWER_HEAD_FILE)
+    assert after.region_inputs and after.region_tile_m == 640.0
+    assert after.vocabulary == before.vocabulary  # the same questions
+    assert after.tensors["w1"].shape[1] == before.tensors["w1"].shape[1] + 4  # the scene head's 2 probabilities, the region's 2
+    assert all(torch.equal(weights[k], v) for k, v in load_file(str(first / "model.safetensors")).items())
+    assert RSMoEConfig.load(first).answer_head.enabled and not (tmp_path / "unused").exists()
+    assert main(["-q", "train", "--config", str(recipe), "--answer-head-of", str(tmp_path / "nowhere")]) == 2

@@ -145,13 +145,14 @@ def test_resolution_phrase_rounds_to_a_few_steps_and_is_off_by_default() -> None
 
 def test_class_derived_questions_state_only_the_facts_of_the_class(tmp_path: Path) -> None:
     """Closed questions follow from the class (a SeaLake tile has water and no river, a Residential tile is urban),
-    are the same on every run, and a class without listed facts gets none."""
+    carry the image's ground resolution, are the same on every run, and a class without listed facts gets none."""
     from training.answer_head import record_label
     from training.data.class_vqa import CLASS_FACTS, class_key, derive_class_vqa
 
-    records = load_class_folder(_class_folder(tmp_path / "eurosat", with_sentences=False), split="train")
+    records = load_class_folder(_class_folder(tmp_path / "eurosat", with_sentences=False, gsd=10.0), split="train")
     questions = derive_class_vqa(records, per_image=10)
     assert questions == derive_class_vqa(records, per_image=10)
+    assert {(q.ground_resolution_m, q.width) for q in questions} == {(10.0, 64)}  # the image's, as its record says
     assert {q.dataset for q in questions} == {"class-derived VQA"}
     by_class = {}
     for q in questions:

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from engine.model.answer_head import KIND_LABELS, LABELS, AnswerHead, bag_of_words, head_features, question_tokens
+from engine.errors import UserInputError
 from engine.model.modeling import RSMoEModel
 from training.config import AnswerHeadTraining
 from training.data.records import VQARecord
 from training.metrics import normalize_rsvqa_answer, rsvqa_answers_match, rsvqa_bucket
+from training.region_classifier import REGION_TILE_M
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,33 @@ def vocabulary(records: Sequence[VQARecord], min_count: int) -> list[str]:
 
 
 @torch.no_grad()
-def model_inputs(model: RSMoEModel, records: Sequence[VQARecord], batch_size: int = 32) -> np.ndarray:
-    """:meth:`answer_head_inputs` of every record, each image encoded once as at inference."""
-    images = sorted({str(r.image_path) for r in records})
+def model_inputs(model: RSMoEModel, records: Sequence[VQARecord], batch_size: int = 32,
+                 region_tile_m: float | None = None) -> np.ndarray:
+    """:meth:`answer_head_inputs` of every record, each image encoded once as at inference; with
+    ``region_tile_m``, also each image's region's scene probabilities over tiles of that size (as ``rsmoe ask``
+    computes them: :meth:`engine.pipeline.Pipeline.region_mean_probabilities`)."""
+    from engine.inputs import ImageInput
+    from engine.pipeline import Pipeline
+
+    first = {str(r.image_path): r for r in reversed(records)}
+    images = sorted(first)
     row_of = {path: i for i, path in enumerate(images)}
     visual = torch.cat([model.encode_images(model.preprocess(images[i:i + batch_size]))
                         for i in range(0, len(images), batch_size)])
+    regions = None
+    if region_tile_m is not None:
+        pipeline = Pipeline(model, batch_size=batch_size)
+        means = [pipeline.region_mean_probabilities(
+            ImageInput(path=path, ground_resolution_m=first[path].ground_resolution_m), region_tile_m)
+            for path in images]
+        log.info("answer head: %d of %d images span two or more region tiles", sum(m is not None for m in means),
+                 len(means))
+        regions = model.region_probabilities(visual, means)
     rows = []
     for i in range(0, len(records), 128):
-        chunk = records[i:i + 128]
-        rows.append(model.answer_head_inputs(visual[[row_of[str(r.image_path)] for r in chunk]],
-                                             [r.question for r in chunk]))
+        index = [row_of[str(r.image_path)] for r in records[i:i + 128]]
+        rows.append(model.answer_head_inputs(visual[index], [r.question for r in records[i:i + 128]],
+                                             None if regions is None else regions[index]))
     return np.concatenate(rows)
 
 
@@ -103,7 +121,8 @@ def fit_answer_head(words_vocabulary: Sequence[str], features: np.ndarray, recor
 
 def train_answer_head(model: RSMoEModel, train: Sequence[VQARecord], settings: AnswerHeadTraining,
                       seed: int) -> AnswerHead:
-    """The answer head for ``model`` from its closed train questions (it is attached to the model too)."""
+    """The answer head for ``model`` from its closed train questions (it is attached to the model too); with
+    ``settings.region_inputs`` it also sees each image's region over tiles of :data:`REGION_TILE_M`."""
     records = closed_records(train)
     if not records:
         raise ValueError("no closed train questions (presence, comparison, count, area, rural/urban) to learn from")
@@ -111,8 +130,14 @@ def train_answer_head(model: RSMoEModel, train: Sequence[VQARecord], settings: A
              dict(Counter(f"{r.dataset}:{r.question_type}" for r in records)))
     words = vocabulary(records, settings.min_token_count)
     index = {t: i for i, t in enumerate(words)}
-    features = head_features(bag_of_words([r.question for r in records], index), model_inputs(model, records))
+    if settings.region_inputs and not model.config.vision.scene_classes:
+        raise UserInputError("answer_head.region_inputs needs a model with a scene head (vision.scene_classes)")
+    tile_m = REGION_TILE_M if settings.region_inputs else None
+    features = head_features(bag_of_words([r.question for r in records], index),
+                             model_inputs(model, records, region_tile_m=tile_m))
     head = fit_answer_head(words, features, records, settings, seed)
+    if tile_m is not None:
+        head = AnswerHead(head.vocabulary, head.tensors, tile_m, region_inputs=True)
     model.answer_head = head
     model.config.answer_head.enabled = True
     return head

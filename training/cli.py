@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="ablation: train the experts from scratch in one stage (no dense initialisation)")
     p.add_argument("--until", choices=["vision", "stage1", "stage2"], default="stage2",
                    help="stop after this stage (vision = stage 0); the same command without it resumes")
+    p.add_argument("--answer-head-of", type=Path, default=None, metavar="MODEL_DIR",
+                   help="only learn the answer head (and its region classifier) of this trained model again, from "
+                        "the config's data and answer_head settings (the model's other weights are kept)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
@@ -44,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
-    from training.train import train
+    from training.train import relearn_answer_head, train
 
     config = TrainConfig.load(args.config)
     if args.out is not None:
@@ -53,6 +56,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.cache_dir = str(args.cache_dir)
     if args.one_stage:
         config.one_stage = True
+    if args.answer_head_of is not None:
+        final = relearn_answer_head(args.answer_head_of, config)
+        sys.stdout.write(f"answer head learnt: {final}\n")
+        return 0
     final = train(config, until=args.until)
     sys.stdout.write(f"trained model: {final}\n")
     return 0

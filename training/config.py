@@ -77,6 +77,7 @@ class AnswerHeadTraining:
     weight_decay: float = 1.0e-3
     dropout: float = 0.3
     min_token_count: int = 3  # question tokens seen fewer times in training are not in the vocabulary
+    region_inputs: bool = False  # also the image's region's scene probabilities over 640 m tiles (RSVQA-LR: 4 x 4)
 
 
 @dataclass

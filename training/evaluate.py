@@ -32,7 +32,9 @@ Files written to ``OUT`` (the interface other tools read):
   text through :func:`training.metrics.normalize_rsvqa_answer`); ``answers_raw.json`` (each question, its
   reference, the generated text and the normalised answer); ``metrics.json`` ``rsvqa`` (accuracy per type,
   ``average`` over types and ``overall``; counts and areas scored in the RSVQA buckets 0, 1-10, 11-100,
-  101-1000, >1000).
+  101-1000, >1000). Closed questions about an image that spans several of the answer head's region tiles are
+  answered as ``rsmoe ask`` answers them: the head sees the tiles' mean scene probabilities, and rural / urban
+  comes from the region classifier (:mod:`training.region_classifier`).
 
 Every image is passed with the ground resolution the model sees (native metres per pixel x image width /
 ``image.image_size``; the width read from the file where the set does not give it, an RSVQA tile's native
@@ -395,10 +397,13 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
     input_size = model.config.image.image_size
     generated: dict[Any, str] = {}
     started = time.perf_counter()
+    regions = _region_means(model, [by_image[name][0] for name in images])
     for start in tqdm(range(0, len(images), args.batch_size), desc=f"answering {args.split}", unit="batch"):
         chunk = images[start:start + args.batch_size]
         firsts = [by_image[name][0] for name in chunk]
         visual, routing_logits, _ = _encode(model, [q.image_path for q in firsts], False)
+        region_probabilities = (None if regions is None
+                                else model.region_probabilities(visual, regions[start:start + len(chunk)]))
         resolutions = [image_seen_resolution(q.image_path, q.ground_resolution_m, q.width, input_size,
                                              from_georeference=True) for q in firsts]
         rows = [(k, q) for k, name in enumerate(chunk) for q in by_image[name]]
@@ -407,7 +412,8 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
             index = [k for k, _ in part]
             for (_, q), result in zip(part, model.ask_features(
                     visual[index], [q.question for _, q in part],
-                    None if routing_logits is None else routing_logits[index], [resolutions[k] for k in index])):
+                    None if routing_logits is None else routing_logits[index], [resolutions[k] for k in index],
+                    None if region_probabilities is None else region_probabilities[index])):
                 generated[q.question_id] = result.text
     generated.update(_region_answers(model, questions))
     answers = {q.question_id: normalize_rsvqa_answer(generated[q.question_id], q.question_type) for q in questions}
@@ -420,6 +426,20 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
                               "question": q.question, "reference": q.answer, "generated": generated[q.question_id],
                               "answer": answers[q.question_id]} for q in questions],
     }
+
+
+def _region_means(model: MoEInference, questions: Sequence[VQARecord]) -> list[Any] | None:
+    """For an answer head with ``region_inputs``: each question's image's tile-mean scene probabilities, as
+    ``rsmoe ask`` computes them (None for an image of about one tile); None for any other model."""
+    from engine.inputs import ImageInput
+    from engine.pipeline import Pipeline
+
+    head = model.answer_head
+    if head is None or not head.region_inputs or head.region_tile_m is None:
+        return None
+    pipeline = Pipeline(model)
+    return [pipeline.region_mean_probabilities(ImageInput(path=str(q.image_path), ground_resolution_m=q.ground_resolution_m),
+                                               head.region_tile_m) for q in questions]
 
 
 def _region_answers(model: MoEInference, questions: Sequence[VQARecord]) -> dict[Any, str]:

@@ -285,15 +285,26 @@ def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Opti
 
 # ----------------------------------------------------------------------------------------------- the run
 def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
+    """The stages' records (:func:`load_records`) and the cached features of their images."""
+    train, val, val_images, vqa_train, vqa_val, image_ids, resolutions = load_records(config, model.config.image.image_size)
+    cache = Path(config.cache_dir)
+    train_store = build_feature_store(model, train, cache, "train", variants=config.data.augment_variants)
+    val_store = build_feature_store(model, val_images, cache, "val", variants=1)
+    return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store, resolutions)
+
+
+def load_records(config: TrainConfig, size: int) -> tuple[list[CaptionRecord], list[CaptionRecord],
+                                                          list[CaptionRecord], list[VQARecord], list[VQARecord],
+                                                          dict[str, int], dict[int, float | None]]:
     """The stages' records from every configured set (:mod:`training.data.sets`), their questions (UCM-derived
-    VQA and RSVQA), each image's seen ground resolution and the cached features.
+    VQA and RSVQA) and each image's seen ground resolution (``size``: the model's input): train and val
+    images, every val image (the RSVQA ones too), train and val questions, image ids and resolutions.
 
     Train images: every set's (EuroSAT with derived captions, RSVQA tiles with captions derived from their
     answers). Val: ``max_val_images`` captioned images of each human-captioned set (UCM, AID), the UCM-derived
     questions on them and ``max_val_images`` questions of each RSVQA set."""
     data = config.data
     roots = config.set_roots()
-    size = model.config.image.image_size
 
     def limits(per_set: dict[str, int], default: int | None) -> dict[str, int]:
         return {name: per_set.get(name, default) for name in roots if per_set.get(name, default)}
@@ -316,10 +327,7 @@ def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
     resolutions = {r.image_id: seen_resolution(r.ground_resolution_m, r.width, size) for r in train + val_images}
     log.info("stage data: %d train images (%s), %d val captioned, %d train / %d val questions",
              len(train), dict(Counter(r.dataset for r in train)), len(val), len(vqa_train), len(vqa_val))
-    cache = Path(config.cache_dir)
-    train_store = build_feature_store(model, train, cache, "train", variants=data.augment_variants)
-    val_store = build_feature_store(model, val_images, cache, "val", variants=1)
-    return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store, resolutions)
+    return train, val, val_images, vqa_train, vqa_val, image_ids, resolutions
 
 
 def repeated(records: Sequence[CaptionRecord], repeats: dict[str, int]) -> list[CaptionRecord]:
@@ -475,15 +483,37 @@ def with_refit_scene_head(model_dir: Path, config: TrainConfig) -> Path:
 
 
 def with_answer_head(model_dir: Path, data: StageData, config: TrainConfig) -> Path:
-    """Give the finished model its answer head when the recipe asks for one and it has none yet (the head
-    learns from the saved model, as inference will run it); the config, written last, enables it."""
+    """Give the finished model its answer head when the recipe asks for one and it has none yet."""
     if not config.answer_head.enabled or RSMoEConfig.load(model_dir).answer_head.enabled:
         return model_dir
+    return learn_answer_head(model_dir, data.train, data.vqa_train, data.vqa_val, config)
+
+
+def relearn_answer_head(model_dir: Path, config: TrainConfig) -> Path:
+    """Learn the answer head (and its region classifier) of a trained model again, from the recipe's data and
+    ``answer_head`` settings; nothing else of the model changes (``rsmoe train --answer-head-of DIR``)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").is_file():
+        raise UserInputError(f"{model_dir} holds no trained model (model.safetensors)")
+    if config.data.eurosat_mosaics:
+        write_mosaics(str(config.data.eurosat), config.mosaic_root(), config.data.eurosat_mosaics, config.seed)
+    train, _, _, vqa_train, vqa_val, _, _ = load_records(config, RSMoEConfig.load(model_dir).image.image_size)
+    return learn_answer_head(model_dir, train, vqa_train, vqa_val, config)
+
+
+def learn_answer_head(model_dir: Path, train: Sequence[CaptionRecord], vqa_train: Sequence[VQARecord],
+                      vqa_val: Sequence[VQARecord], config: TrainConfig) -> Path:
+    """Learn the saved model's answer head and region classifier (the head learns from the saved model, as
+    inference will run it); the config, written last, enables it."""
+    saved = RSMoEConfig.load(model_dir)
+    saved.answer_head.enabled = False  # the model loads without the head it is about to replace
+    saved.save(model_dir)
     model = RSMoEModel.from_pretrained(model_dir)
-    class_questions = derive_class_vqa(data.train, seed=config.seed)  # the head's only: stage 2 never saw them
-    head = train_answer_head(model, list(data.vqa_train) + class_questions, config.answer_head, config.seed)
-    head = add_region_classifier(model_dir, head, data.vqa_train)
-    val = closed_records(data.vqa_val)
+    class_questions = derive_class_vqa(list(train), seed=config.seed)  # the head's only: stage 2 never saw them
+    head = train_answer_head(model, list(vqa_train) + class_questions, config.answer_head, config.seed)
+    head = add_region_classifier(model_dir, head, vqa_train)
+    model.answer_head = head
+    val = closed_records(vqa_val)
     if val:
         log.info("answer head on %d closed val questions: %s", len(val), head_accuracy(model, val))
     head.save(model_dir / ANSWER_HEAD_FILE)

@@ -18,6 +18,8 @@ about 500 buildings), which one look at the region, magnified from 10 m, reads p
 ``region_scenes`` in the metadata), a region that spans two or more such tiles is answered from its built-up
 share instead: the mean over its tiles, each seen at the scale the scene head knows best, of the scene head's
 probability for a built-up scene (:func:`built_up_share`), through a logistic regression on its log.
+A head with ``region_inputs`` also sees, beside the image, the log of its region's scene probabilities averaged
+over such tiles (:func:`region_inputs`; the image's own where it spans about one tile).
 """
 from __future__ import annotations
 
@@ -164,6 +166,12 @@ def built_up_share(tile_probabilities: np.ndarray, scene_classes: Sequence[str],
     return float(np.asarray(tile_probabilities)[:, columns].sum(axis=1).mean())
 
 
+def region_inputs(region_probabilities: np.ndarray) -> np.ndarray:
+    """What a head with ``region_inputs`` sees of each image's region (B, S): the log of the scene
+    probabilities averaged over the region's tiles."""
+    return np.log(np.asarray(region_probabilities, dtype=np.float32) + 1e-4)
+
+
 def region_grid(width_m: float | None, height_m: float | None, tile_m: float, max_grid: int) -> int:
     """Tiles per side that cut a region of ``width_m`` x ``height_m`` metres into tiles of about ``tile_m``
     (at most ``max_grid``; 1 where the size is unknown or the region is not much larger than one tile)."""
@@ -182,16 +190,19 @@ class AnswerHead:
     standardised with the training set's mean and deviation."""
 
     def __init__(self, vocabulary: Sequence[str], tensors: dict[str, np.ndarray],
-                 region_tile_m: float | None = None, region_scenes: Sequence[str] = ()) -> None:
+                 region_tile_m: float | None = None, region_scenes: Sequence[str] = (),
+                 region_inputs: bool = False) -> None:
         self.vocabulary = list(vocabulary)
         self.region_tile_m = region_tile_m
         self.region_scenes = list(region_scenes)
+        self.region_inputs = bool(region_inputs)
         self.index = {token: i for i, token in enumerate(self.vocabulary)}
         self.tensors = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
         t = self.tensors
         if t["w2"].shape[0] != len(LABELS) or t["w1"].shape[1] != t["mean"].shape[0]:
             raise ModelDirError("the answer head's weights do not match its labels; retrain it")
-        if len({"region_w" in t, "region_b" in t, region_tile_m is not None, bool(self.region_scenes)}) > 1:
+        classifier = {"region_w" in t, "region_b" in t, bool(self.region_scenes)}
+        if len(classifier) > 1 or ((True in classifier or self.region_inputs) != (region_tile_m is not None)):
             raise ModelDirError("the answer head's region classifier is incomplete; fit it again")
 
     # -- files -------------------------------------------------------------------------------------------
@@ -207,6 +218,7 @@ class AnswerHead:
             labels = json.loads(meta["labels"])
             region_tile_m = float(meta["region_tile_m"]) if "region_tile_m" in meta else None
             region_scenes = json.loads(meta.get("region_scenes", "[]"))
+            with_region_inputs = meta.get("region_inputs") == "true"
         except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise ModelDirError(f"cannot read the answer head {path}: {exc}") from exc
         if list(labels) != list(LABELS):
@@ -214,14 +226,15 @@ class AnswerHead:
         missing = {"mean", "std", "w1", "b1", "w2", "b2"} - set(tensors)
         if missing:
             raise ModelDirError(f"{path} lacks {', '.join(sorted(missing))}; retrain it")
-        return cls(vocabulary, tensors, region_tile_m, region_scenes)
+        return cls(vocabulary, tensors, region_tile_m, region_scenes, with_region_inputs)
 
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
 
         metadata = {"vocabulary": json.dumps(self.vocabulary), "labels": json.dumps(list(LABELS))}
         if self.region_tile_m is not None:
-            metadata.update(region_tile_m=str(self.region_tile_m), region_scenes=json.dumps(self.region_scenes))
+            metadata.update(region_tile_m=str(self.region_tile_m), region_scenes=json.dumps(self.region_scenes),
+                            region_inputs=json.dumps(self.region_inputs))
         save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path), metadata=metadata)
 
     def with_region_classifier(self, weight: float, bias: float, tile_m: float,
@@ -230,7 +243,7 @@ class AnswerHead:
         :func:`region_feature` + ``bias``) of the share of ``scenes`` over tiles of ``tile_m`` metres."""
         tensors = {**self.tensors, "region_w": np.asarray([weight], np.float32),
                    "region_b": np.asarray([bias], np.float32)}
-        return AnswerHead(self.vocabulary, tensors, float(tile_m), scenes)
+        return AnswerHead(self.vocabulary, tensors, float(tile_m), scenes, self.region_inputs)
 
     # -- inference ----------------------------------------------------------------------------------------
     def words(self, questions: Sequence[str]) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.errors import UserInputError
-from engine.model.answer_head import AnswerHead, HeadAnswer, head_features, question_kind
+from engine.model.answer_head import AnswerHead, HeadAnswer, head_features, question_kind, region_inputs
 from engine.model.config import ROUTER_ADAPTER, RSMoEConfig
 from engine.model.image_processing import ImageProcessor, dihedral
 from engine.model.router_plan import RouterPlan, parse_router_plan
@@ -380,10 +380,12 @@ class MoEInference:
         return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0], scene_logits, resolutions)
 
     def ask_features(self, visual: Any, questions: Sequence[str], scene_logits: Any | None = None,
-                     resolutions: Sequence[float | None] | None = None) -> list[ModelResult]:
+                     resolutions: Sequence[float | None] | None = None,
+                     region_probabilities: np.ndarray | None = None) -> list[ModelResult]:
         """Answers for already-encoded images, one question per image (``scene_logits`` and ``resolutions``
         as for :meth:`caption_features`): closed questions the answer head knows are answered by it in one
-        pass (:meth:`head_answers`), every other question by the router and the experts."""
+        pass (:meth:`head_answers`; ``region_probabilities`` as there), every other question by the router
+        and the experts."""
         for q in questions:
             if not q or not q.strip():
                 raise UserInputError("the question is empty")
@@ -395,7 +397,8 @@ class MoEInference:
         opened = [i for i, kind in enumerate(kinds) if kind is None]
         results: list[ModelResult | None] = [None] * len(questions)
         if closed:
-            answers = self.head_answers(visual[closed], [questions[i] for i in closed], [kinds[i] for i in closed])
+            answers = self.head_answers(visual[closed], [questions[i] for i in closed], [kinds[i] for i in closed],
+                                        None if region_probabilities is None else region_probabilities[closed])
             guesses = self.scene_guesses(visual[closed], None if scene_logits is None else scene_logits[closed])
             for j, (i, answer) in enumerate(zip(closed, answers)):
                 results[i] = self.head_result(answer, guesses[j] if guesses is not None else None,
@@ -422,21 +425,38 @@ class MoEInference:
         return ModelResult(_sentence_case(answer.text), "ask", None, plan, "answer_head",
                            answer_confidence=answer.confidence).assess(self.config)
 
-    def answer_head_inputs(self, visual: Any, questions: Sequence[str]) -> np.ndarray:
+    def answer_head_inputs(self, visual: Any, questions: Sequence[str],
+                           region_probabilities: np.ndarray | None = None) -> np.ndarray:
         """What the answer head sees of each (image, question) but the question's words: the Q-Former's
-        query mean for the question, the mean visual token and the scene head's probabilities where the model
-        has a scene head (B, Q + D [+ S])."""
+        query mean for the question, the mean visual token, the scene head's probabilities where the model
+        has a scene head, and :func:`region_inputs` of ``region_probabilities`` where given
+        (B, Q + D [+ S] [+ S])."""
         parts = [_numpy(self.query_embeddings(visual, questions)).mean(axis=1), _numpy(visual).mean(axis=1)]
         scenes = self.scene_logits(visual)
         if scenes is not None:
             parts.append(softmax_rows(_numpy(scenes)))
+        if region_probabilities is not None:
+            parts.append(region_inputs(region_probabilities))
         return np.concatenate(parts, axis=1)
 
-    def head_answers(self, visual: Any, questions: Sequence[str], kinds: Sequence[str]) -> list[HeadAnswer]:
-        """The answer head's answers to closed questions (one per encoded image)."""
+    def head_answers(self, visual: Any, questions: Sequence[str], kinds: Sequence[str],
+                     region_probabilities: np.ndarray | None = None) -> list[HeadAnswer]:
+        """The answer head's answers to closed questions (one per encoded image). A head with
+        ``region_inputs`` sees ``region_probabilities`` (B, S: each image's region's scene probabilities
+        averaged over its tiles), or each image's own where not given (a region of about one tile)."""
         assert self.answer_head is not None
-        features = head_features(self.answer_head.words(questions), self.answer_head_inputs(visual, questions))
-        return self.answer_head.answer(features, kinds)
+        if not self.answer_head.region_inputs:
+            region_probabilities = None
+        elif region_probabilities is None:
+            region_probabilities = self.region_probabilities(visual, [None] * len(questions))
+        inputs = self.answer_head_inputs(visual, questions, region_probabilities)
+        return self.answer_head.answer(head_features(self.answer_head.words(questions), inputs), kinds)
+
+    def region_probabilities(self, visual: Any, regions: Sequence[np.ndarray | None]) -> np.ndarray:
+        """(B, S) for :meth:`head_answers`: each image's region's tile-mean scene probabilities (``regions``:
+        :meth:`engine.pipeline.Pipeline.region_mean_probabilities`), or the image's own where None."""
+        own = softmax_rows(self.scene_logits(visual))
+        return np.stack([own[i] if r is None else np.asarray(r, dtype=np.float64) for i, r in enumerate(regions)])
 
     def encode(self, images: Sequence[Any]) -> tuple[Any, Any | None]:
         """Images (arrays, PIL images or paths) -> visual tokens (B, N, D) and the scene logits of

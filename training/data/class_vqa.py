@@ -135,5 +135,6 @@ def derive_class_vqa(records: Sequence[CaptionRecord], per_image: int = 4, seed:
             out.append(VQARecord(record.image_path, question, answer, question_type,
                                  f"{record.dataset}:{record.image_id}:{key}", record.split,
                                  record.filename or record.image_path.name, DATASET_NAME,
-                                 extra={"derived_from": record.dataset}))
+                                 extra={"derived_from": record.dataset},
+                                 ground_resolution_m=record.ground_resolution_m, width=record.width))
     return out
