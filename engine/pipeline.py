@@ -501,13 +501,19 @@ class Pipeline:
 
     def _answer_grid(self, part: RegionRead, kind: str | None) -> int:
         """Tiles per side to answer a question of closed ``kind`` (None: open) over ``part`` at a resolution the
-        model knows (1: as one image)."""
+        model knows (1: as one image). Where the answer head has region tiles and they are finer, their grid:
+        each tile is then about one region tile (seen alone, as the head learnt EuroSAT's patches), and rural /
+        urban (:meth:`_rural_urban_over_tiles`) and other questions about the region share the tiles' features."""
         seen = part.seen_resolution(self.image_size)
         resolution = self.model.config.resolution
         if kind is None or seen is None or resolution.max_m is None or resolution.outside(seen) != "coarser":
             return 1
         target = resolution.max_m * ANSWER_TILE_SEEN_FRACTION
-        return max(2, min(MAX_ANSWER_GRID, math.ceil(seen / target - 0.05)))  # slack: 4x the target is 4 x 4
+        grid = max(2, min(MAX_ANSWER_GRID, math.ceil(seen / target - 0.05)))  # slack: 4x the target is 4 x 4
+        head = self.model.answer_head
+        if head is not None and head.region_tile_m is not None:
+            grid = max(grid, self._region_grid(part, head.region_tile_m))
+        return grid
 
     def _ask_over_tiles(self, inp: ImageInput, part: RegionRead, question: str, kind: str,
                         grid: int) -> tuple[ModelResult, bool]:
@@ -517,12 +523,8 @@ class Pipeline:
         hit = all(self._key(t.key) in self.cache for t in tiles + [part])
         answers = []
         for batch, visual in self._encoded_tiles(tiles):
-            regions = [self._region_mean(inp, tile) for tile in batch]
             with self.lock:
-                probabilities = (None if all(r is None for r in regions)
-                                 else self.model.region_probabilities(visual, regions))
-                answers += self.model.head_answers(visual, [question] * len(batch), [kind] * len(batch),
-                                                   probabilities)
+                answers += self.model.head_answers(visual, [question] * len(batch), [kind] * len(batch))
         combined = combine_tile_answers(answers, self.model.config.answer_head.min_confidence)
         log.info("%s: %r answered over %d x %d tiles (%s): %s", inp.label, question, grid, grid,
                  ", ".join(a.label for a in answers), combined.label)

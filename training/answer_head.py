@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.model.answer_head import KIND_LABELS, LABELS, AnswerHead, bag_of_words, head_features, question_tokens
 from engine.errors import UserInputError
+from engine.model.answer_head import KIND_LABELS, LABELS, AnswerHead, bag_of_words, head_features, question_tokens
 from engine.model.modeling import RSMoEModel
 from training.config import AnswerHeadTraining
 from training.data.records import VQARecord
@@ -145,7 +145,8 @@ def train_answer_head(model: RSMoEModel, train: Sequence[VQARecord], settings: A
 
 def head_accuracy(model: RSMoEModel, records: Sequence[VQARecord]) -> dict[str, float]:
     """The share of closed questions the model's answer head answers right, per set (counts and areas by
-    bucket), through the inference path (:meth:`head_answers`)."""
+    bucket), through :meth:`head_answers` with each image seen alone (a head with region inputs gets the
+    image's own scene probabilities: ``rsmoe evaluate`` scores it as the product runs it)."""
     assert model.answer_head is not None
     right: Counter[str] = Counter()
     total: Counter[str] = Counter()

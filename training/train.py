@@ -284,21 +284,33 @@ def train_step(module: nn.Module, model: RSMoEModel, optimizer: torch.optim.Opti
 
 
 # ----------------------------------------------------------------------------------------------- the run
+@dataclass
+class StageRecords:
+    """What :func:`load_records` reads: train and val images (``val_images``: the RSVQA ones too), train and val
+    questions, image ids and each image's seen ground resolution."""
+
+    train: list[CaptionRecord]
+    val: list[CaptionRecord]
+    val_images: list[CaptionRecord]
+    vqa_train: list[VQARecord]
+    vqa_val: list[VQARecord]
+    image_ids: dict[str, int]
+    resolutions: dict[int, float | None]
+
+
 def load_data(model: RSMoEModel, config: TrainConfig) -> StageData:
     """The stages' records (:func:`load_records`) and the cached features of their images."""
-    train, val, val_images, vqa_train, vqa_val, image_ids, resolutions = load_records(config, model.config.image.image_size)
+    records = load_records(config, model.config.image.image_size)
     cache = Path(config.cache_dir)
-    train_store = build_feature_store(model, train, cache, "train", variants=config.data.augment_variants)
-    val_store = build_feature_store(model, val_images, cache, "val", variants=1)
-    return StageData(train, val, vqa_train, vqa_val, image_ids, train_store, val_store, resolutions)
+    train_store = build_feature_store(model, records.train, cache, "train", variants=config.data.augment_variants)
+    val_store = build_feature_store(model, records.val_images, cache, "val", variants=1)
+    return StageData(records.train, records.val, records.vqa_train, records.vqa_val, records.image_ids,
+                     train_store, val_store, records.resolutions)
 
 
-def load_records(config: TrainConfig, size: int) -> tuple[list[CaptionRecord], list[CaptionRecord],
-                                                          list[CaptionRecord], list[VQARecord], list[VQARecord],
-                                                          dict[str, int], dict[int, float | None]]:
+def load_records(config: TrainConfig, size: int) -> StageRecords:
     """The stages' records from every configured set (:mod:`training.data.sets`), their questions (UCM-derived
-    VQA and RSVQA) and each image's seen ground resolution (``size``: the model's input): train and val
-    images, every val image (the RSVQA ones too), train and val questions, image ids and resolutions.
+    VQA and RSVQA) and each image's seen ground resolution (``size``: the model's input).
 
     Train images: every set's (EuroSAT with derived captions, RSVQA tiles with captions derived from their
     answers). Val: ``max_val_images`` captioned images of each human-captioned set (UCM, AID), the UCM-derived
@@ -327,7 +339,7 @@ def load_records(config: TrainConfig, size: int) -> tuple[list[CaptionRecord], l
     resolutions = {r.image_id: seen_resolution(r.ground_resolution_m, r.width, size) for r in train + val_images}
     log.info("stage data: %d train images (%s), %d val captioned, %d train / %d val questions",
              len(train), dict(Counter(r.dataset for r in train)), len(val), len(vqa_train), len(vqa_val))
-    return train, val, val_images, vqa_train, vqa_val, image_ids, resolutions
+    return StageRecords(train, val, val_images, vqa_train, vqa_val, image_ids, resolutions)
 
 
 def repeated(records: Sequence[CaptionRecord], repeats: dict[str, int]) -> list[CaptionRecord]:
@@ -497,8 +509,8 @@ def relearn_answer_head(model_dir: Path, config: TrainConfig) -> Path:
         raise UserInputError(f"{model_dir} holds no trained model (model.safetensors)")
     if config.data.eurosat_mosaics:
         write_mosaics(str(config.data.eurosat), config.mosaic_root(), config.data.eurosat_mosaics, config.seed)
-    train, _, _, vqa_train, vqa_val, _, _ = load_records(config, RSMoEConfig.load(model_dir).image.image_size)
-    return learn_answer_head(model_dir, train, vqa_train, vqa_val, config)
+    records = load_records(config, RSMoEConfig.load(model_dir).image.image_size)
+    return learn_answer_head(model_dir, records.train, records.vqa_train, records.vqa_val, config)
 
 
 def learn_answer_head(model_dir: Path, train: Sequence[CaptionRecord], vqa_train: Sequence[VQARecord],
