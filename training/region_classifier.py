@@ -10,7 +10,7 @@ rural / urban (:meth:`engine.model.answer_head.AnswerHead.region_answer`), run b
 :meth:`engine.pipeline.Pipeline.ask` as the product runs it. One input, so one threshold: a regression over
 every scene's mean log probability was as good on val (14 of 16) but called the README's rural Virginia scene
 urban at 0.77; the share calls it urban at 0.56, which the product marks unsure. The threshold is RSVQA's
-(Dutch building density): a region where about a tenth of the land looks built up reads as urban.
+(Dutch building density): a region where more than about 8% of the land looks built up reads as urban.
 
 ``python -m training.region_classifier --model DIR --rsvqa-lr ../shared/data/rsvqa_lr [--out OUT.json]`` fits it
 on the train split's rural / urban questions, writes it into the model's ``answer_head.safetensors``, and
