@@ -481,11 +481,12 @@ class Pipeline:
         part = self.read_region(inp)
         kind = self.model.closed_kind(question)
         head = self.model.answer_head
-        if kind == "rural_urban" and head is not None and head.region_tile_m is not None \
-                and self._region_grid(part, head.region_tile_m) > 1:
-            result, hit = self._rural_urban_over_tiles(inp, part)
-            return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
-                                part.ground_resolution_m)
+        if kind == "rural_urban" and head is not None and head.has_region_classifier:
+            region_grid = self._region_grid(part, head.region_tile_m)
+            if region_grid > 1:
+                result, hit = self._rural_urban_over_tiles(inp, part, region_grid)
+                return RegionResult(result, part.read.window, part.source, hit, time.perf_counter() - start,
+                                    part.ground_resolution_m)
         grid = self._answer_grid(part, kind)
         if kind is not None and grid > 1:
             result, hit = self._ask_over_tiles(inp, part, question, kind, grid)
@@ -577,11 +578,11 @@ class Pipeline:
                 probabilities.append(softmax_rows(self.model.scene_logits(visual)))
         return np.concatenate(probabilities)
 
-    def _rural_urban_over_tiles(self, inp: ImageInput, part: RegionRead) -> tuple[ModelResult, bool]:
-        """Rural / urban for the region from its built-up share (the head's region classifier)."""
+    def _rural_urban_over_tiles(self, inp: ImageInput, part: RegionRead, grid: int) -> tuple[ModelResult, bool]:
+        """Rural / urban for the region, cut ``grid`` x ``grid`` into region tiles, from its built-up share (the
+        head's region classifier)."""
         head = self.model.answer_head
-        assert head is not None and head.region_tile_m is not None
-        grid = self._region_grid(part, head.region_tile_m)
+        assert head is not None and head.has_region_classifier
         tiles = self._grid_tiles(inp, part, grid)
         hit = all(self._key(t.key) in self.cache for t in tiles + [part])
         share = built_up_share(self._tile_probabilities(tiles), self.model.config.vision.scene_classes,

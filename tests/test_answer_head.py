@@ -359,3 +359,7 @@ def test_a_head_with_region_inputs_sees_the_region_tiles_where_the_region_spans_
     np.testing.assert_allclose(seen[-1], expected[None], rtol=1e-5)
     pipeline.ask(raster, "How many buildings are there?", window=[0, 0, 64, 64])  # 640 m: its own
     assert seen[-1] is None
+    assert not head.has_region_classifier  # region inputs alone: rural / urban is the head's, with the region's tiles
+    setting = pipeline.ask(raster, "Is it a rural or an urban area?").result
+    assert setting.router == "answer_head" and setting.text in ("Rural.", "Urban.")
+    np.testing.assert_allclose(seen[-1], expected[None], rtol=1e-5)

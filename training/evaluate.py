@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from engine.errors import InputNotFoundError, RasterError, UserInputError
 from engine.model.routing import ModelResult, MoEInference
+from engine.pipeline import Pipeline
 from training.data.records import CaptionRecord, VQARecord, evenly_spaced, seen_resolution
 
 log = logging.getLogger(__name__)
@@ -397,7 +398,8 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
     input_size = model.config.image.image_size
     generated: dict[Any, str] = {}
     started = time.perf_counter()
-    regions = _region_means(model, [by_image[name][0] for name in images])
+    pipeline = Pipeline(model)  # one feature cache: the region tiles are encoded once for every question
+    regions = _region_means(model, pipeline, [by_image[name][0] for name in images])
     for start in tqdm(range(0, len(images), args.batch_size), desc=f"answering {args.split}", unit="batch"):
         chunk = images[start:start + args.batch_size]
         firsts = [by_image[name][0] for name in chunk]
@@ -415,7 +417,7 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
                     None if routing_logits is None else routing_logits[index], [resolutions[k] for k in index],
                     None if region_probabilities is None else region_probabilities[index])):
                 generated[q.question_id] = result.text
-    generated.update(_region_answers(model, questions))
+    generated.update(_region_answers(model, pipeline, questions))
     answers = {q.question_id: normalize_rsvqa_answer(generated[q.question_id], q.question_type) for q in questions}
     metrics.update({"images": len(images), "questions": len(questions),
                     "seconds": round(time.perf_counter() - started, 1),
@@ -428,30 +430,26 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
     }
 
 
-def _region_means(model: MoEInference, questions: Sequence[VQARecord]) -> list[Any] | None:
+def _region_means(model: MoEInference, pipeline: Pipeline, questions: Sequence[VQARecord]) -> list[Any] | None:
     """For an answer head with ``region_inputs``: each question's image's tile-mean scene probabilities, as
     ``rsmoe ask`` computes them (None for an image of about one tile); None for any other model."""
     from engine.inputs import ImageInput
-    from engine.pipeline import Pipeline
 
     head = model.answer_head
     if head is None or not head.region_inputs or head.region_tile_m is None:
         return None
-    pipeline = Pipeline(model)
     return [pipeline.region_mean_probabilities(ImageInput(path=str(q.image_path), ground_resolution_m=q.ground_resolution_m),
                                                head.region_tile_m) for q in questions]
 
 
-def _region_answers(model: MoEInference, questions: Sequence[VQARecord]) -> dict[Any, str]:
+def _region_answers(model: MoEInference, pipeline: Pipeline, questions: Sequence[VQARecord]) -> dict[Any, str]:
     """Rural / urban questions answered as ``rsmoe ask`` answers them where the answer head has a region
-    classifier (:meth:`engine.pipeline.Pipeline.ask`: from the land covers of the region's tiles)."""
+    classifier (:meth:`engine.pipeline.Pipeline.ask`: from the built-up share of the region's tiles)."""
     from engine.inputs import ImageInput
-    from engine.pipeline import Pipeline
 
     head = model.answer_head
-    if head is None or head.region_tile_m is None:
+    if head is None or not head.has_region_classifier:
         return {}
-    pipeline = Pipeline(model)
     return {q.question_id: pipeline.ask(ImageInput(path=str(q.image_path), ground_resolution_m=q.ground_resolution_m),
                                         q.question).text
             for q in questions if model.closed_kind(q.question) == "rural_urban"}

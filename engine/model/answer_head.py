@@ -260,10 +260,15 @@ class AnswerHead:
         x = (np.asarray(features, dtype=np.float32) - t["mean"]) / t["std"]
         return _gelu(x @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"]
 
+    @property
+    def has_region_classifier(self) -> bool:
+        """Whether rural / urban about a region of several region tiles comes from :meth:`region_answer`."""
+        return "region_w" in self.tensors
+
     def region_answer(self, share: float) -> HeadAnswer:
         """Rural or urban for a region from its :func:`built_up_share` over ``region_scenes`` (needs the
         region classifier)."""
-        if self.region_tile_m is None:
+        if not self.has_region_classifier:
             raise ModelDirError("this answer head has no region classifier")
         t = self.tensors
         logit = float(t["region_w"][0]) * region_feature(share) + float(t["region_b"][0])
