@@ -587,12 +587,42 @@ def test_scene_head_refit_fits_every_view_with_the_sets_weighted_equally() -> No
     features = (centres[labels][:, None, :] + rng.normal(0, 0.5, (len(labels), 2, 8))).astype(np.float32)
     sets = ["big"] * 600 + ["small"] * 6
     options = SceneHeadRefit(epochs=30, batch_size=64, lr=0.05, weight_decay=0.0)
-    weight, bias = fit_scene_head(features, labels, sets, torch.zeros(3, 8), torch.zeros(3), options, seed=0)
+    targets = np.eye(3, dtype=np.float32)[labels]
+    weight, bias = fit_scene_head(features, targets, sets, torch.zeros(3, 8), torch.zeros(3), options, seed=0)
     assert weight.shape == (3, 8) and bias.shape == (3,)
     predicted = (features[:, 0] @ weight.numpy().T + bias.numpy()).argmax(axis=1)
     assert (predicted == labels).mean() == 1.0  # the 6 small-set images too
-    again, _ = fit_scene_head(features, labels, sets, torch.zeros(3, 8), torch.zeros(3), options, seed=0)
+    again, _ = fit_scene_head(features, targets, sets, torch.zeros(3, 8), torch.zeros(3), options, seed=0)
     assert torch.equal(weight, again)  # seeded
+
+
+def test_scene_head_refit_anchors_keep_the_heads_answers_where_the_sets_show_nothing() -> None:
+    """Images unlike the labelled ones (here: far along a direction only one class leans to) are named that class
+    with confidence by a refit on the labelled sets alone; with them as anchors (targets: the head's unsure
+    answers) the refit still learns the labelled images and stays unsure on them."""
+    from training.config import SceneHeadRefit
+    from training.scene_head import ANCHORS, fit_scene_head
+
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 200 + [1] * 200)
+    centres = np.array([[4, 0, 1, 0], [0, 4, 0, 0]], dtype=np.float32)  # class 0 leans along the third axis
+    labelled = centres[labels] + rng.normal(0, 0.5, (400, 4)).astype(np.float32)
+    anchors = np.array([0, 0, 6, 0], dtype=np.float32) + rng.normal(0, 0.5, (100, 4)).astype(np.float32)
+    features = np.concatenate([labelled, anchors])[:, None, :]
+    targets = np.concatenate([np.eye(2, dtype=np.float32)[labels], np.full((100, 2), 0.5, np.float32)])
+    groups = ["set"] * 400 + [ANCHORS] * 100
+
+    def refit(anchor_weight: float) -> tuple[float, float]:
+        options = SceneHeadRefit(epochs=40, batch_size=50, lr=0.05, weight_decay=0.0, anchor_weight=anchor_weight)
+        weight, bias = fit_scene_head(features, targets, groups, torch.zeros(2, 4), torch.zeros(2), options, seed=0)
+        probabilities = torch.softmax(torch.from_numpy(features[:, 0]) @ weight.T + bias, dim=-1).numpy()
+        named = (probabilities[:400].argmax(axis=1) == labels).mean()
+        return float(named), float(probabilities[400:].max(axis=1).mean())
+
+    named, confidence = refit(0.0)
+    assert named == 1.0 and confidence > 0.9  # the anchors carry no weight: confidently class 0
+    named, confidence = refit(1.0)
+    assert named == 1.0 and confidence < 0.7
 
 
 def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path, tmp_path: Path) -> None:

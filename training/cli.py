@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stop after this stage (vision = stage 0); the same command without it resumes")
     p.add_argument("--answer-head-of", type=Path, default=None, metavar="MODEL_DIR",
                    help="only learn the answer head (and its region classifier) of this trained model again, from "
-                        "the config's data and answer_head settings (the model's other weights are kept)")
+                        "the config's data and answer_head settings, after refitting its scene head where the config's "
+                        "scene_head_refit is enabled (the model's other weights are kept)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(

@@ -90,6 +90,7 @@ class SceneHeadRefit:
     batch_size: int = 512
     lr: float = 1.0e-3
     weight_decay: float = 1.0e-3
+    anchor_weight: float = 0.0  # the recipe's EuroSAT mosaics as anchors (targets: the head's answers); never labels
     max_train_per_set: dict[str, int] = field(default_factory=dict)  # none: every train image
     max_val_per_set: dict[str, int] = field(default_factory=lambda: {"eurosat": 500})
 

@@ -488,9 +488,11 @@ def with_refit_scene_head(model_dir: Path, config: TrainConfig) -> Path:
     (:mod:`training.scene_head`; its report marks it done)."""
     if not config.scene_head_refit.enabled or (model_dir / SCENE_HEAD_REPORT).is_file():
         return model_dir
-    state = (model_dir / STATE_FILE).read_text()  # the stage's record, kept across the model's re-save
+    state_file = model_dir / STATE_FILE
+    state = state_file.read_text() if state_file.is_file() else None  # the stage's record, kept across the re-save
     refit_scene_head(model_dir, config.set_roots(), config.scene_head_refit, config.seed, saved_dtype(config))
-    (model_dir / STATE_FILE).write_text(state)
+    if state is not None:
+        state_file.write_text(state)
     return model_dir
 
 
@@ -503,12 +505,14 @@ def with_answer_head(model_dir: Path, data: StageData, config: TrainConfig) -> P
 
 def relearn_answer_head(model_dir: Path, config: TrainConfig) -> Path:
     """Learn the answer head (and its region classifier) of a trained model again, from the recipe's data and
-    ``answer_head`` settings; nothing else of the model changes (``rsmoe train --answer-head-of DIR``)."""
+    ``answer_head`` settings, after refitting its scene head when the recipe's ``scene_head_refit`` asks and the
+    model has no refit report yet; nothing else of the model changes (``rsmoe train --answer-head-of DIR``)."""
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").is_file():
         raise UserInputError(f"{model_dir} holds no trained model (model.safetensors)")
     if config.data.eurosat_mosaics:
         write_mosaics(str(config.data.eurosat), config.mosaic_root(), config.data.eurosat_mosaics, config.seed)
+    with_refit_scene_head(model_dir, config)
     records = load_records(config, RSMoEConfig.load(model_dir).image.image_size)
     return learn_answer_head(model_dir, records.train, records.vqa_train, records.vqa_val, config)
 

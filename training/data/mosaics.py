@@ -36,6 +36,7 @@ from training.data.records import CaptionRecord
 
 log = logging.getLogger(__name__)
 
+MOSAIC_SET = "eurosat_mosaic"  # the records' dataset name (not class-labelled images: each holds several covers)
 PATCH_PX = 64  # EuroSAT's patches
 GRID = 4  # cells a side: 4 x 64 px (whole EuroSAT patches) = a 256 px tile
 FINE_GRID = 8  # cells a side of a fine patchwork: 8 x 32 px crops
@@ -150,7 +151,7 @@ def write_mosaics(eurosat_root: str | Path, out_root: str | Path, counts: dict[s
             filename = f"{split}_{i:05d}.png"
             Image.fromarray(mosaic).save(out_root / "images" / filename)
             images.append({"filename": filename, "class": main_class(cells), "split": split, "cells": cells})
-    index = {"dataset": "eurosat_mosaic", "classes": classes, "ground_resolution_m": patches[0].ground_resolution_m,
+    index = {"dataset": MOSAIC_SET, "classes": classes, "ground_resolution_m": patches[0].ground_resolution_m,
              "image_size": size, "images": images, "mosaic": signature}
     index_path.write_text(json.dumps(index) + "\n")
     log.info("wrote %d EuroSAT mosaics (%s) into %s", len(images), counts, out_root)
@@ -170,6 +171,6 @@ def load_mosaics(root: str | Path, split: str) -> list[CaptionRecord]:
     """A mosaic folder's records of ``split`` with their derived captions."""
     root = Path(root)
     cells = {item["filename"]: item["cells"] for item in json.loads((root / "dataset.json").read_text())["images"]}
-    return [replace(r, dataset="eurosat_mosaic", parts=list(cells[r.filename]),
+    return [replace(r, dataset=MOSAIC_SET, parts=list(cells[r.filename]),
                     captions=mosaic_captions(cells[r.filename]))
             for r in load_class_folder(root, split=split)]
