@@ -557,17 +557,30 @@ class Pipeline:
     def region_mean_probabilities(self, item: ImageInput | str | Path | bytes, tile_m: float,
                                   **region: Any) -> np.ndarray | None:
         """:meth:`region_scene_probabilities` averaged over the tiles (S,), or None for about one tile."""
-        probabilities = self.region_scene_probabilities(item, tile_m, **region)
-        return None if probabilities is None else probabilities.mean(axis=0)
+        inp = ImageInput.of(item, **region)
+        return self._tile_mean(inp, self.read_region(inp), tile_m)
+
+    def head_region_mean(self, item: ImageInput | str | Path | bytes, **region: Any) -> np.ndarray | None:
+        """What the answer head sees of the input's region (:meth:`_region_mean`), reading it only where the head
+        has ``region_inputs``."""
+        tile_m = self._head_region_tile_m()
+        return None if tile_m is None else self.region_mean_probabilities(item, tile_m, **region)
 
     def _region_mean(self, inp: ImageInput, part: RegionRead) -> np.ndarray | None:
         """The region's scene probabilities averaged over its tiles (S,) for an answer head with
         ``region_inputs``; None where the head has none or the region is about one tile (the head then sees
         the image's own). ``inp``: the input ``part`` was read from (its window is ``part``'s)."""
+        tile_m = self._head_region_tile_m()
+        return None if tile_m is None else self._tile_mean(inp, part, tile_m)
+
+    def _head_region_tile_m(self) -> float | None:
+        """The answer head's region tile size where it has ``region_inputs``, else None."""
         head = self.model.answer_head
-        if head is None or not head.region_inputs or head.region_tile_m is None:
-            return None
-        probabilities = self._region_tile_probabilities(inp, part, head.region_tile_m)
+        return head.region_tile_m if head is not None and head.region_inputs else None
+
+    def _tile_mean(self, inp: ImageInput, part: RegionRead, tile_m: float) -> np.ndarray | None:
+        """:meth:`_region_tile_probabilities` averaged over the tiles (S,), or None for about one tile."""
+        probabilities = self._region_tile_probabilities(inp, part, tile_m)
         return None if probabilities is None else probabilities.mean(axis=0)
 
     def _tile_probabilities(self, tiles: Sequence[RegionRead]) -> np.ndarray:

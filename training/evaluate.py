@@ -399,7 +399,8 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
     generated: dict[Any, str] = {}
     started = time.perf_counter()
     pipeline = Pipeline(model)  # one feature cache: the region tiles are encoded once for every question
-    regions = _region_means(model, pipeline, [by_image[name][0] for name in images])
+    generated.update(_region_answers(model, pipeline, questions))  # answered there, not again below
+    regions = _region_means(pipeline, [by_image[name][0] for name in images])
     for start in tqdm(range(0, len(images), args.batch_size), desc=f"answering {args.split}", unit="batch"):
         chunk = images[start:start + args.batch_size]
         firsts = [by_image[name][0] for name in chunk]
@@ -408,7 +409,7 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
                                 else model.region_probabilities(visual, regions[start:start + len(chunk)]))
         resolutions = [image_seen_resolution(q.image_path, q.ground_resolution_m, q.width, input_size,
                                              from_georeference=True) for q in firsts]
-        rows = [(k, q) for k, name in enumerate(chunk) for q in by_image[name]]
+        rows = [(k, q) for k, name in enumerate(chunk) for q in by_image[name] if q.question_id not in generated]
         for at in range(0, len(rows), args.batch_size):
             part = rows[at:at + args.batch_size]
             index = [k for k, _ in part]
@@ -417,7 +418,6 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
                     None if routing_logits is None else routing_logits[index], [resolutions[k] for k in index],
                     None if region_probabilities is None else region_probabilities[index])):
                 generated[q.question_id] = result.text
-    generated.update(_region_answers(model, pipeline, questions))
     answers = {q.question_id: normalize_rsvqa_answer(generated[q.question_id], q.question_type) for q in questions}
     metrics.update({"images": len(images), "questions": len(questions),
                     "seconds": round(time.perf_counter() - started, 1),
@@ -430,16 +430,15 @@ def _evaluate_rsvqa(args: EvaluateArgs, data: EvalSet, model: MoEInference, metr
     }
 
 
-def _region_means(model: MoEInference, pipeline: Pipeline, questions: Sequence[VQARecord]) -> list[Any] | None:
-    """For an answer head with ``region_inputs``: each question's image's tile-mean scene probabilities, as
-    ``rsmoe ask`` computes them (None for an image of about one tile); None for any other model."""
+def _region_means(pipeline: Pipeline, questions: Sequence[VQARecord]) -> list[Any] | None:
+    """Each question's image's region as the answer head sees it, as ``rsmoe ask`` computes it
+    (:meth:`engine.pipeline.Pipeline.head_region_mean`: None for an image of about one tile, or for every image
+    where the head has no region inputs); None where no image has one."""
     from engine.inputs import ImageInput
 
-    head = model.answer_head
-    if head is None or not head.region_inputs or head.region_tile_m is None:
-        return None
-    return [pipeline.region_mean_probabilities(ImageInput(path=str(q.image_path), ground_resolution_m=q.ground_resolution_m),
-                                               head.region_tile_m) for q in questions]
+    means = [pipeline.head_region_mean(ImageInput(path=str(q.image_path), ground_resolution_m=q.ground_resolution_m))
+             for q in questions]
+    return means if any(m is not None for m in means) else None
 
 
 def _region_answers(model: MoEInference, pipeline: Pipeline, questions: Sequence[VQARecord]) -> dict[Any, str]:

@@ -426,15 +426,18 @@ class MoEInference:
                            answer_confidence=answer.confidence).assess(self.config)
 
     def answer_head_inputs(self, visual: Any, questions: Sequence[str],
-                           region_probabilities: np.ndarray | None = None) -> np.ndarray:
+                           region_probabilities: np.ndarray | None = None, own_region: bool = False) -> np.ndarray:
         """What the answer head sees of each (image, question) but the question's words: the Q-Former's
         query mean for the question, the mean visual token, the scene head's probabilities where the model
-        has a scene head, and :func:`region_inputs` of ``region_probabilities`` where given
-        (B, Q + D [+ S] [+ S])."""
+        has a scene head, and :func:`region_inputs` of ``region_probabilities`` where given (of the image's own
+        scene probabilities where not given and ``own_region``) (B, Q + D [+ S] [+ S])."""
         parts = [_numpy(self.query_embeddings(visual, questions)).mean(axis=1), _numpy(visual).mean(axis=1)]
         scenes = self.scene_logits(visual)
-        if scenes is not None:
-            parts.append(softmax_rows(_numpy(scenes)))
+        own = None if scenes is None else softmax_rows(_numpy(scenes))
+        if own is not None:
+            parts.append(own)
+        if region_probabilities is None and own_region:
+            region_probabilities = own
         if region_probabilities is not None:
             parts.append(region_inputs(region_probabilities))
         return np.concatenate(parts, axis=1)
@@ -445,11 +448,9 @@ class MoEInference:
         ``region_inputs`` sees ``region_probabilities`` (B, S: each image's region's scene probabilities
         averaged over its tiles), or each image's own where not given (a region of about one tile)."""
         assert self.answer_head is not None
-        if not self.answer_head.region_inputs:
-            region_probabilities = None
-        elif region_probabilities is None:
-            region_probabilities = self.region_probabilities(visual, [None] * len(questions))
-        inputs = self.answer_head_inputs(visual, questions, region_probabilities)
+        with_region = self.answer_head.region_inputs
+        inputs = self.answer_head_inputs(visual, questions, region_probabilities if with_region else None,
+                                         own_region=with_region)
         return self.answer_head.answer(head_features(self.answer_head.words(questions), inputs), kinds)
 
     def region_probabilities(self, visual: Any, regions: Sequence[np.ndarray | None]) -> np.ndarray:
