@@ -139,13 +139,14 @@ def instrument(pipeline: Any, timer: PhaseTimer, steps: list[int]) -> None:
     model = pipeline.model
     tokenizer = model.tokenizer
 
-    def decode_phase(visual: Any, prompts: Any, adapters: Any, max_new_tokens: int) -> str:
+    def decode_phase(visual: Any, prompts: Any, adapters: Any, max_new_tokens: int, num_beams: int = 1) -> str:
         return "router_decode" if all(a == "router" for a in adapters) else "expert_decode"
 
     generate = timer.wrap(decode_phase, model.generate_texts)
 
-    def counted_generate(visual: Any, prompts: Any, adapters: Any, max_new_tokens: int) -> list[str]:
-        texts = generate(visual, prompts, adapters, max_new_tokens)
+    def counted_generate(visual: Any, prompts: Any, adapters: Any, max_new_tokens: int,
+                         num_beams: int = 1) -> list[str]:
+        texts = generate(visual, prompts, adapters, max_new_tokens, num_beams)
         steps.append(min(max_new_tokens, max(len(tokenizer(t)["input_ids"]) + 1 for t in texts)))
         return texts
 

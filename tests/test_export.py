@@ -230,6 +230,39 @@ def test_onnx_backend_greedy_texts_equal_torch(variant: str, torch_model: RSMoEM
                          torch_model.ask(images[:1], "How many cars are there?"))
 
 
+@pytest.mark.parametrize(("variant", "beams"), [("fp32", 3), ("fp32", 2), ("static", 3), ("static", 2)])
+def test_onnx_backend_beam_search_texts_equal_torch(variant: str, beams: int, torch_model: RSMoEModel,
+                                                   backends: dict[str, OnnxRSMoE]) -> None:
+    """Beam search in numpy over the exported decoder writes transformers' beam-search texts (the static profile:
+    its fixed batch of 3 rows holds one prompt's beams, padded for 2 beams), and they are not the greedy ones."""
+    backend = backends[variant]
+    visual = torch_model.encode_images(torch_model.preprocess(_images(2, seed=11)))
+    prompts, adapters = _mixed_rows(torch_model)
+    rows = visual[[i % 2 for i in range(len(prompts))]]
+    expected = torch_model.generate_texts(rows, prompts, adapters, max_new_tokens=10, num_beams=beams)
+    assert backend.generate_texts(rows.numpy(), prompts, adapters, max_new_tokens=10, num_beams=beams) == expected
+    assert expected != torch_model.generate_texts(rows, prompts, adapters, max_new_tokens=10)
+
+
+def test_beam_search_drops_finished_prompts_with_the_same_tokens() -> None:
+    """A prompt whose search is over leaves the cache (its beams' rows) and no prompt's result changes."""
+    from engine.backends.decoding import beam_search
+
+    lengths = [1, 6, 2, 9, 3]
+    outputs = {}
+    for can_drop in (False, True):
+        decoder = _ScriptedDecoder([n for n in lengths for _ in range(2)], can_drop)
+        decoder.max_batch = None
+        n = len(lengths)
+        tokens = beam_search(decoder, lambda ids: np.zeros((len(ids), 4), np.float32), np.zeros((n, 3, 4)),
+                             np.ones((n, 3)), np.zeros((n, 2)), max_new_tokens=12, num_beams=2, eos=7, pad=0)
+        outputs[can_drop] = tokens, decoder.batches
+    (kept, kept_batches), (dropped, dropped_batches) = outputs[False], outputs[True]
+    np.testing.assert_array_equal(dropped, kept)
+    assert [int((row == 7).argmax()) for row in kept] == lengths
+    assert set(kept_batches) == {10} and dropped_batches[-1] == 2 and sum(dropped_batches) < sum(kept_batches)
+
+
 def test_int8_variant_runs_with_quantised_weights(backends: dict[str, OnnxRSMoE], tiny_trained: Path,
                                                    manifest: mf.Manifest) -> None:
     graph = onnx.load(str(tiny_trained / mf.ONNX_DIR / manifest.variants["int8"].graphs["decoder"].path),

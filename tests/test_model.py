@@ -11,6 +11,7 @@ import torch
 
 from engine.errors import CorruptWeightsError, ModelDirError, UserInputError
 from engine.model import RSMoEConfig, RSMoEModel
+from engine.model.config import GenerationSettings
 from engine.model.image_processing import ImageProcessor, dihedral
 from engine.model.router_plan import RouterPlan
 from tests.tiny_models import (randomize_adapters, tiny_config_dict, write_tiny_instructblip, write_tiny_model_dir)
@@ -124,11 +125,11 @@ def test_generative_router_prompts_reach_the_right_experts(tiny_model: RSMoEMode
     calls: list[tuple[list[str], list[str]]] = []
     real = model.generate_texts
 
-    def spy(visual, prompts, adapters, max_new_tokens):
+    def spy(visual, prompts, adapters, max_new_tokens, num_beams=1):
         calls.append((list(prompts), list(adapters)))
         if adapters[0] == "router":
             return ["scene: beach | experts: relations", "garbage that is no plan"]
-        return real(visual, prompts, adapters, max_new_tokens)
+        return real(visual, prompts, adapters, max_new_tokens, num_beams)
 
     monkeypatch.setattr(model, "generate_texts", spy)
     results = model.ask(_images(2), "How many cars are there?")
@@ -200,6 +201,9 @@ def test_packaged_variant_configs_parse() -> None:
     assert lite.vision.type == "efficientnet_lite0" and lite.llm.path.startswith("base:")
     with pytest.raises(ModelDirError):
         RSMoEConfig.variant("13b")
+    for bad in ({"num_beams": 0}, {"num_beams": 64}, {"repetition_penalty": 0.0}):
+        with pytest.raises(ModelDirError, match="generation"):
+            GenerationSettings(**bad)
 
 
 def test_model_dir_errors(tmp_path: Path, tiny_dir: Path) -> None:
@@ -274,8 +278,8 @@ def test_scene_head_round_trip_and_the_router_takes_its_scene(tiny_dir: Path, tm
     loaded.trained_adapters.add("router")
     real = loaded.generate_texts
     plan_text = "scene: beach | experts: relations"
-    monkeypatch.setattr(loaded, "generate_texts", lambda v, prompts, adapters, n: (
-        [plan_text] * len(prompts) if adapters[0] == "router" else real(v, prompts, adapters, n)))
+    monkeypatch.setattr(loaded, "generate_texts", lambda v, prompts, adapters, n, beams=1: (
+        [plan_text] * len(prompts) if adapters[0] == "router" else real(v, prompts, adapters, n, beams)))
     results = loaded.ask_features(visual, ["Where is the road?", "Where is the road?"])
     head_probability = math.exp(1.0) / (1.0 + math.exp(1.0))  # softmax of the logits (0, 1)
     for result in results:

@@ -480,10 +480,10 @@ def test_resolution_survives_a_plan_written_by_the_router(conditioned: Pipeline,
     model = conditioned.model
     original = model.generate_texts
 
-    def router_writes_a_plan(visual, prompts, adapters, max_new_tokens):
+    def router_writes_a_plan(visual, prompts, adapters, max_new_tokens, num_beams=1):
         if all(a == "router" for a in adapters):
             return ["scene: beach | experts: objects"] * len(prompts)
-        return original(visual, prompts, adapters, max_new_tokens)
+        return original(visual, prompts, adapters, max_new_tokens, num_beams)
 
     monkeypatch.setattr(model, "generate_texts", router_writes_a_plan)
     answer = conditioned.ask(S2, "how many boats are there?", window=Window(0, 0, 256, 256))

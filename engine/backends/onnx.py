@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends import manifest as mf
+from engine.backends.decoding import beam_search, pad_rows, penalise_repeats
 from engine.errors import ModelDirError, UserInputError
 from engine.model.answer_head import load_answer_head
 from engine.model.config import ADAPTERS_DIR, CONFIG_NAME, WEIGHTS_NAME, RSMoEConfig
@@ -259,6 +260,14 @@ class _StaticDecoderRunner(_DecoderRunner):
             logits = self._feed(embeds[:, slot: slot + 1])
         return logits
 
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Reorder the fixed batch (``rows``: one index per row, repeats allowed; beam search), in the buffer set
+        the next step reads as its past."""
+        past = self._slot % 2
+        self._mask = self._mask[rows]
+        self._adapter_mask = self.device.value(self._adapter_mask.numpy()[rows])
+        self._buffers[past] = [self.device.value(value.numpy()[rows]) for value in self._buffers[past]]
+
     def step(self, token_embeds: np.ndarray) -> np.ndarray:
         if self._slot >= self.profile.cache_length:
             raise UserInputError("the static profile's KV cache is full")
@@ -280,13 +289,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor (e.g. features cached by another component)
         x = x.detach().float().cpu().numpy()
     return np.asarray(x)
-
-
-def _pad_rows(array: np.ndarray, batch: int) -> np.ndarray:
-    """Repeat the last row up to ``batch`` rows (fixed-batch graphs; the extra rows are discarded)."""
-    if array.shape[0] == batch:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], batch - array.shape[0], axis=0)])
 
 
 class OnnxRSMoE(MoEInference):
@@ -431,7 +433,7 @@ class OnnxRSMoE(MoEInference):
             stop = min(start + size, total)
             feeds = fn(start, stop)
             if self.variant.static:
-                feeds = {k: _pad_rows(v, size) for k, v in feeds.items()}
+                feeds = {k: pad_rows(v, size) for k, v in feeds.items()}
             outputs.append(self.graphs[graph].run(feeds)[0][: stop - start])
         return np.concatenate(outputs).astype(np.float32)
 
@@ -483,24 +485,36 @@ class OnnxRSMoE(MoEInference):
         return mask
 
     def generate_texts(self, visual: Any, prompts: Sequence[str], adapters: Sequence[str],
-                       max_new_tokens: int) -> list[str]:
-        """Greedy decoding of many rows in ONE mixed-adapter batch (row ``i`` through ``adapters[i]``)."""
+                       max_new_tokens: int, num_beams: int = 1) -> list[str]:
+        """Greedy decoding (or beam search with ``num_beams`` > 1) of many rows in ONE mixed-adapter batch (row
+        ``i`` through ``adapters[i]``)."""
         visual = _to_numpy(visual)
         prefix = self.query_embeddings(visual, prompts)
         embeds, mask = self.language_inputs(prefix, prompts)
         selector = self.adapter_mask(adapters)
         static = self.decoder.max_batch  # a fixed batch: every chunk padded to it
-        size = static or (DECODE_ROWS_CPU if self.device.type == "cpu" else len(prompts))
+        rows_per_call = static or (DECODE_ROWS_CPU if self.device.type == "cpu" else len(prompts) * num_beams)
+        size = rows_per_call // num_beams  # prompts per call
+        if size < 1:
+            raise UserInputError(f"{num_beams} beams do not fit the static profile's batch of {static}: "
+                                 "lower generation.num_beams or use a dynamic variant")
 
         def rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
-            return _pad_rows(array[start:stop], size) if static else array[start:stop]
+            return pad_rows(array[start:stop], size) if static and num_beams == 1 else array[start:stop]
 
         tokens: list[np.ndarray] = []
         for start in range(0, len(prompts), size):
             stop = min(start + size, len(prompts))
-            chunk = self.greedy(rows(embeds, start, stop), rows(mask, start, stop), rows(selector, start, stop),
-                                max_new_tokens)
-            tokens.extend(chunk[: stop - start])
+            chunk = (rows(embeds, start, stop), rows(mask, start, stop), rows(selector, start, stop))
+            if num_beams > 1:
+                eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+                generation = self.config.generation
+                out = beam_search(self.decoder, self.embed, *chunk, max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, eos=eos, pad=pad, length_penalty=generation.length_penalty,
+                                  repetition_penalty=generation.repetition_penalty)
+            else:
+                out = self.greedy(*chunk, max_new_tokens)
+            tokens.extend(out[: stop - start])
         return self.decode_texts(tokens)
 
     def greedy(self, embeds: np.ndarray, mask: np.ndarray, selector: np.ndarray, max_new_tokens: int) -> np.ndarray:
@@ -518,10 +532,7 @@ class OnnxRSMoE(MoEInference):
         generated = np.zeros((batch, 0), np.int64)
         active = np.arange(batch)  # the rows the decoder's cache holds (logits are theirs), in order
         for step in range(max_new_tokens):
-            if penalty != 1.0 and generated.shape[1]:
-                mine = generated[active]
-                picked = np.take_along_axis(logits, mine, axis=1)
-                np.put_along_axis(logits, mine, np.where(picked < 0, picked * penalty, picked / penalty), axis=1)
+            penalise_repeats(logits, generated[active], penalty)
             chosen = np.where(done[active], pad, logits.argmax(axis=-1))
             nxt = np.full(batch, pad, np.int64)
             nxt[active] = chosen

@@ -205,11 +205,20 @@ class AnswerHeadConfig:
 
 @dataclass
 class GenerationSettings:
-    """Greedy decoding limits (deterministic)."""
+    """Decoding (deterministic): captions by beam search with ``num_beams`` beams (1: greedy), hypotheses
+    scored by summed log-probability over ``length ** length_penalty``; answers and router plans greedily."""
 
     max_new_tokens: int = 40
     max_new_tokens_answer: int = 16
     repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.num_beams) <= 16:
+            raise ModelDirError(f"generation.num_beams must be between 1 and 16, got {self.num_beams}")
+        if float(self.repetition_penalty) <= 0:
+            raise ModelDirError(f"generation.repetition_penalty must be positive, got {self.repetition_penalty}")
 
 
 @dataclass

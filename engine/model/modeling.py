@@ -462,8 +462,9 @@ class RSMoEModel(MoEInference, nn.Module):
 
     @torch.no_grad()
     def generate_texts(self, visual: torch.Tensor, prompts: Sequence[str], adapters: Sequence[str],
-                       max_new_tokens: int) -> list[str]:
-        """Greedy decoding of many rows in ONE mixed-adapter batch with KV cache.
+                       max_new_tokens: int, num_beams: int = 1) -> list[str]:
+        """Greedy decoding (beam search with ``num_beams`` > 1) of many rows in ONE mixed-adapter batch with KV
+        cache.
 
         Row ``i`` sees visual tokens ``visual[i]`` and ``prompts[i]`` and runs through adapter
         ``adapters[i]`` (an expert, ``router`` or ``__base__``)."""
@@ -471,8 +472,8 @@ class RSMoEModel(MoEInference, nn.Module):
         batch = self.language_inputs(prefix, prompts)
         out = self.language_model.generate(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-            adapter_names=list(adapters), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            repetition_penalty=self.config.generation.repetition_penalty,
+            adapter_names=list(adapters), max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+            length_penalty=self.config.generation.length_penalty, repetition_penalty=self.config.generation.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
         return self.decode_texts(out)

@@ -207,8 +207,8 @@ class MoEInference:
     """The MoE block's inference flow, shared by every backend (torch, ONNX Runtime).
 
     A backend provides ``config``, ``trained_adapters``, ``image_processor`` and three primitives:
-    ``encode_images(pixels) -> visual tokens``, ``generate_texts(visual, prompts, adapters, max_new_tokens)``
-    (one mixed-adapter batch) and ``preprocess(images) -> pixels``, plus ``scene_logits(visual)`` when the model
+    ``encode_images(pixels) -> visual tokens``, ``generate_texts(visual, prompts, adapters, max_new_tokens,
+    num_beams)`` (one mixed-adapter batch) and ``preprocess(images) -> pixels``, plus ``scene_logits(visual)`` when the model
     has a scene head. Everything else lives here once.
 
     With a trained router the plan's experts come from the router; its scene comes from the scene head when
@@ -235,7 +235,7 @@ class MoEInference:
         raise NotImplementedError
 
     def generate_texts(self, visual: Any, prompts: Sequence[str], adapters: Sequence[str],
-                       max_new_tokens: int) -> list[str]:  # pragma: no cover - interface
+                       max_new_tokens: int, num_beams: int = 1) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def scene_logits(self, visual: Any) -> Any | None:
@@ -360,8 +360,13 @@ class MoEInference:
         for i, plan in enumerate(plans):
             for expert in plan.experts:
                 rows.append((i, expert, expert_prompt(self.config, expert, plan, task, instructions[i], style)))
-        max_new = self.config.generation.max_new_tokens if task == "caption" else self.config.generation.max_new_tokens_answer
-        texts = self.generate_texts(visual[[r[0] for r in rows]], [r[2] for r in rows], [r[1] for r in rows], max_new)
+        generation = self.config.generation
+        if task == "caption":  # captions by beam search where the config asks; answers and plans greedily
+            max_new, beams = generation.max_new_tokens, generation.num_beams
+        else:
+            max_new, beams = generation.max_new_tokens_answer, 1
+        texts = self.generate_texts(visual[[r[0] for r in rows]], [r[2] for r in rows], [r[1] for r in rows],
+                                    max_new, beams)
         results = []
         for i, plan in enumerate(plans):
             segments = [ExpertOutput(r[1], r[2], t) for r, t in zip(rows, texts) if r[0] == i]
