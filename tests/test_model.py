@@ -143,6 +143,41 @@ def test_generative_router_prompts_reach_the_right_experts(tiny_model: RSMoEMode
     assert results[1].plan.experts == ["objects"] and results[1].router == "generative"
 
 
+def test_concise_captions_decode_with_the_configs_beams_and_the_rest_greedily(
+        tiny_model: RSMoEModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generation.num_beams reaches the concise caption's decoding only (a beam-search caption, not the greedy
+    one); detailed captions and answers decode greedily."""
+    model = tiny_model
+    beams_asked: list[tuple[bool, int]] = []  # (a router call, beams)
+    real = model.generate_texts
+
+    def spy(visual, prompts, adapters, max_new_tokens, num_beams=1):
+        beams_asked.append((adapters[0] == "router", num_beams))
+        return real(visual, prompts, adapters, max_new_tokens, num_beams)
+
+    images = _images(2)
+    greedy = [r.text for r in model.caption(images, style="concise")]
+    monkeypatch.setattr(model, "generate_texts", spy)
+    monkeypatch.setattr(model.config.generation, "num_beams", 3)
+    searched = [r.text for r in model.caption(images, style="concise")]
+    model.caption(images, style="detailed")
+    model.ask(images, "What is next to the road?")
+    assert [beams for router, beams in beams_asked if not router] == [3, 1, 1]  # concise, detailed, the answer
+    assert {beams for router, beams in beams_asked if router} == {1}  # the router's plans
+    assert searched != greedy
+
+
+def test_detailed_caption_says_each_sentence_once() -> None:
+    from engine.model.routing import ExpertOutput, fuse
+
+    outputs = [ExpertOutput("theme", "p", "This is a rural area of farmland."),
+               ExpertOutput("objects", "p", "this is a rural area of farmland"),
+               ExpertOutput("relations", "p", "A road runs along the fields.")]
+    order = ["theme", "objects", "relations"]
+    assert fuse(outputs, "caption", "detailed", order) == "This is a rural area of farmland. A road runs along the fields."
+    assert fuse(outputs, "caption", "concise", order) == "This is a rural area of farmland."
+
+
 def test_template_router_routes_questions_by_kind(tiny_dir: Path) -> None:
     untrained = RSMoEModel.from_pretrained(tiny_dir)
     assert untrained.router_kind == "template"  # no trained router adapter: the fixed-template router

@@ -205,8 +205,9 @@ class AnswerHeadConfig:
 
 @dataclass
 class GenerationSettings:
-    """Decoding (deterministic): captions by beam search with ``num_beams`` beams (1: greedy), hypotheses
-    scored by summed log-probability over ``length ** length_penalty``; answers and router plans greedily."""
+    """Decoding (deterministic): concise captions by beam search with ``num_beams`` beams (1: greedy), hypotheses
+    scored by summed log-probability over ``length ** length_penalty``; detailed captions, answers and router
+    plans greedily."""
 
     max_new_tokens: int = 40
     max_new_tokens_answer: int = 16

@@ -192,15 +192,21 @@ def _sentence_case(text: str) -> str:
 
 
 def fuse(outputs: list[ExpertOutput], task: str, style: str | None, order: list[str]) -> str:
-    """Join expert outputs: a detailed caption in the fixed expert order, a concise caption as one
-    sentence, an answer from the routed expert(s)."""
+    """Join expert outputs: a detailed caption in the fixed expert order, each sentence once, a concise caption
+    as one sentence, an answer from the routed expert(s)."""
     ranked = sorted(outputs, key=lambda o: order.index(o.expert) if o.expert in order else len(order))
     texts = [o.text.strip() for o in ranked if o.text.strip()]
     if task == "caption" and style == "concise":
         return _sentence_case(_first_sentence(texts[0])) if texts else ""
     if task == "caption":
-        return " ".join(_sentence_case(t) for t in texts)
+        sentences = [_sentence_case(t) for t in texts]
+        return " ".join(t for i, t in enumerate(sentences) if _words(t) not in {_words(u) for u in sentences[:i]})
     return " ".join(texts)
+
+
+def _words(text: str) -> tuple[str, ...]:
+    """A sentence's lower-case words, punctuation dropped (two experts' identical sentences compare equal)."""
+    return tuple(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 class MoEInference:
@@ -208,8 +214,8 @@ class MoEInference:
 
     A backend provides ``config``, ``trained_adapters``, ``image_processor`` and three primitives:
     ``encode_images(pixels) -> visual tokens``, ``generate_texts(visual, prompts, adapters, max_new_tokens,
-    num_beams)`` (one mixed-adapter batch) and ``preprocess(images) -> pixels``, plus ``scene_logits(visual)`` when the model
-    has a scene head. Everything else lives here once.
+    num_beams)`` (one mixed-adapter batch) and ``preprocess(images) -> pixels``, plus ``scene_logits(visual)``
+    when the model has a scene head. Everything else lives here once.
 
     With a trained router the plan's experts come from the router; its scene comes from the scene head when
     the model has one (the router adapter's own scene otherwise), averaged over ``config.vision.scene_views``
@@ -361,10 +367,10 @@ class MoEInference:
             for expert in plan.experts:
                 rows.append((i, expert, expert_prompt(self.config, expert, plan, task, instructions[i], style)))
         generation = self.config.generation
-        if task == "caption":  # captions by beam search where the config asks; answers and plans greedily
-            max_new, beams = generation.max_new_tokens, generation.num_beams
-        else:
-            max_new, beams = generation.max_new_tokens_answer, 1
+        max_new = generation.max_new_tokens if task == "caption" else generation.max_new_tokens_answer
+        # concise captions by beam search where the config asks; detailed captions greedily (with beams the
+        # experts fall back on the same surest sentence), answers and plans greedily
+        beams = generation.num_beams if task == "caption" and style == "concise" else 1
         texts = self.generate_texts(visual[[r[0] for r in rows]], [r[2] for r in rows], [r[1] for r in rows],
                                     max_new, beams)
         results = []
