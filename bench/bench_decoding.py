@@ -1,9 +1,9 @@
 """Caption decoding on this CPU: greedy against beam search (``generation.num_beams``), side by side in one run.
 
 For each number of beams, concise captions (the product's default) of UCM test images through the default
-backend (ONNX Runtime fp32), at batch 1 and all images in one batch (at most the engine's default batch); rounds interleaved, best of N, so
-that the other load on this shared machine hits every setting alike. Writes seconds per image, the ratio to
-greedy and the captions.
+backend (ONNX Runtime fp32), at batch 1 and with all images in one batch (at most the engine's default batch);
+rounds interleaved, best of N, so that the other load on this shared machine hits every setting alike. Writes
+seconds per image, the ratio to greedy and the captions.
 
     .venv/bin/python bench/bench_decoding.py [--model DIR] [--beams 1,3] [--images 16] [--rounds 3]
         [--out bench/results/decoding_cpu.json]

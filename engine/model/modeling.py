@@ -473,7 +473,8 @@ class RSMoEModel(MoEInference, nn.Module):
         out = self.language_model.generate(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
             adapter_names=list(adapters), max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-            length_penalty=self.config.generation.length_penalty, repetition_penalty=self.config.generation.repetition_penalty,
+            length_penalty=self.config.generation.length_penalty,
+            repetition_penalty=self.config.generation.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
         return self.decode_texts(out)
