@@ -305,6 +305,7 @@ def test_evaluate_writes_captions_and_predictions_for_a_set_with_both(
     metrics = _read(out / "metrics.json")
     assert {"BLEU-4", "CIDEr"} <= set(metrics["captions"]) and metrics["scene"]["images"] == 4
     assert metrics["plan_scene"]["source"] == "none (template router)"
+    assert metrics["decoding"] == {"num_beams": 1, "length_penalty": 1.0, "repetition_penalty": 1.0}  # the tiny config
     tiny_size = RSMoEModel.from_pretrained(head_dir).config.image.image_size
     assert [r for batch in seen for r in batch] == pytest.approx([10 * 48 / tiny_size] * 4)
 

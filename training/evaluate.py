@@ -269,6 +269,9 @@ def _base_metrics(args: EvaluateArgs, data: EvalSet, model: MoEInference) -> dic
         "model": str(args.model or "embedded rsmoe-lite"), "model_id": model.config.model_id,
         "data": str(data.annotation), "format": data.format, "set": data.name, "kind": data.describe(),
         "split": args.split, "backend": args.backend, "dtype": args.dtype or "float32", "router": model.router_kind,
+        "decoding": {"num_beams": model.config.generation.num_beams,
+                     "length_penalty": model.config.generation.length_penalty,
+                     "repetition_penalty": model.config.generation.repetition_penalty},
     }
 
 
