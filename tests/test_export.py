@@ -252,7 +252,6 @@ def test_beam_search_drops_finished_prompts_with_the_same_tokens() -> None:
     outputs = {}
     for can_drop in (False, True):
         decoder = _ScriptedDecoder([n for n in lengths for _ in range(2)], can_drop)
-        decoder.max_batch = None
         n = len(lengths)
         tokens = beam_search(decoder, lambda ids: np.zeros((len(ids), 4), np.float32), np.zeros((n, 3, 4)),
                              np.ones((n, 3)), np.zeros((n, 2)), max_new_tokens=12, num_beams=2, eos=7, pad=0)
@@ -402,6 +401,8 @@ class _ScriptedDecoder:
     """A decoder whose rows emit scripted tokens (row i: ``lengths[i]`` tokens, then EOS), recording the batch
     size of each call; ``can_drop_rows`` as given."""
 
+    max_batch = None  # a dynamic batch
+
     def __init__(self, lengths: list[int], can_drop: bool, vocab: int = 8, eos: int = 7) -> None:
         self.lengths, self.can_drop_rows, self.vocab, self.eos = lengths, can_drop, vocab, eos
         self.rows = np.arange(len(lengths))
@@ -424,6 +425,9 @@ class _ScriptedDecoder:
 
     def keep_rows(self, rows: np.ndarray) -> None:
         self.rows = self.rows[rows]
+
+    def steps_that_fit(self, max_new_tokens: int) -> int:
+        return max_new_tokens
 
 
 def test_greedy_drops_finished_rows_with_the_same_tokens() -> None:

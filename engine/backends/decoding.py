@@ -4,8 +4,8 @@ onnx backend writes the torch backend's texts: the repetition penalty, and beam 
 penalty from the model config).
 
 The decoder is any object with ``start(embeds, mask, adapter_mask) -> logits``, ``step(token_embeds) -> logits``,
-``keep_rows(rows)`` (gather the cache rows, repeats allowed), ``can_drop_rows`` and ``max_batch`` (a fixed batch,
-or ``None``)."""
+``keep_rows(rows)`` (gather the cache rows, repeats allowed), ``steps_that_fit(max_new_tokens)``,
+``can_drop_rows`` and ``max_batch`` (a fixed batch, or ``None``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -65,9 +65,7 @@ def beam_search(decoder: Any, embed: Callable[[np.ndarray], np.ndarray], embeds:
 
     expand = np.repeat(np.arange(items), beams)
     logits = decoder.start(fit(embeds[expand]), fit(mask[expand]), fit(selector[expand]))
-    room = getattr(decoder, "room", None)
-    if room is not None:
-        steps = min(steps, room + 1)
+    steps = decoder.steps_that_fit(steps)
     keep = 2 * beams  # transformers keeps (1 + number of EOS tokens) x beams candidates a step
     running = np.full((items, beams, steps), pad, np.int64)
     running_scores = np.zeros((items, beams), np.float32)

@@ -199,12 +199,25 @@ class _DecoderRunner:
         """Whether finished rows can leave the batch (a CPU cache of dynamic shape: no copy across devices)."""
         return self.device.type == "cpu"
 
+    @property
+    def past(self) -> list[Any]:
+        """The key/value cache the next step reads."""
+        return self._past
+
+    @past.setter
+    def past(self, values: list[Any]) -> None:
+        self._past = values
+
+    def steps_that_fit(self, max_new_tokens: int) -> int:
+        """How many new tokens the cache holds after the prefill (a dynamic cache grows: all of them)."""
+        return max_new_tokens
+
     def keep_rows(self, rows: np.ndarray) -> None:
-        """Keep only ``rows`` (indices into the current batch) in the cache, the mask and the adapter choice,
-        so that finished rows stop costing in the next steps."""
+        """Keep ``rows`` (indices into the current batch, repeats allowed) in the cache, the mask and the adapter
+        choice: finished rows stop costing in the next steps, and beam search follows its chosen beams."""
         self._mask = self._mask[rows]
         self._adapter_mask = self.device.value(self._adapter_mask.numpy()[rows])
-        self._past = [self.device.value(value.numpy()[rows]) for value in self._past]
+        self.past = [self.device.value(value.numpy()[rows]) for value in self.past]
 
 
 class _StaticDecoderRunner(_DecoderRunner):
@@ -260,13 +273,21 @@ class _StaticDecoderRunner(_DecoderRunner):
             logits = self._feed(embeds[:, slot: slot + 1])
         return logits
 
-    def keep_rows(self, rows: np.ndarray) -> None:
-        """Reorder the fixed batch (``rows``: one index per row, repeats allowed; beam search), in the buffer set
-        the next step reads as its past."""
-        past = self._slot % 2
-        self._mask = self._mask[rows]
-        self._adapter_mask = self.device.value(self._adapter_mask.numpy()[rows])
-        self._buffers[past] = [self.device.value(value.numpy()[rows]) for value in self._buffers[past]]
+    @property
+    def past(self) -> list[Any]:
+        """The buffer set the next step reads (rows reordered by :meth:`keep_rows`: one index per row)."""
+        return self._buffers[self._slot % 2]
+
+    @past.setter
+    def past(self, values: list[Any]) -> None:
+        self._buffers[self._slot % 2] = values
+
+    def steps_that_fit(self, max_new_tokens: int) -> int:
+        """``max_new_tokens``, capped (with a warning) at what the fixed cache still holds after the prefill."""
+        if self.room < max_new_tokens - 1:
+            log.warning("static profile: generation capped at %d new tokens (cache full)", self.room + 1)
+            return self.room + 1
+        return max_new_tokens
 
     def step(self, token_embeds: np.ndarray) -> np.ndarray:
         if self._slot >= self.profile.cache_length:
@@ -524,9 +545,7 @@ class OnnxRSMoE(MoEInference):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         penalty = self.config.generation.repetition_penalty
         logits = self.decoder.start(embeds, mask, selector)
-        if isinstance(self.decoder, _StaticDecoderRunner) and self.decoder.room < max_new_tokens - 1:
-            log.warning("static profile: generation capped at %d new tokens (cache full)", self.decoder.room + 1)
-            max_new_tokens = self.decoder.room + 1
+        max_new_tokens = self.decoder.steps_that_fit(max_new_tokens)
         batch = embeds.shape[0]
         done = np.zeros(batch, bool)
         generated = np.zeros((batch, 0), np.int64)

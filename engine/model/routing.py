@@ -199,8 +199,10 @@ def fuse(outputs: list[ExpertOutput], task: str, style: str | None, order: list[
     if task == "caption" and style == "concise":
         return _sentence_case(_first_sentence(texts[0])) if texts else ""
     if task == "caption":
-        sentences = [_sentence_case(t) for t in texts]
-        return " ".join(t for i, t in enumerate(sentences) if _words(t) not in {_words(u) for u in sentences[:i]})
+        kept: dict[tuple[str, ...], str] = {}  # each sentence once, first expert first
+        for text in texts:
+            kept.setdefault(_words(text), _sentence_case(text))
+        return " ".join(kept.values())
     return " ".join(texts)
 
 
