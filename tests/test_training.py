@@ -132,7 +132,8 @@ def test_one_stage_ablation_skips_the_dense_stage(tiny_init: Path, tmp_path: Pat
 
 def test_continue_from_tunes_a_trained_model_further(tiny_init: Path, tmp_path: Path) -> None:
     """A run that continues from a trained model starts from its weights (not fresh ones), skips stages 0-1,
-    trains the bridge and the adapters, and repeats a set's images as configured."""
+    trains the bridge and the adapters (or the adapters only, keeping the answer head), and repeats a set's
+    images as configured."""
     from training.train import repeated, train
 
     head = {"enabled": True, "epochs": 2, "hidden": 8}
@@ -159,6 +160,16 @@ def test_continue_from_tunes_a_trained_model_further(tiny_init: Path, tmp_path: 
     assert distance(a, b) < distance(f, b)
     records = load_ucm_captions(SHARED / "ucm_captions", split="train")[:3]
     assert [r.image_id for r in repeated(records, {"ucm": 2})] == [r.image_id for r in records for _ in (0, 1)]
+    # stage2.continued_bridge: false moves only the LoRA: the bridge and the answer head learnt on it come through
+    kept = train(_config(tiny_init, tmp_path / "kept", continue_from=str(first), answer_head=head,
+                         stage2={"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "vqa_per_epoch": 2,
+                                 "warmup_steps": 1, "continued_bridge": False}))
+    assert load_file(str(kept / "model.safetensors")).keys() == before.keys()
+    assert all(torch.equal(before[k], load_file(str(kept / "model.safetensors"))[k]) for k in bridge)
+    assert torch.equal(head_before["mean"], load_file(str(kept / ANSWER_HEAD_FILE))["mean"])
+    assert RSMoEConfig.load(kept).answer_head.enabled
+    k = load_file(str(kept / "adapters/theme/adapter_model.safetensors"))
+    assert any(not torch.equal(k[name], b[name]) for name in b)  # the experts were trained on
     with pytest.raises(UserInputError, match="continue_from"):
         train(_config(tiny_init, tmp_path / "bad", continue_from=str(tmp_path / "nowhere")))
     with pytest.raises(UserInputError, match="caption_repeats"):
@@ -277,7 +288,8 @@ def test_wrong_scene_rows_name_the_confusable_scene_with_the_true_targets(tiny_i
 
 def test_neutral_scene_rows_name_no_scene_with_the_true_targets() -> None:
     """``neutral_scene_fraction``: that share of the caption rows gets the neutral phrase instead of the
-    scene (what the experts see when the scene head is unsure); questions keep the true scene."""
+    scene (what the experts see when the scene head is unsure), ``neutral_scene_sets`` another share for a
+    set's rows; questions keep the true scene."""
     from engine.model import RSMoEConfig
     from training.data import derive_ucm_vqa
     from training.data.subtasks import infer_scene
@@ -301,6 +313,14 @@ def test_neutral_scene_rows_name_no_scene_with_the_true_targets() -> None:
         else:
             assert 0.35 * len(captions) <= len(unnamed) <= 0.65 * len(captions)
             assert {s.adapter for s in unnamed} == {"theme", "objects", "relations"}
+    # neutral_scene_sets: another share for one set's rows (here UCM's: all but a few named none)
+    rows = stage2_samples(config, records, vqa, ids, random.Random(0), 0, neutral_scene_fraction=0.0,
+                          neutral_scene_sets={"ucm": 0.9, "aid": 0.0})
+    captions = [s for s in rows if s.adapter != "router"]
+    unnamed = [s for s in captions if truth[s.image_id] not in s.prompt]
+    assert 0.8 * len(captions) <= len(unnamed) < len(captions)
+    with pytest.raises(UserInputError, match="neutral_scene_sets.ucm"):
+        TrainConfig.from_dict({"stage2": {"neutral_scene_sets": {"ucm": 1.5}}})
 
 
 def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, tmp_path: Path) -> None:
@@ -656,14 +676,16 @@ def test_feature_cache_key_ignores_how_the_scene_head_is_used(tiny_init: Path, t
 
 
 def test_shipped_recipes_parse_and_chain() -> None:
-    """Every recipe in training/configs loads, and a continuing recipe starts from another recipe's output."""
-    folder = Path(__file__).parents[1] / "training" / "configs"
-    recipes = {p.name: TrainConfig.load(p) for p in sorted(folder.glob("*.yaml"))}
-    assert {"lite.yaml", "lite-continue.yaml", "lite-sentinel2.yaml"} <= set(recipes)
+    """Every recipe in training/configs loads, and a continuing recipe starts from another recipe's output or from
+    a model the repository holds."""
+    root = Path(__file__).parents[1]
+    recipes = {p.name: TrainConfig.load(p) for p in sorted((root / "training" / "configs").glob("*.yaml"))}
+    assert {"lite.yaml", "lite-continue.yaml", "lite-sentinel2.yaml", "lite-covers.yaml"} <= set(recipes)
     outputs = {str(Path(c.out) / "stage2") for c in recipes.values()}
     for name, config in recipes.items():
         if config.continue_from:
-            assert config.continue_from in outputs, name
+            held = (root / config.continue_from / "model.safetensors").is_file()
+            assert config.continue_from in outputs or held, name
     assert recipes["lite-sentinel2.yaml"].set_roots()["eurosat_mosaic"]
 
 

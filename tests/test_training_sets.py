@@ -190,12 +190,30 @@ def test_mosaic_captions_name_the_main_cover_then_the_others_by_area() -> None:
 
     cells = ["AnnualCrop"] * 10 + ["River"] * 4 + ["Forest"] * 2
     assert main_class(cells) == "AnnualCrop"
-    assert mosaic_captions(cells) == ["A rural area of farmland with a river and a forest.",
+    assert mosaic_captions(cells) == ["This is a rural area of farmland with a river and a forest.",
                                       "Farmland with a river and a forest.",
                                       "A river and a forest in a rural area of farmland."]
     assert mosaic_captions(["Forest"] * 16) == list(EUROSAT_CAPTIONS["Forest"])
     # a linear class is never the main cover, even on a tie
     assert main_class(["River"] * 8 + ["Forest"] * 8) == "Forest"
+
+
+def test_a_patchwork_is_themed_by_all_its_covers_and_a_pure_mosaic_by_its_class() -> None:
+    """The theme expert learns a mosaic of several covers as the sentence naming them all (it had learnt to stop
+    after the main cover, "This is an annual cropland."); the other experts draw on the other sentences."""
+    from training.data.mosaics import MOSAIC_SET, mosaic_captions
+    from training.data.records import CaptionRecord
+    from training.data.subtasks import targets_for_record
+
+    def record(cells: list[str]) -> CaptionRecord:
+        return CaptionRecord(0, Path("m.png"), "train", cells[0], mosaic_captions(cells), MOSAIC_SET, parts=cells)
+
+    patchwork = targets_for_record(record(["AnnualCrop"] * 10 + ["River"] * 4 + ["Forest"] * 2))
+    assert patchwork.theme == "This is a rural area of farmland with a river and a forest."
+    assert patchwork.sources["theme"] == 0
+    assert patchwork.theme not in (patchwork.objects, patchwork.relations)
+    assert {patchwork.sources["objects"], patchwork.sources["relations"]} <= {1, 2, None}
+    assert targets_for_record(record(["Forest"] * 16)).theme in EUROSAT_CAPTIONS["Forest"]
 
 
 def test_mosaics_lay_their_cells_patches_out_at_the_sentinel2_tile_scale(tmp_path: Path) -> None:

@@ -25,6 +25,10 @@ class StageConfig:
     concise_per_image: int = 1  # stage 2: concise-caption rows per image and epoch (distinct references)
     wrong_scene_fraction: float = 0.0  # stage 2: caption rows whose prompt names a confusable scene (the head's)
     neutral_scene_fraction: float = 0.0  # stage 2: caption rows whose prompt names no scene (the neutral phrase)
+    neutral_scene_sets: dict[str, float] = field(default_factory=dict)  # stage 2: that share for a set's rows
+    # stage 2 of a continued model: tune its bridge too (True) or keep it, and with it the answer head learnt on
+    # the bridge's outputs (False: only the experts' and the router's LoRA move; no answer head to relearn)
+    continued_bridge: bool = True
 
 
 @dataclass
@@ -149,9 +153,12 @@ class TrainConfig:
             if not 1 <= stage.concise_per_image <= 5:
                 raise UserInputError(f"{name}.concise_per_image must be 1..5 (UCM has 5 captions per image), "
                                      f"got {stage.concise_per_image}")
-            for key in ("wrong_scene_fraction", "neutral_scene_fraction"):
-                if not 0.0 <= getattr(stage, key) < 1.0:
-                    raise UserInputError(f"{name}.{key} must be in [0, 1), got {getattr(stage, key)}")
+            shares = {"wrong_scene_fraction": stage.wrong_scene_fraction,
+                      "neutral_scene_fraction": stage.neutral_scene_fraction,
+                      **{f"neutral_scene_sets.{k}": v for k, v in stage.neutral_scene_sets.items()}}
+            for key, share in shares.items():
+                if not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+                    raise UserInputError(f"{name}.{key} must be in [0, 1), got {share!r}")
         if config.precision not in ("bf16", "fp32"):
             raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
         try:  # the model config's own rule for the value stage 0 writes into it

@@ -106,22 +106,28 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
                    with_router: bool = True, targets_per_image: int = 3, router_fraction: float = 1.0,
                    concise_per_image: int = 1, confusable_scenes: dict[int, str] | None = None,
                    wrong_scene_fraction: float = 0.0, neutral_scene_fraction: float = 0.0,
-                   resolutions: dict[int, float | None] | None = None) -> list[Sample]:
+                   resolutions: dict[int, float | None] | None = None,
+                   neutral_scene_sets: dict[str, float] | None = None) -> list[Sample]:
     """Router plans, expert sub-task targets (``targets_per_image`` experts drawn per image), concise
     captions (``concise_per_image`` distinct references per image) and routed VQA pairs; a random
     ``router_fraction`` of the images and questions also gives the router a plan row (its plans are short
     and quickly learnt; the rest of the steps go to the experts). A random ``wrong_scene_fraction`` of the
     caption rows of images in ``confusable_scenes`` names that scene in the prompt instead of the true one, and
-    a random ``neutral_scene_fraction`` of all caption rows names no scene."""
+    a random ``neutral_scene_fraction`` of the caption rows names no scene (``neutral_scene_sets``: another
+    share for a set's rows, as for sets on which the scene head is mostly unsure at inference)."""
     experts = config.expert_names
     res = resolutions or {}
     records = [r for r in records if r.captions]
     scenes = {r.image_id: record_scene(r) for r in records}
     confusable_scenes = confusable_scenes or {}
 
-    def caption_scene(image_id: int) -> str | None:
-        if neutral_scene_fraction > 0 and rng.random() < neutral_scene_fraction:
+    neutral_shares = neutral_scene_sets or {}
+
+    def caption_scene(record: CaptionRecord) -> str | None:
+        neutral = neutral_shares.get(record.dataset, neutral_scene_fraction)
+        if neutral > 0 and rng.random() < neutral:
             return None
+        image_id = record.image_id
         if wrong_scene_fraction > 0 and image_id in confusable_scenes and rng.random() < wrong_scene_fraction:
             return confusable_scenes[image_id]
         return scenes[image_id]
@@ -132,11 +138,11 @@ def stage2_samples(config: RSMoEConfig, records: Sequence[CaptionRecord], vqa: S
         targets = targets_for_record(r).as_dict()
         for expert in rng.sample(experts, min(targets_per_image, len(experts))):
             if expert in targets:
-                prompt = _caption_prompt(config, expert, caption_scene(r.image_id), "detailed", res.get(r.image_id))
+                prompt = _caption_prompt(config, expert, caption_scene(r), "detailed", res.get(r.image_id))
                 out.append(Sample(r.image_id, prompt, targets[expert], expert))
         concise_expert = next((e for e in config.router.concise_experts if e in experts), experts[0])
         for caption in rng.sample(r.captions, min(concise_per_image, len(r.captions))):
-            prompt = _caption_prompt(config, concise_expert, caption_scene(r.image_id), "concise",
+            prompt = _caption_prompt(config, concise_expert, caption_scene(r), "concise",
                                      res.get(r.image_id))
             out.append(Sample(r.image_id, prompt, caption, concise_expert))
         if with_router and rng.random() < router_fraction:

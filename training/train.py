@@ -72,8 +72,9 @@ def build_initial_model(config: TrainConfig) -> RSMoEModel:
         if config.model_overrides:
             raise UserInputError("continue_from keeps the trained model's config: remove model_overrides")
         model = RSMoEModel.from_pretrained(source)
-        # an answer head learnt the features of the model as it was: the continued model learns its own
-        model.answer_head, model.config.answer_head.enabled = None, False
+        if config.stage2.continued_bridge:
+            # an answer head learnt the bridge's outputs as they were: a model whose bridge moves learns its own
+            model.answer_head, model.config.answer_head.enabled = None, False
         return model
     init = Path(config.init)
     model_config = RSMoEConfig.load(init).to_dict()
@@ -96,13 +97,13 @@ def bridge_parameters(model: RSMoEModel) -> dict[str, nn.Parameter]:
     return {f"bridge.{n}": p for n, p in model.bridge.named_parameters() if p in trainable}
 
 
-def stage_parameters(model: RSMoEModel, stage: str, one_stage: bool = False) -> dict[str, nn.Parameter]:
+def stage_parameters(model: RSMoEModel, stage: str, with_bridge: bool = False) -> dict[str, nn.Parameter]:
     """What a stage trains: stage 1 the bridge and the first expert's LoRA; stage 2 every expert's and
-    the router's LoRA (and the bridge too in the one-stage ablation)."""
+    the router's LoRA, and the bridge too ``with_bridge`` (the one-stage ablation, a continued model)."""
     experts = model.config.expert_names
     if stage == "stage1":
         return {**bridge_parameters(model), **lora_parameters(model, experts[0])}
-    params = bridge_parameters(model) if one_stage else {}
+    params = bridge_parameters(model) if with_bridge else {}
     for adapter in [*experts, ROUTER_ADAPTER]:
         params.update(lora_parameters(model, adapter))
     return params
@@ -454,7 +455,8 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
     if stage_done(stage2_dir):
         log.info("stage 2 already done: %s", stage2_dir)
         return with_answer_head(with_refit_scene_head(stage2_dir, config), data, config)
-    params = stage_parameters(model, "stage2", one_stage=config.one_stage or bool(config.continue_from))
+    tune_bridge = config.one_stage or (bool(config.continue_from) and config.stage2.continued_bridge)
+    params = stage_parameters(model, "stage2", with_bridge=tune_bridge)
     with_router = model.config.router.type == "generative"
     confusable = (confusable_scenes(model, data.train, data.train_store)
                   if config.stage2.wrong_scene_fraction > 0 else {})
@@ -473,6 +475,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
                               confusable_scenes=confusable,
                               wrong_scene_fraction=config.stage2.wrong_scene_fraction,
                               neutral_scene_fraction=config.stage2.neutral_scene_fraction,
+                              neutral_scene_sets=config.stage2.neutral_scene_sets,
                               resolutions=data.resolutions)
 
     model.trained_adapters = set(experts) | ({ROUTER_ADAPTER} if with_router else set())

@@ -9,9 +9,11 @@ river or a highway), as a landscape mixes fields, forest and water. Half the pat
 of 32 px crops (320 m, the size of real fields and woods, as on the README's Virginia example), their other
 covers in one or two blocks each; rivers and highways only in the 4 x 4 ones (a 32 px crop may miss the line).
 
-Each mosaic's class is the class of most cells; its captions are **derived** from the cells, in the style of the
-RSVQA-derived ones (``A rural area with farmland, a forest and a river.``, land covers by area): the class's
-three EuroSAT sentences for a pure mosaic (:data:`training.data.derived.EUROSAT_CAPTIONS`). The set is written
+Each mosaic's class is the class of most cells; its captions are **derived** from the cells (when the records are
+loaded), in the style of the RSVQA-derived ones, land covers by area: ``This is a rural area of farmland with a
+forest and a river.`` (the first, also the theme expert's target: :func:`training.data.subtasks.targets_for_record`),
+``Farmland with a forest and a river.``, ``A forest and a river in a rural area of farmland.``; the class's three
+EuroSAT sentences for a pure mosaic (:data:`training.data.derived.EUROSAT_CAPTIONS`). The set is written
 once into a folder laid out like EuroSAT's (``dataset.json`` + ``images/``, the cells of each mosaic in
 ``cells``), so ``rsmoe evaluate`` scores its classes, and never its derived sentences.
 """
@@ -42,7 +44,7 @@ GRID = 4  # cells a side: 4 x 64 px (whole EuroSAT patches) = a 256 px tile
 FINE_GRID = 8  # cells a side of a fine patchwork: 8 x 32 px crops
 FINE_SHARE = 0.5  # of the patchworks (not of the pure mosaics)
 PURE_SHARE = 0.25
-FORMAT = 3  # bumped when the layout or the captions change (a folder of another format is rewritten)
+FORMAT = 3  # bumped when the layout changes (a folder of another format is rewritten; captions are not stored)
 #: How each EuroSAT class reads in a mosaic caption: (as the main land cover, as a further one); the linear
 #: classes (river, highway) are never the main one.
 COVER_WORDS: dict[str, tuple[str | None, str]] = {
@@ -68,7 +70,7 @@ def mosaic_captions(cells: Sequence[str]) -> list[str]:
     others = [COVER_WORDS[c][1] for c in order if c != main]
     area = "an urban area" if main in ("Residential", "Industrial") else "a rural area"
     main_words = str(COVER_WORDS[main][0])
-    return [f"{capital(area)} of {main_words} with {join_words(others)}.",
+    return [f"This is {area} of {main_words} with {join_words(others)}.",
             f"{capital(main_words)} with {join_words(others)}.",
             f"{capital(join_words(others))} in {area} of {main_words}."]
 

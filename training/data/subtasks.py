@@ -18,7 +18,9 @@ theme (scene / land-use type and overall character)
     busy, peaceful, lush, ...), -0.05 per word (concise wins). If the class is known and no caption
     qualifies, the target is ``This is a <class phrase>.``, with the character word the captions most often
     put right before the scene's name (``Lots of green trees constitute a dense forest`` -> ``This is a
-    dense forest.``); without a class every caption qualifies.
+    dense forest.``); without a class every caption qualifies. A patchwork of land covers (a EuroSAT mosaic:
+    ``parts`` of several classes) is themed by its first derived caption, which names every cover by area
+    (``This is a rural area of farmland with a forest and a river.``), not by the class of most parts.
 objects (objects with counts and attributes)
     A caption qualifies if it mentions an object (:data:`training.data.vocab.OBJECT_TERMS`: houses,
     cars, airplanes, storage tanks, trees, ...; land cover such as plants, sand or water counts half).
@@ -49,7 +51,7 @@ instruction uses all experts (theme, objects, relations); a question uses the ex
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
 
 from engine.model.router_plan import DEFAULT_EXPERTS, RouterPlan, format_router_plan
@@ -371,7 +373,13 @@ def derive_subtask_targets(captions: Sequence[str], class_name: str | None = Non
 
 
 def targets_for_record(record: CaptionRecord) -> SubtaskTargets:
-    """:func:`derive_subtask_targets` for a caption record."""
+    """:func:`derive_subtask_targets` for a caption record. A patchwork of land covers (``parts`` of several
+    classes: a EuroSAT mosaic) is themed by its first caption, every cover by area, rather than by the class of
+    most parts; the other experts draw on the rest."""
+    if len(set(record.parts)) > 1 and len(record.captions) > 1:
+        targets = derive_subtask_targets(record.captions[1:], record.class_name)
+        sources = {k: None if v is None else v + 1 for k, v in targets.sources.items()}
+        return replace(targets, theme=clean_sentence(record.captions[0]), sources={**sources, "theme": 0})
     return derive_subtask_targets(record.captions, record.class_name)
 
 
