@@ -321,6 +321,8 @@ def test_neutral_scene_rows_name_no_scene_with_the_true_targets() -> None:
     assert 0.8 * len(captions) <= len(unnamed) < len(captions)
     with pytest.raises(UserInputError, match="neutral_scene_sets.ucm"):
         TrainConfig.from_dict({"stage2": {"neutral_scene_sets": {"ucm": 1.5}}})
+    with pytest.raises(UserInputError, match="continued_bridge"):  # a kept answer head would read new scene odds
+        TrainConfig.from_dict({"stage2": {"continued_bridge": False}, "scene_head_refit": {"enabled": True}})
 
 
 def test_evaluate_writes_coco_captions_metrics_and_vqa_answers(tiny_init: Path, tmp_path: Path) -> None:

@@ -161,6 +161,10 @@ class TrainConfig:
                     raise UserInputError(f"{name}.{key} must be in [0, 1), got {share!r}")
         if config.precision not in ("bf16", "fp32"):
             raise UserInputError(f"precision must be bf16 or fp32, got {config.precision!r}")
+        if not config.stage2.continued_bridge and config.scene_head_refit.enabled:
+            raise UserInputError("stage2.continued_bridge: false keeps the answer head, which reads the scene head's "
+                                 "probabilities: it cannot go with scene_head_refit (keep continued_bridge true to "
+                                 "learn the answer head again)")
         try:  # the model config's own rule for the value stage 0 writes into it
             VisionConfig(scene_views=config.vision_tuning.scene_views)
         except ModelDirError as exc:
