@@ -51,7 +51,7 @@ instruction uses all experts (theme, objects, relations); a question uses the ex
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from engine.model.router_plan import DEFAULT_EXPERTS, RouterPlan, format_router_plan
@@ -336,14 +336,16 @@ class SubtaskTargets:
         return asdict(self)
 
 
-def derive_subtask_targets(captions: Sequence[str], class_name: str | None = None) -> SubtaskTargets:
-    """Theme / objects / relations targets for one image (rules in the module docstring)."""
+def derive_subtask_targets(captions: Sequence[str], class_name: str | None = None,
+                           theme_index: int | None = None) -> SubtaskTargets:
+    """Theme / objects / relations targets for one image (rules in the module docstring); ``theme_index``: the
+    caption that is the theme target, whatever the rules would choose (the others go to the other experts)."""
     captions = [c for c in (clean_sentence(c) for c in captions) if c]
     info = UCM_CLASSES.get((class_name or "").lower())
     phrase = class_phrase(class_name)
     sources: dict[str, int | None] = {}
 
-    used: set[int] = set()
+    used: set[int] = set() if theme_index is None else {theme_index}
 
     def pick(kind: str, scores: list[float], fallback: str | None) -> str:
         idx = _best(scores, exclude=used)
@@ -359,6 +361,9 @@ def derive_subtask_targets(captions: Sequence[str], class_name: str | None = Non
 
     relations = pick("relations", [_relations_score(c) for c in captions], info.relations_fallback if info else None)
     objects = pick("objects", [_objects_score(c) for c in captions], info.objects_fallback if info else None)
+    if theme_index is not None:
+        sources["theme"] = theme_index
+        return SubtaskTargets(theme=captions[theme_index], objects=objects, relations=relations, sources=sources)
     # theme: only captions that state the scene qualify when the class is known; "This is a <phrase>." else
     theme_scores = []
     for caption in captions:
@@ -376,11 +381,8 @@ def targets_for_record(record: CaptionRecord) -> SubtaskTargets:
     """:func:`derive_subtask_targets` for a caption record. A patchwork of land covers (``parts`` of several
     classes: a EuroSAT mosaic) is themed by its first caption, every cover by area, rather than by the class of
     most parts; the other experts draw on the rest."""
-    if len(set(record.parts)) > 1 and len(record.captions) > 1:
-        targets = derive_subtask_targets(record.captions[1:], record.class_name)
-        sources = {k: None if v is None else v + 1 for k, v in targets.sources.items()}
-        return replace(targets, theme=clean_sentence(record.captions[0]), sources={**sources, "theme": 0})
-    return derive_subtask_targets(record.captions, record.class_name)
+    patchwork = len(set(record.parts)) > 1 and len(record.captions) > 1
+    return derive_subtask_targets(record.captions, record.class_name, theme_index=0 if patchwork else None)
 
 
 # --------------------------------------------------------------------------- router targets
