@@ -194,6 +194,11 @@ def test_mosaic_captions_name_the_main_cover_then_the_others_by_area() -> None:
                                       "Farmland with a river and a forest.",
                                       "A river and a forest in a rural area of farmland."]
     assert mosaic_captions(["Forest"] * 16) == list(EUROSAT_CAPTIONS["Forest"])
+    # crops, pasture and orchards are one cover (farmland), whose area decides the main cover
+    mixed = ["Forest"] * 7 + ["Pasture"] * 4 + ["AnnualCrop"] * 3 + ["PermanentCrop"] * 1 + ["HerbaceousVegetation"]
+    assert mosaic_captions(mixed)[0] == "This is a rural area of farmland with a forest and grassland."
+    assert mosaic_captions(["Pasture"] * 12 + ["AnnualCrop"] * 4)[0] == "This is a rural area of farmland."
+    assert mosaic_captions(["Residential"] * 9 + ["Pasture"] * 7)[0] == "This is an urban area of houses with farmland."
     # a linear class is never the main cover, even on a tie
     assert main_class(["River"] * 8 + ["Forest"] * 8) == "Forest"
 
