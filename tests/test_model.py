@@ -176,6 +176,12 @@ def test_detailed_caption_says_each_sentence_once() -> None:
     order = ["theme", "objects", "relations"]
     assert fuse(outputs, "caption", "detailed", order) == "This is a rural area of farmland. A road runs along the fields."
     assert fuse(outputs, "caption", "concise", order) == "This is a rural area of farmland."
+    # a near-duplicate (most words shared) is said once too; a sentence that only shares some words stays
+    near = [ExpertOutput("theme", "p", "This is a rural area of farmland."),
+            ExpertOutput("objects", "p", "This is a rural area with farmland."),
+            ExpertOutput("relations", "p", "The houses and farmland are in a rural area of grassland.")]
+    assert fuse(near, "caption", "detailed", order) == ("This is a rural area of farmland. "
+                                                        "The houses and farmland are in a rural area of grassland.")
 
 
 def test_template_router_routes_questions_by_kind(tiny_dir: Path) -> None:

@@ -191,24 +191,37 @@ def _sentence_case(text: str) -> str:
     return text if text[-1] in ".!?" else text + "."
 
 
+#: A detailed caption drops an expert's sentence that shares at least this share of its words (Jaccard) with a
+#: sentence already kept: "This is a rural area with farmland." after "This is a rural area of farmland." (0.75).
+NEAR_DUPLICATE_OVERLAP = 0.7
+
+
 def fuse(outputs: list[ExpertOutput], task: str, style: str | None, order: list[str]) -> str:
-    """Join expert outputs: a detailed caption in the fixed expert order, each sentence once, a concise caption
-    as one sentence, an answer from the routed expert(s)."""
+    """Join expert outputs: a detailed caption in the fixed expert order, each sentence once (near-duplicates
+    dropped: :data:`NEAR_DUPLICATE_OVERLAP`), a concise caption as one sentence, an answer from the routed
+    expert(s)."""
     ranked = sorted(outputs, key=lambda o: order.index(o.expert) if o.expert in order else len(order))
     texts = [o.text.strip() for o in ranked if o.text.strip()]
     if task == "caption" and style == "concise":
         return _sentence_case(_first_sentence(texts[0])) if texts else ""
     if task == "caption":
-        kept: dict[tuple[str, ...], str] = {}  # each sentence once, first expert first
+        kept: list[tuple[set[str], str]] = []  # first expert first
         for text in texts:
-            kept.setdefault(_words(text), _sentence_case(text))
-        return " ".join(kept.values())
+            words = _words(text)
+            if not any(_overlap(words, other) >= NEAR_DUPLICATE_OVERLAP for other, _ in kept):
+                kept.append((words, _sentence_case(text)))
+        return " ".join(sentence for _, sentence in kept)
     return " ".join(texts)
 
 
-def _words(text: str) -> tuple[str, ...]:
+def _words(text: str) -> set[str]:
     """A sentence's lower-case words, punctuation dropped (two experts' identical sentences compare equal)."""
-    return tuple(re.findall(r"[a-z0-9]+", text.lower()))
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _overlap(a: set[str], b: set[str]) -> float:
+    """The share of words two sentences have in common (Jaccard; 1.0 for two empty ones)."""
+    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 class MoEInference:
