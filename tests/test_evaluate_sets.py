@@ -365,6 +365,38 @@ def test_evaluate_answers_every_active_rsvqa_question_in_its_vocabulary(
     assert ids == [q["id"] for q in questions if q["img_id"] == 10 and q["active"]]
 
 
+def write_mosaic_set(root: Path, cells: list[list[str]]) -> Path:
+    """A EuroSAT mosaic folder as training writes it: class-labelled, each image with its ``cells``."""
+    images = []
+    for k, row in enumerate(cells):
+        _image(root / "images" / f"val_{k:05d}.png", 64, k)
+        images.append({"filename": f"val_{k:05d}.png", "class": row[0], "split": "val", "cells": row})
+    (root / "dataset.json").write_text(json.dumps({"dataset": "eurosat_mosaic", "classes": CLASSES,
+                                                   "ground_resolution_m": 10, "images": images}))
+    return root
+
+
+def test_evaluate_scores_the_covers_named_on_mosaics_against_their_cells(head_dir: Path, tmp_path: Path) -> None:
+    from training.data.mosaics import covers_named, mosaic_covers
+    from training.metrics import naming_scores
+
+    cells = [["Forest"] * 4, ["AnnualCrop", "AnnualCrop", "River", "Forest"], ["SeaLake"] * 3 + ["AnnualCrop"]]
+    data = write_mosaic_set(tmp_path / "mosaics", cells)
+    assert detect_set(data).describe() == "classes + land covers (derived)"
+    out = tmp_path / "out"
+    assert _evaluate(head_dir, data, out) == 0
+    captions = {c["image_id"]: c["caption"] for c in _read(out / "captions.json")}
+    assert len(captions) == 3 and (out / "predictions.json").is_file()
+    covers = _read(out / "metrics.json")["covers"]
+    expected = naming_scores([covers_named(captions[i]) for i in range(3)], [mosaic_covers(c) for c in cells])
+    assert covers["references"].startswith("derived") and covers["images"] == 3
+    assert {k: covers[k] for k in expected} == expected
+    assert covers["mixed"]["images"] == 2 and covers["per_name"]["water"]["shown"] == 2
+
+    cells[0][0] = "Glacier"  # not a EuroSAT class: no land cover to score
+    assert _evaluate(head_dir, write_mosaic_set(tmp_path / "bad", cells), tmp_path / "bad-out") == 2
+
+
 def test_evaluate_refuses_bad_input_with_exit_code_2(head_dir: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     data = write_class_set(tmp_path / "eurosat", sentences=False, per_class=1)

@@ -12,6 +12,7 @@ from training.metrics import (
     MeteorScorer,
     MetricsUnavailableError,
     caption_metrics,
+    naming_scores,
     normalize_answer,
     normalize_caption,
     vqa_accuracy,
@@ -104,3 +105,17 @@ def test_vqa_accuracy_overall_and_per_type() -> None:
     assert partial["missing"] == 5 and partial["overall"] == pytest.approx(1 / 6)
     with pytest.raises(UserInputError):
         vqa_accuracy([], {})
+
+
+def test_naming_scores_count_names_right_wrong_and_missing() -> None:
+    named = [{"farmland", "water"}, {"forest"}, {"farmland"}, set()]
+    shown = [{"farmland", "forest"}, {"forest"}, {"farmland", "water"}, {"water"}]
+    scores = naming_scores(named, shown)
+    assert scores["images"] == 4
+    assert scores["recall"] == pytest.approx(3 / 6) and scores["precision"] == pytest.approx(3 / 4)
+    assert scores["all_named"] == pytest.approx(1 / 4) and scores["exact"] == pytest.approx(1 / 4)
+    assert scores["mixed"]["images"] == 2 and scores["mixed"]["recall"] == pytest.approx(2 / 4)
+    assert scores["per_name"]["water"] == {"shown": 2, "named": 1, "recall": 0.0, "precision": 0.0}
+    assert scores["per_name"]["forest"]["recall"] == 0.5 and scores["per_name"]["farmland"]["precision"] == 1.0
+    with pytest.raises(ValueError):
+        naming_scores(named, shown[:2])

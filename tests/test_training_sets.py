@@ -203,6 +203,19 @@ def test_mosaic_captions_name_the_main_cover_then_the_others_by_area() -> None:
     assert main_class(["River"] * 8 + ["Forest"] * 8) == "Forest"
 
 
+def test_captions_are_checked_against_the_covers_of_a_mosaics_cells() -> None:
+    from training.data.mosaics import COVER_NAMES, COVER_OF_CLASS, COVER_WORDS, covers_named, mosaic_covers
+
+    assert set(COVER_OF_CLASS) == set(COVER_WORDS) and set(COVER_OF_CLASS.values()) == set(COVER_NAMES)
+    assert mosaic_covers(["Pasture", "AnnualCrop", "River", "SeaLake", "Forest"]) == {"farmland", "water", "forest"}
+    assert covers_named("This is a rural area of farmland with a river and a forest.") == {
+        "farmland", "water", "forest"}
+    assert covers_named("Many green trees and some buildings are near a seaside road .") == {
+        "forest", "built-up", "road"}  # "seaside" is not the sea
+    assert covers_named("Herbaceous vegetation cover the area.") == {"grassland"}
+    assert covers_named("A bare desert.") == set()
+
+
 def test_a_patchwork_is_themed_by_all_its_covers_and_a_pure_mosaic_by_its_class() -> None:
     """The theme expert learns a mosaic of several covers as the sentence naming them all (it had learnt to stop
     after the main cover, "This is an annual cropland."); the other experts draw on the other sentences."""

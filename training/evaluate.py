@@ -19,6 +19,11 @@ Files written to ``OUT`` (the interface other tools read):
   (each image's plan scene and the scene head's probability for its best scene) and ``segments.json`` (what
   each expert wrote). With ``--vqa`` also ``answers.json`` with the UCM-derived questions (question, reference
   ``answer``, ``prediction``) and ``metrics.json`` ``vqa`` (accuracy per type).
+- EuroSAT mosaic folders (written by training: images carry their ``cells``' classes): captioned as caption
+  sets (``captions.json``, ``scenes.json``, ``segments.json``) and ``metrics.json`` ``covers``: how well the
+  captions name the land covers of the cells (:func:`training.metrics.naming_scores`: recall, precision, exact,
+  per cover, and over the mixed mosaics); the references are **derived** from class labels, so this measures
+  which covers are named, never caption quality.
 - class-labelled sets: ``predictions.json`` = ``[{"filename": "<as in dataset.json>", "class": "<one of the
   set's classes, spelled as in dataset.json>"}]`` and ``metrics.json`` ``scene`` (``accuracy``, ``images``,
   ``correct``, ``per_class``, the classes the scene head cannot name). The class is the scene head's
@@ -99,13 +104,19 @@ class EvalSet:
     name: str = ""
     captions: bool = False
     classes: list[str] | None = None
+    cells: dict[str, list[str]] | None = None  # a EuroSAT mosaic folder's: each image's cell classes
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.format == "rsvqa":
             return "RSVQA"
         kinds = (["captions"] if self.captions else []) + (["classes"] if self.classes else [])
-        return " + ".join(kinds)
+        return " + ".join(kinds + (["land covers (derived)"] if self.cells else []))
+
+    @property
+    def captioned(self) -> bool:
+        """Whether the images are captioned: they have reference sentences, or covers to name (a mosaic set)."""
+        return self.captions or bool(self.cells)
 
 
 _KNOWN_LAYOUTS = ("a folder with dataset.json (Karpathy captions and/or 'classes') + images/, or an RSVQA folder "
@@ -143,8 +154,17 @@ def detect_set(data: Path) -> EvalSet:
         raise UserInputError(f"{dataset_json} has neither reference sentences nor classes: nothing to evaluate "
                              f"(expected {_KNOWN_LAYOUTS})")
     name = str(content.get("dataset") or dataset_json.parent.name)
+    cells = {str(i["filename"]): [str(c) for c in i["cells"]] for i in items
+             if isinstance(i.get("cells"), list) and "filename" in i} or None
+    if cells is not None:
+        from training.data.mosaics import COVER_OF_CLASS
+
+        unknown = sorted({c for row in cells.values() for c in row} - set(COVER_OF_CLASS))
+        if unknown:
+            raise UserInputError(f"{dataset_json}: mosaic cells of classes without a land cover: {unknown} "
+                                 f"(expected EuroSAT's: {', '.join(COVER_OF_CLASS)})")
     return EvalSet("karpathy", dataset_json.parent, dataset_json, dataset_json.parent / "images", name=name,
-                   captions=captions, classes=classes)
+                   captions=captions, classes=classes, cells=cells)
 
 
 # --------------------------------------------------------------------------- ground resolution
@@ -304,7 +324,7 @@ def _evaluate_karpathy(args: EvaluateArgs, data: EvalSet, model: MoEInference, m
     elif mapping is not None and not mapping.names:
         class_error = (f"none of the {len(data.classes)} classes of {data.root} ({', '.join(data.classes[:5])} ...) "
                        f"is among the scene head's {len(scene_classes)} classes; train the head on this set's classes")
-    if class_error and not data.captions:
+    if class_error and not data.captioned:
         raise UserInputError(class_error)
     if mapping is not None and mapping.missing and mapping.names:
         log.warning("the scene head cannot name %d of the set's %d classes (never predicted): %s",
@@ -316,11 +336,11 @@ def _evaluate_karpathy(args: EvaluateArgs, data: EvalSet, model: MoEInference, m
     results: dict[int, ModelResult] = {}
     predicted: dict[int, str] = {}
     started = time.perf_counter()
-    what = "captioning" if data.captions else "classifying"
+    what = "captioning" if data.captioned else "classifying"
     for start in tqdm(range(0, len(records), args.batch_size), desc=f"{what} {args.split}", unit="batch"):
         chunk = records[start:start + args.batch_size]
         visual, routing_logits, head_logits = _encode(model, [r.image_path for r in chunk], predict)
-        if data.captions:
+        if data.captioned:
             resolutions = [image_seen_resolution(r.image_path, r.ground_resolution_m, r.width, input_size)
                            for r in chunk]
             for record, result in zip(chunk, model.caption_features(visual, args.style, routing_logits, resolutions)):
@@ -333,11 +353,13 @@ def _evaluate_karpathy(args: EvaluateArgs, data: EvalSet, model: MoEInference, m
 
     if data.captions:
         captioned = [r for r in records if r.captions]
+        metrics["captions"] = caption_metrics({r.image_id: captions[r.image_id] for r in captioned},
+                                              {r.image_id: r.captions for r in captioned}, meteor=args.meteor)
+    if data.cells:
+        metrics["covers"] = mosaic_cover_scores(records, captions, data.cells)
+    if data.captioned:
         metrics.update({
-            "style": args.style,
-            "captions": caption_metrics({r.image_id: captions[r.image_id] for r in captioned},
-                                        {r.image_id: r.captions for r in captioned}, meteor=args.meteor),
-            "caption_seconds": metrics["seconds"],
+            "style": args.style, "caption_seconds": metrics["seconds"],
             "plan_scene": scene_accuracy(records, {i: r.plan.scene for i, r in results.items()}, model),
             "scene_min_confidence": model.config.vision.scene_min_confidence,
         })
@@ -357,6 +379,21 @@ def _evaluate_karpathy(args: EvaluateArgs, data: EvalSet, model: MoEInference, m
     if args.vqa:
         metrics["vqa"], files["answers.json"] = _derived_vqa(args, model, all_records, records)
     return files
+
+
+def mosaic_cover_scores(records: Sequence[CaptionRecord], captions: dict[int, str],
+                        cells: dict[str, list[str]]) -> dict[str, Any]:
+    """How well the captions of EuroSAT mosaics name the land covers their cells show (derived references)."""
+    from training.data.mosaics import covers_named, mosaic_covers
+    from training.metrics import naming_scores
+
+    missing = [r.filename for r in records if r.filename not in cells]
+    if missing:
+        raise UserInputError(f"mosaic images without cells in dataset.json: {missing[:3]}")
+    scores = naming_scores([covers_named(captions[r.image_id]) for r in records],
+                           [mosaic_covers(cells[r.filename]) for r in records])
+    return {"references": "derived: the EuroSAT classes of each mosaic's cells, as land covers "
+                          "(training.data.mosaics.COVER_OF_CLASS; named: COVER_NAMES)", **scores}
 
 
 def _derived_vqa(args: EvaluateArgs, model: MoEInference, all_records: list[CaptionRecord],
@@ -504,6 +541,8 @@ def summary(metrics: dict) -> dict:
     out: dict[str, Any] = {"set": metrics.get("set"), "split": metrics.get("split"), "images": metrics.get("images")}
     if "captions" in metrics:
         out["captions"] = metrics["captions"]
+    if "covers" in metrics:
+        out["covers (derived)"] = {k: metrics["covers"][k] for k in ("recall", "precision", "exact")}
     if "scene" in metrics:
         out["scene"] = {k: metrics["scene"].get(k) for k in ("accuracy", "images", "error") if k in metrics["scene"]}
     if "vqa" in metrics:

@@ -237,6 +237,33 @@ def per_image_cider(predictions: Mapping[int, str], references: Mapping[int, Seq
     return {key: float(score) for key, score in zip(gts, scores)}
 
 
+def naming_scores(named: Sequence[set[str]], shown: Sequence[set[str]]) -> dict[str, Any]:
+    """How well captions name what images show (one set of names per image on each side): ``recall`` (of the
+    shown names, the share named), ``precision`` (of the named ones, the share shown), ``all_named`` (images
+    whose shown names are all named), ``exact`` (images named exactly), ``per_name`` recall / precision, and
+    ``images``; over the images with two names or more shown too (``mixed``)."""
+    if len(named) != len(shown):
+        raise ValueError("one set of names per image on each side")
+
+    def scores(pairs: list[tuple[set[str], set[str]]]) -> dict[str, Any]:
+        right = sum(len(n & s) for n, s in pairs)
+        n_named, n_shown = sum(len(n) for n, _ in pairs), sum(len(s) for _, s in pairs)
+        return {"images": len(pairs), "recall": right / n_shown if n_shown else None,
+                "precision": right / n_named if n_named else None,
+                "all_named": sum(s <= n for n, s in pairs) / len(pairs) if pairs else None,
+                "exact": sum(s == n for n, s in pairs) / len(pairs) if pairs else None}
+
+    pairs = list(zip(named, shown))
+    per_name = {}
+    for name in sorted(set().union(*named, *shown)):
+        as_shown = [n for n, s in pairs if name in s]
+        as_named = [s for n, s in pairs if name in n]
+        per_name[name] = {"shown": len(as_shown), "named": len(as_named),
+                          "recall": sum(name in n for n in as_shown) / len(as_shown) if as_shown else None,
+                          "precision": sum(name in s for s in as_named) / len(as_named) if as_named else None}
+    return {**scores(pairs), "mixed": scores([(n, s) for n, s in pairs if len(s) > 1]), "per_name": per_name}
+
+
 # --------------------------------------------------------------------------- VQA
 def answers_match(prediction: str, gold: str) -> bool:
     """Exact match after :func:`normalize_answer`; yes/no gold compared with the prediction's first word."""

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +58,20 @@ COVER_WORDS: dict[str, tuple[str | None, str]] = {
     "River": (None, "a river"), "Highway": (None, "a highway"),
 }
 LINEAR = ("River", "Highway")
+#: The cover each EuroSAT class counts as when a caption is checked against a mosaic's cells (``rsmoe evaluate``
+#: on a mosaic folder): classes a caption of a 10 m tile may fairly name either way are one cover.
+COVER_OF_CLASS: dict[str, str] = {
+    "AnnualCrop": "farmland", "Pasture": "farmland", "PermanentCrop": "farmland", "Forest": "forest",
+    "HerbaceousVegetation": "grassland", "Residential": "built-up", "Industrial": "built-up", "SeaLake": "water",
+    "River": "water", "Highway": "road",
+}
+#: Caption words naming each cover, in any set's wording the captioner learnt (EuroSAT's, UCM's, AID's, RSVQA's).
+COVER_NAMES: dict[str, re.Pattern[str]] = {cover: re.compile(rf"\b(?:{words})", re.IGNORECASE) for cover, words in {
+    "farmland": r"farmland|cropland|crop|pasture|orchard|vineyard|agricultur|field",
+    "forest": r"forest|trees|wood", "grassland": r"grass|herbaceous|meadow|shrub",
+    "built-up": r"house|residential|industrial|building|factor|warehouse|village|town",
+    "water": r"water|lake|river|sea\b|pond", "road": r"highway|road",
+}.items()}
 _BLOCKS = ((2, 2), (2, 3), (3, 2), (1, 2), (2, 1), (3, 3))  # of a GRID layout
 _FINE_SIDES = (2, 2, 3, 3, 4)  # block sides of a FINE_GRID layout
 
@@ -79,6 +94,16 @@ def mosaic_captions(cells: Sequence[str]) -> list[str]:
     return [f"This is {area} of {main_words} with {join_words(others)}.",
             f"{capital(main_words)} with {join_words(others)}.",
             f"{capital(join_words(others))} in {area} of {main_words}."]
+
+
+def mosaic_covers(cells: Sequence[str]) -> set[str]:
+    """The covers a mosaic of ``cells`` (EuroSAT class names) shows."""
+    return {COVER_OF_CLASS[c] for c in cells}
+
+
+def covers_named(caption: str) -> set[str]:
+    """The covers (:data:`COVER_NAMES`) a caption names."""
+    return {cover for cover, pattern in COVER_NAMES.items() if pattern.search(caption)}
 
 
 def main_class(cells: Sequence[str]) -> str:
