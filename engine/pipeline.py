@@ -7,7 +7,10 @@ Inputs
 
 Caption / ask
     A region is read once, downsampled (:meth:`RasterSource.read_overview`, longer side at most the
-    model input size), encoded by the vision encoder and then captioned or questioned.
+    model input size), encoded by the vision encoder and then captioned or questioned. A region seen
+    coarser than the model's trained range (a whole Sentinel-2 scene in one image) is captioned (concise)
+    and asked closed questions on a grid of tiles the model knows, and the tiles' results are combined:
+    the tiles' land-cover sentences make the region's (:mod:`engine.model.covers`), their answers its answer.
 
 Ground resolution
     Every image goes to the model with the ground resolution it shows
@@ -36,6 +39,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -50,8 +54,9 @@ from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
 from engine.model.answer_head import HeadAnswer, built_up_share, combine_tile_answers, region_grid
-from engine.model.routing import (CAPTION_STYLES, MAX_QUESTION_CHARS, ModelResult, MoEInference, concat_rows,
-                                  softmax_rows)
+from engine.model.covers import compose_cover_sentences, parse_cover_sentence
+from engine.model.routing import (CAPTION_STYLES, MAX_QUESTION_CHARS, ExpertOutput, ModelResult, MoEInference,
+                                  concat_rows, fuse, softmax_rows)
 from engine.raster import TileRead
 from engine.runtime import ModelSpec
 
@@ -65,6 +70,9 @@ DEFAULT_BATCH_SIZE = 64
 #: (5.7 m/px, about EuroSAT's 2.9 m/px) answer 10:6 rural, as the scene is.
 ANSWER_TILE_SEEN_FRACTION = 0.5
 MAX_ANSWER_GRID = 6
+#: The theme sentence of a region seen coarser than the trained range is written from at most this many tiles a
+#: side, each seen at about the coarsest trained resolution (:meth:`Pipeline._caption_over_tiles`).
+MAX_CAPTION_GRID = 4
 #: Region tiles (rural / urban, an answer head's region inputs) are at least this many raster pixels a side:
 #: EuroSAT's and RSVQA-LR's are 64; a few dozen pixels magnified to the model's input show nothing.
 MIN_REGION_TILE_PX = 48
@@ -458,14 +466,62 @@ class Pipeline:
         start = time.perf_counter()
         inputs = [ImageInput.of(item) for item in items]
         regions = self.read_regions(inputs, names)
-        for inp, region in zip(inputs, regions):
-            self._log_outside(region, inp.label)
+        grids = [self._caption_grid(region) for region in regions]
+        for inp, region, grid in zip(inputs, regions, grids):
+            if grid == 1:
+                self._log_outside(region, inp.label)
         hits = [self._key(r.key) in self.cache for r in regions]
         results = self.caption_images([r.image for r in regions], style, [r.key for r in regions],
                                       [r.seen_resolution(self.image_size) for r in regions])
+        for i, (inp, region, grid) in enumerate(zip(inputs, regions, grids)):
+            if grid > 1:
+                results[i] = self._caption_over_tiles(inp, region, grid, results[i])
         seconds = (time.perf_counter() - start) / max(1, len(inputs))
         return [RegionResult(res, r.read.window, r.source, hit, seconds, r.ground_resolution_m)
                 for res, r, hit in zip(results, regions, hits)]
+
+    def _caption_grid(self, part: RegionRead) -> int:
+        """Tiles per side whose land covers make the caption of ``part`` when it is seen coarser than the
+        trained range (1: none): tiles seen at about the coarsest trained resolution, at most
+        :data:`MAX_CAPTION_GRID` a side."""
+        seen = part.seen_resolution(self.image_size)
+        resolution = self.model.config.resolution
+        if seen is None or resolution.max_m is None or resolution.outside(seen) != "coarser":
+            return 1
+        return max(2, min(MAX_CAPTION_GRID, math.ceil(seen / resolution.max_m - 0.05)))
+
+    def _caption_over_tiles(self, inp: ImageInput, part: RegionRead, grid: int, whole: ModelResult) -> ModelResult:
+        """``whole`` (the region's caption as one image) with its theme sentence written from ``grid`` x ``grid``
+        tiles the model knows, when at least half of the tiles' concise captions are land-cover sentences
+        (:func:`compose_cover_sentences`); else ``whole`` as it is. A concise result then reports the tiles'
+        resolution and how many tiles were unsure and why; a detailed one keeps the whole image's resolution
+        and reasons too (its other experts read the whole image)."""
+        tiles = self._grid_tiles(inp, part, grid)
+        results = self.caption_images([t.image for t in tiles], "concise", [t.key for t in tiles],
+                                      [t.seen_resolution(self.image_size) for t in tiles])
+        sentences = [s for s in (parse_cover_sentence(r.text) for r in results) if s is not None]
+        if 2 * len(sentences) < len(results) or not results[0].segments:
+            log.info("%s: %d of %d tiles' captions name land covers: captioned as one image", inp.label,
+                     len(sentences), len(results))
+            self._log_outside(part, inp.label)
+            return whole
+        text = compose_cover_sentences(sentences)
+        log.info("%s: land covers from %d x %d tiles (%s): %s", inp.label, grid, grid,
+                 " | ".join(r.text for r in results), text)
+        tile_theme = results[0].segments[0]
+        theme = ExpertOutput(tile_theme.expert, f"[{grid} x {grid} tiles] {tile_theme.prompt}", text)
+        segments = [theme] + [s for s in whole.segments if s.expert != theme.expert]
+        unsure = [r for r in results if r.uncertain]
+        why = sorted({re.sub(r"\s*\([0-9.]+\)", "", reason) for r in unsure for reason in r.uncertainty})
+        uncertainty = [f"{len(unsure)} of {len(results)} tiles unsure: {', '.join(why)}"] if unsure else []
+        plan = whole.plan
+        if whole.style == "concise":
+            seen = max(t.seen_resolution(self.image_size) or 0.0 for t in tiles) or None
+            plan = replace(plan, resolution_m=seen)
+        else:
+            uncertainty += whole.uncertainty
+        return replace(whole, text=fuse(segments, "caption", whole.style, self.model.config.expert_names),
+                       plan=plan, segments=segments, uncertainty=uncertainty)
 
     def ask(self, item: ImageInput | str | Path | bytes, question: str, **region: Any) -> RegionResult:
         """Answer a question about a raster, an image, or a window / extent of it.

@@ -182,6 +182,10 @@ def test_detailed_caption_says_each_sentence_once() -> None:
             ExpertOutput("relations", "p", "The houses and farmland are in a rural area of grassland.")]
     assert fuse(near, "caption", "detailed", order) == ("This is a rural area of farmland. "
                                                         "The houses and farmland are in a rural area of grassland.")
+    wider = [ExpertOutput("theme", "p", "This is a rural area of farmland with a forest and a river."), *near[1:]]
+    assert fuse(wider, "caption", "detailed", order) == (  # all of the objects' words are in the theme's sentence
+        "This is a rural area of farmland with a forest and a river. "
+        "The houses and farmland are in a rural area of grassland.")
 
 
 def test_template_router_routes_questions_by_kind(tiny_dir: Path) -> None:

@@ -430,6 +430,69 @@ def test_uncertain_when_the_resolution_is_outside_the_trained_range(conditioned:
     assert edge["uncertain"] is False
 
 
+COVER_TILES = ["This is a rural area of farmland with a river and a forest.", "This is an urban area of houses.",
+               "This is a rural area of farmland with a forest.", "This is a rural area of grassland with houses."]
+
+
+def test_a_coarse_region_is_captioned_from_tiles_the_model_knows(conditioned: Pipeline,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh = Pipeline(conditioned.model, conditioned.info, batch_size=4)
+    calls: list[list] = []
+    original = fresh.caption_images
+
+    def captions(images, style="concise", keys=None, resolutions=None, texts=COVER_TILES):
+        calls.append(list(resolutions))
+        results = original(images, style, keys, resolutions)
+        for k, r in enumerate(results):
+            r.text = texts[k % len(texts)]
+        return results
+
+    monkeypatch.setattr(fresh, "caption_images", captions)
+    size = fresh.image_size
+    res = fresh.caption(S2)  # 512 px at 10 m as one image: far coarser than 12 m/px
+    assert len(calls) == 2 and len(calls[1]) == 16  # the whole image, then 4 x 4 tiles (the most a side)
+    assert calls[1] == pytest.approx([10.0 * 128 / size] * 16, rel=0.01)
+    assert res.text == "This is a rural area of farmland with a forest, houses, a river and grassland."
+    d = res.to_dict()
+    assert d["model_resolution_m"] == pytest.approx(10.0 * 128 / size, rel=0.01)
+    assert d["uncertain"] and d["uncertainty"] == [  # the tiles are still coarser than 12 m/px (tiny model)
+        f"16 of 16 tiles unsure: resolution {d['model_resolution_m']:g} m/px is coarser than the trained range "
+        "0.3-12 m/px"]
+    assert [s["expert"] for s in d["segments"]] == ["theme"] and d["segments"][0]["text"] == res.text
+    assert d["segments"][0]["prompt"].startswith("[4 x 4 tiles] ")
+    detailed = fresh.caption(S2, style="detailed").to_dict()  # the theme from the tiles, the rest from the image
+    assert len(calls) == 4 and detailed["text"].startswith(res.text + " ")
+    assert [s["expert"] for s in detailed["segments"]] == fresh.model.config.expert_names
+    assert detailed["segments"][0]["text"] == res.text and detailed["model_resolution_m"] > d["model_resolution_m"]
+    assert detailed["uncertainty"][0] == d["uncertainty"][0] and len(detailed["uncertainty"]) == 2
+
+    calls.clear()  # tiles whose captions are not land-cover sentences: the whole image's caption stands
+    monkeypatch.setattr(fresh, "caption_images", lambda *a, **k: captions(*a, **k, texts=["Many green trees."]))
+    assert fresh.caption(S2).text == "Many green trees." and len(calls) == 2
+    inside = fresh.caption(S2, window=Window(0, 0, size, size))  # seen at 10 m: one image, no tiles
+    assert len(calls) == 3 and inside.text == "Many green trees." and not inside.uncertain
+
+
+def test_cover_sentences_parse_and_compose() -> None:
+    from engine.model.covers import CoverSentence, compose_cover_sentences, parse_cover_sentence
+
+    assert parse_cover_sentence("This is a rural area of farmland with a river, a lake and a forest.") == \
+        CoverSentence("rural", "farmland", ("river", "water", "forest"))
+    assert parse_cover_sentence("this is an urban area of industrial buildings") == \
+        CoverSentence("urban", "industrial buildings", ())
+    for other in ("This is a river with farmland.", "Many buildings are in a dense residential area .",
+                  "This is a rural area of farmland with , and ."):
+        assert parse_cover_sentence(other) is None
+    tiles = [parse_cover_sentence(t) for t in COVER_TILES]
+    assert compose_cover_sentences(tiles[1:2]) == "This is an urban area of houses."
+    assert compose_cover_sentences(tiles[2:]) == "This is a rural area of farmland with a forest, grassland and houses."
+    water = [parse_cover_sentence("This is an urban area of water with houses."),
+             parse_cover_sentence("This is a rural area of farmland with a lake.")]
+    assert compose_cover_sentences(water) == "This is an urban area of water with houses and farmland."
+    with pytest.raises(ValueError):
+        compose_cover_sentences([])
+
+
 def test_uncertainty_reasons() -> None:
     from engine.model.config import ResolutionConfig, RSMoEConfig
     from engine.model.router_plan import RouterPlan

@@ -192,7 +192,9 @@ def _sentence_case(text: str) -> str:
 
 
 #: A detailed caption drops an expert's sentence that shares at least this share of its words (Jaccard) with a
-#: sentence already kept: "This is a rural area with farmland." after "This is a rural area of farmland." (0.75).
+#: sentence already kept: "This is a rural area with farmland." after "This is a rural area of farmland." (0.75),
+#: or whose words a kept sentence all holds (it says nothing new: the same after "This is a rural area of
+#: farmland with a forest and a river.").
 NEAR_DUPLICATE_OVERLAP = 0.7
 
 
@@ -208,7 +210,7 @@ def fuse(outputs: list[ExpertOutput], task: str, style: str | None, order: list[
         kept: list[tuple[set[str], str]] = []  # first expert first
         for text in texts:
             words = _words(text)
-            if not any(_overlap(words, other) >= NEAR_DUPLICATE_OVERLAP for other, _ in kept):
+            if not any(words <= other or _overlap(words, other) >= NEAR_DUPLICATE_OVERLAP for other, _ in kept):
                 kept.append((words, _sentence_case(text)))
         return " ".join(sentence for _, sentence in kept)
     return " ".join(texts)

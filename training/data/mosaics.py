@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import UserInputError
+from engine.model.covers import COVER_FORMS
 from training.data.derived import EUROSAT_CAPTIONS, capital, join_words
 from training.data.loaders import load_class_folder
 from training.data.records import CaptionRecord
@@ -46,16 +47,17 @@ FINE_GRID = 8  # cells a side of a fine patchwork: 8 x 32 px crops
 FINE_SHARE = 0.5  # of the patchworks (not of the pure mosaics)
 PURE_SHARE = 0.25
 FORMAT = 3  # bumped when the layout changes (a folder of another format is rewritten; captions are not stored)
-#: How each EuroSAT class reads in a mosaic caption: (as the main land cover, as a further one); the linear
-#: classes (river, highway) are never the main one. Crops, pasture and orchards all read as farmland: in a mixed
-#: 10 m tile they look alike (the model named them at random), and farmland is what a user expects there (and
-#: what the RSVQA-LR-derived captions of real Sentinel-2 tiles say); classes that read alike count as one cover.
+#: How each EuroSAT class reads in a mosaic caption: its land cover's :data:`engine.model.covers.COVER_FORMS`
+#: (as the main cover, as a further one; the linear classes, river and highway, are never the main one).
+#: Crops, pasture and orchards all read as farmland: in a mixed 10 m tile they look alike (the model named them
+#: at random), and farmland is what a user expects there (and what the RSVQA-LR-derived captions of real
+#: Sentinel-2 tiles say); classes that read alike count as one cover.
 COVER_WORDS: dict[str, tuple[str | None, str]] = {
-    "AnnualCrop": ("farmland", "farmland"), "Pasture": ("farmland", "farmland"),
-    "PermanentCrop": ("farmland", "farmland"), "Forest": ("forest", "a forest"),
-    "HerbaceousVegetation": ("grassland", "grassland"), "Residential": ("houses", "houses"),
-    "Industrial": ("industrial buildings", "industrial buildings"), "SeaLake": ("water", "a lake"),
-    "River": (None, "a river"), "Highway": (None, "a highway"),
+    "AnnualCrop": COVER_FORMS["farmland"], "Pasture": COVER_FORMS["farmland"],
+    "PermanentCrop": COVER_FORMS["farmland"], "Forest": COVER_FORMS["forest"],
+    "HerbaceousVegetation": COVER_FORMS["grassland"], "Residential": COVER_FORMS["houses"],
+    "Industrial": COVER_FORMS["industrial buildings"], "SeaLake": COVER_FORMS["water"],
+    "River": COVER_FORMS["river"], "Highway": COVER_FORMS["highway"],
 }
 LINEAR = ("River", "Highway")
 #: The cover each EuroSAT class counts as when a caption is checked against a mosaic's cells (``rsmoe evaluate``
