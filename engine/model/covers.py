@@ -45,7 +45,8 @@ def _cover(phrase: str) -> str:
     return _COVER_OF_PHRASE.get(phrase, phrase)
 
 
-def _join(items: Sequence[str]) -> str:
+def join_words(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
@@ -84,4 +85,4 @@ def compose_cover_sentences(sentences: Sequence[CoverSentence]) -> str:
     area = f"an {setting} area" if setting[0] in "aeiou" else f"a {setting} area"
     if not others:
         return f"This is {area} of {main_words}."
-    return f"This is {area} of {main_words} with {_join([COVER_FORMS.get(c, (c, c))[1] for c in others])}."
+    return f"This is {area} of {main_words} with {join_words([COVER_FORMS.get(c, (c, c))[1] for c in others])}."

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from engine.model.covers import join_words
 from training.data.records import CaptionRecord, VQARecord
 
 #: Three derived sentences per EuroSAT class.
@@ -80,10 +81,6 @@ OBJECT_WORDS: dict[str, str] = {
 }
 _SKIPPED_OBJECTS = {"pedestrian", "place of worship", "religious building"}
 _MAX_NAMED = 5
-
-
-def join_words(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def capital(text: str) -> str:

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import UserInputError
-from engine.model.covers import COVER_FORMS
-from training.data.derived import EUROSAT_CAPTIONS, capital, join_words
+from engine.model.covers import COVER_FORMS, join_words
+from training.data.derived import EUROSAT_CAPTIONS, capital
 from training.data.loaders import load_class_folder
 from training.data.records import CaptionRecord
 
