@@ -54,7 +54,7 @@ from engine.errors import RasterError, RSMoEError, UserInputError
 from engine.georef import Window
 from engine.inputs import ImageInput, open_input, resolve_window, seen_resolution
 from engine.model.answer_head import HeadAnswer, built_up_share, combine_tile_answers, region_grid
-from engine.model.covers import compose_cover_sentences, parse_cover_sentence
+from engine.model.covers import compose_cover_sentences, covers_mentioned, parse_cover_sentence
 from engine.model.routing import (CAPTION_STYLES, MAX_QUESTION_CHARS, ExpertOutput, ModelResult, MoEInference,
                                   concat_rows, fuse, softmax_rows)
 from engine.raster import TileRead
@@ -493,19 +493,20 @@ class Pipeline:
     def _caption_over_tiles(self, inp: ImageInput, part: RegionRead, grid: int, whole: ModelResult) -> ModelResult:
         """``whole`` (the region's caption as one image) with its theme sentence written from ``grid`` x ``grid``
         tiles the model knows, when at least half of the tiles' concise captions are land-cover sentences
-        (:func:`compose_cover_sentences`); else ``whole`` as it is. A concise result then reports the tiles'
+        (:func:`compose_cover_sentences`; the others add the covers they mention); else ``whole`` as it is. A concise result then reports the tiles'
         resolution and how many tiles were unsure and why; a detailed one keeps the whole image's resolution
         and reasons too (its other experts read the whole image)."""
         tiles = self._grid_tiles(inp, part, grid)
         results = self.caption_images([t.image for t in tiles], "concise", [t.key for t in tiles],
                                       [t.seen_resolution(self.image_size) for t in tiles])
-        sentences = [s for s in (parse_cover_sentence(r.text) for r in results) if s is not None]
+        parsed = [parse_cover_sentence(r.text) for r in results]
+        sentences = [s for s in parsed if s is not None]
         if 2 * len(sentences) < len(results) or not results[0].segments:
             log.info("%s: %d of %d tiles' captions name land covers: captioned as one image", inp.label,
                      len(sentences), len(results))
             self._log_outside(part, inp.label)
             return whole
-        text = compose_cover_sentences(sentences)
+        text = compose_cover_sentences([s or covers_mentioned(r.text) for r, s in zip(results, parsed)])
         log.info("%s: land covers from %d x %d tiles (%s): %s", inp.label, grid, grid,
                  " | ".join(r.text for r in results), text)
         tile_theme = results[0].segments[0]

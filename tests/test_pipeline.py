@@ -474,7 +474,7 @@ def test_a_coarse_region_is_captioned_from_tiles_the_model_knows(conditioned: Pi
 
 
 def test_cover_sentences_parse_and_compose() -> None:
-    from engine.model.covers import CoverSentence, compose_cover_sentences, parse_cover_sentence
+    from engine.model.covers import CoverSentence, compose_cover_sentences, covers_mentioned, parse_cover_sentence
 
     assert parse_cover_sentence("This is a rural area of farmland with a river, a lake and a forest.") == \
         CoverSentence("rural", "farmland", ("river", "water", "forest"))
@@ -489,8 +489,14 @@ def test_cover_sentences_parse_and_compose() -> None:
     water = [parse_cover_sentence("This is an urban area of water with houses."),
              parse_cover_sentence("This is a rural area of farmland with a lake.")]
     assert compose_cover_sentences(water) == "This is an urban area of water with houses and farmland."
+    # another kind of caption adds the covers it mentions ("trees" are no forest), in the tiles' order
+    beach = "This is a part of a beach with blue water , white sand and some trees ."
+    assert covers_mentioned(beach) == ["beach"] and covers_mentioned("A piece of farmland with a lake.") == [
+        "farmland", "water"]
+    assert compose_cover_sentences([tiles[2], covers_mentioned(beach), tiles[3]]) == (
+        "This is a rural area of farmland with a forest, a beach, grassland and houses.")
     with pytest.raises(ValueError):
-        compose_cover_sentences([])
+        compose_cover_sentences([["beach"]])
 
 
 def test_uncertainty_reasons() -> None:

@@ -21,7 +21,17 @@ COVER_FORMS: dict[str, tuple[str | None, str]] = {
     "farmland": ("farmland", "farmland"), "forest": ("forest", "a forest"), "grassland": ("grassland", "grassland"),
     "houses": ("houses", "houses"), "industrial buildings": ("industrial buildings", "industrial buildings"),
     "water": ("water", "a lake"), "river": (None, "a river"), "highway": (None, "a highway"),
+    "beach": (None, "a beach"), "sea": (None, "the sea"),
 }
+#: Words by which a caption of another kind (``This is a part of a beach with blue water and white sand .``)
+#: mentions a cover; "trees" is no forest (a park, a garden, a few along a road).
+_MENTIONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cover, re.compile(rf"\b(?:{words})\b", re.IGNORECASE))
+                                                            for cover, words in (
+    ("farmland", r"farmlands?|croplands?|fields?|pastures?"), ("forest", r"forests?|woods|woodland"),
+    ("grassland", r"grasslands?|meadows?"), ("houses", r"houses|residential|village"),
+    ("industrial buildings", r"industrial"), ("water", r"lakes?|ponds?"), ("river", r"rivers?"),
+    ("highway", r"highways?"), ("beach", r"beach(?:es)?"), ("sea", r"sea|ocean"),
+))
 #: The most further covers a composed sentence names.
 MAX_FURTHER_COVERS = 4
 
@@ -63,10 +73,18 @@ def parse_cover_sentence(text: str) -> CoverSentence | None:
                          tuple(dict.fromkeys(_cover(p) for p in parts)))
 
 
-def compose_cover_sentences(sentences: Sequence[CoverSentence]) -> str:
-    """One cover sentence for a region from its tiles' (at least one): the setting and main cover most tiles
-    give (ties: the first tile's), then the other covers any tile names, the most often named first (ties:
-    in the tiles' order), at most :data:`MAX_FURTHER_COVERS`."""
+def covers_mentioned(caption: str) -> list[str]:
+    """The covers a caption of any kind mentions, in the order it mentions them."""
+    found = [(m.start(), cover) for cover, pattern in _MENTIONS for m in [pattern.search(caption)] if m]
+    return [cover for _, cover in sorted(found)]
+
+
+def compose_cover_sentences(tiles: Sequence[CoverSentence | Sequence[str]]) -> str:
+    """One cover sentence for a region from its tiles': each a cover sentence, or the covers another kind of
+    caption mentions (:func:`covers_mentioned`). The setting and main cover most cover sentences give (ties: the
+    first one's), then the other covers any tile names, the most often named first (ties: in the tiles' order),
+    at most :data:`MAX_FURTHER_COVERS`."""
+    sentences = [t for t in tiles if isinstance(t, CoverSentence)]
     if not sentences:
         raise ValueError("no cover sentences to compose")
     mains = Counter(s.main for s in sentences)
@@ -75,8 +93,8 @@ def compose_cover_sentences(sentences: Sequence[CoverSentence]) -> str:
     setting = max(settings, key=lambda x: (settings[x], x == "rural"))
     named: Counter[str] = Counter()
     order: dict[str, int] = {}
-    for s in sentences:
-        for cover in (s.main, *s.others):
+    for covers in [(t.main, *t.others) if isinstance(t, CoverSentence) else tuple(dict.fromkeys(t)) for t in tiles]:
+        for cover in covers:
             if cover != main:
                 named[cover] += 1
                 order.setdefault(cover, len(order))
