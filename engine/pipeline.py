@@ -682,7 +682,7 @@ class Pipeline:
         """A region's combined answer as a result: the plan names the whole region's scene and the coarsest
         resolution a tile was seen at."""
         visual, scene_logits = self.encode([part.image], [part.key])
-        guesses = self.model.scene_guesses(visual, scene_logits)
+        guesses = self.model.scene_guesses(visual, scene_logits, [part.seen_resolution(self.image_size)])
         seen = max(t.seen_resolution(self.image_size) or 0.0 for t in tiles) or None
         return self.model.head_result(answer, guesses[0] if guesses else None, seen)
 

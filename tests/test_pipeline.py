@@ -542,6 +542,40 @@ def test_scene_unsure_makes_the_result_uncertain(tiny_dir: Path) -> None:  # noq
     assert pipe.caption(S2, window=Window(0, 0, 128, 128)).to_dict()["uncertain"] is False
 
 
+def test_a_scene_learnt_only_at_far_other_resolutions_is_not_named(tiny_dir: Path) -> None:  # noqa: F811
+    import torch
+
+    from engine.model import RSMoEModel
+    from engine.model.config import SCENE_RESOLUTION_SLACK
+
+    model = RSMoEModel.from_pretrained(tiny_dir)
+    model.config.vision.scene_classes = ["golf course", "sea or lake", "beach"]
+    model.config.resolution.scene_m = {"golf course": [0.33, 0.35], "sea or lake": [2.857, 11.429],
+                                       "beach": [None, None]}
+    logits = np.log(np.array([[0.85, 0.10, 0.05]] * 4))
+    guesses = model.scene_guesses(None, logits, [11.4, 0.5, None, 0.35 * SCENE_RESOLUTION_SLACK])
+    assert [g.scene for g in guesses] == ["sea or lake", "golf course", "golf course", "golf course"]
+    assert guesses[0].confidence == pytest.approx(0.10 / 0.15) and guesses[1].confidence == pytest.approx(0.85 / 0.90)
+    assert guesses[2].confidence == pytest.approx(0.85)  # unknown resolution: every class stays
+    assert [g.scene for g in model.scene_guesses(None, logits)] == ["golf course"] * 4  # none given: no change
+    model.config.resolution.scene_m = {"golf course": [0.33, 0.35], "sea or lake": [0.33, 0.35], "beach": [0.3, 0.3]}
+    assert model.scene_guesses(None, logits[:1], [11.4])[0].scene == "golf course"  # none plausible: all stay
+
+    # through the pipeline: the plan of a Sentinel-2 tile never names the class learnt on 0.3 m aerials
+    head = torch.nn.Linear(model.vision.num_features, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([4.0, 0.0]))
+    model.set_scene_head(["golf course", "sea or lake"], head)
+    model.config.resolution.scene_m = {"golf course": [0.33, 0.35], "sea or lake": [None, None]}
+    model.config.vision.scene_min_confidence = 0.0
+    pipe = Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=2)
+    for res in (pipe.caption(S2, window=Window(0, 0, 128, 128)), pipe.ask(S2, "what is this?", window=Window(0, 0, 128, 128))):
+        assert res.result.plan.scene == "sea or lake" and res.result.plan.scene_confidence == pytest.approx(1.0)
+    model.config.resolution.scene_m = {}
+    assert pipe.caption(S2, window=Window(0, 0, 128, 128)).result.plan.scene == "golf course"
+
+
 def test_resolution_survives_a_plan_written_by_the_router(conditioned: Pipeline,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A trained router writes a plan the engine parses: the image's resolution must stay in that plan too

@@ -330,3 +330,26 @@ def test_a_mosaics_derived_questions_follow_its_cells_not_its_main_class() -> No
     questions = derive_class_vqa([record], per_image=20)
     assert len(questions) == len(facts)
     assert {q.question_id.split(":")[-1]: q.answer for q in questions} == facts
+
+
+def test_trained_resolutions_are_recorded_per_set_and_per_scene_class(tmp_path: Path) -> None:
+    from engine.model.config import RSMoEConfig
+    from training.data.records import CaptionRecord
+    from training.train import record_trained_resolutions
+
+    def record(i: int, dataset: str, class_name: str | None) -> CaptionRecord:
+        return CaptionRecord(i, tmp_path / f"{i}.png", "train", class_name, [], dataset=dataset)
+
+    train = [record(1, "ucm", "golfcourse"), record(2, "ucm", "beach"), record(3, "aid", "Beach"),
+             record(4, "eurosat", "SeaLake"), record(5, "eurosat_mosaic", "SeaLake"), record(6, "rsvqa_lr", None)]
+    seen = {1: 0.33, 2: 0.35, 3: None, 4: 2.857, 5: 11.429, 6: 11.429}
+    config = RSMoEConfig()
+    record_trained_resolutions(config, train, seen)
+    resolution = config.resolution
+    assert resolution.trained_m == {"aid": [None, None], "eurosat": [2.857, 2.857], "eurosat_mosaic": [11.429, 11.429],
+                                    "rsvqa_lr": [11.429, 11.429], "ucm": [0.33, 0.35]}
+    assert resolution.min_m == 0.33 and resolution.max_m == 11.429
+    # a class also learnt on images of unknown resolution (AID's beaches) has no known range: never left out
+    assert resolution.scene_m == {"beach": [None, None], "golf course": [0.33, 0.33], "sea or lake": [2.857, 11.429]}
+    assert not resolution.scene_plausible("golf course", 11.4) and resolution.scene_plausible("beach", 11.4)
+    assert resolution.scene_plausible("sea or lake", 0.8) and not resolution.scene_plausible("sea or lake", 0.6)

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="only learn the answer head (and its region classifier) of this trained model again, from "
                         "the config's data and answer_head settings, after refitting its scene head where the config's "
                         "scene_head_refit is enabled (the model's other weights are kept)")
+    p.add_argument("--record-resolutions-of", type=Path, default=None, metavar="MODEL_DIR",
+                   help="only write the config's data's trained resolution ranges (per set and per scene class) "
+                        "into this trained model's config.json (its weights are kept)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
@@ -48,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
-    from training.train import relearn_answer_head, train
+    from training.train import record_resolutions_of, relearn_answer_head, train
 
     config = TrainConfig.load(args.config)
     if args.out is not None:
@@ -57,6 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.cache_dir = str(args.cache_dir)
     if args.one_stage:
         config.one_stage = True
+    if args.record_resolutions_of is not None:
+        final = record_resolutions_of(args.record_resolutions_of, config)
+        sys.stdout.write(f"resolution ranges recorded: {final}\n")
+        return 0
     if args.answer_head_of is not None:
         final = relearn_answer_head(args.answer_head_of, config)
         sys.stdout.write(f"answer head learnt: {final}\n")

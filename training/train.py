@@ -49,6 +49,7 @@ from training.data.mosaics import write_mosaics
 from training.data.records import CaptionRecord, VQARecord, evenly_spaced, seen_resolution
 from training.data.sets import CAPTION_SETS, load_mixture
 from training.data.subtasks import infer_scene
+from training.data.vocab import class_phrase
 from training.features import FeatureStore, build_feature_store
 from training.samples import Sample, stage1_samples, stage2_samples
 from training.scene_head import REPORT_FILE as SCENE_HEAD_REPORT
@@ -349,22 +350,49 @@ def repeated(records: Sequence[CaptionRecord], repeats: dict[str, int]) -> list[
     return [r for r in records for _ in range(repeats.get(r.dataset, 1))]
 
 
-def record_trained_resolutions(model_config: RSMoEConfig, data: StageData) -> None:
-    """Write the seen resolution range of each training set, the overall range and the read footprint the model
-    knows (``tile_m``: the finest seen resolution times the input size) into the model config."""
-    by_set: dict[str, list[float | None]] = defaultdict(list)
-    for r in data.train:
-        by_set[r.dataset].append(data.resolutions.get(r.image_id))
-    trained: dict[str, list[float | None]] = {}
-    for name, values in sorted(by_set.items()):
-        known = [v for v in values if v is not None]
-        trained[name] = [round(min(known), 3), round(max(known), 3)] if known else [None, None]
-    known_all = [v for pair in trained.values() for v in pair if v is not None]
+def record_trained_resolutions(model_config: RSMoEConfig, train: Sequence[CaptionRecord],
+                               resolutions: dict[int, float | None]) -> None:
+    """Write the seen resolution range of each training set and of each scene class (``resolutions``: each
+    image's, by id), the overall range and the read footprint the model knows (``tile_m``: the finest seen
+    resolution times the input size) into the model config."""
     resolution = model_config.resolution
-    resolution.trained_m = trained
+    resolution.trained_m = _ranges(train, resolutions, lambda r: r.dataset, any_unknown=False)
+    resolution.scene_m = _ranges([r for r in train if class_phrase(r.class_name)], resolutions,
+                                 lambda r: str(class_phrase(r.class_name)), any_unknown=True)
+    known_all = [v for pair in resolution.trained_m.values() for v in pair if v is not None]
     resolution.min_m = min(known_all) if known_all else None
     resolution.max_m = max(known_all) if known_all else None
     resolution.tile_m = round(resolution.min_m * model_config.image.image_size) if resolution.min_m else None
+
+
+def _ranges(records: Sequence[CaptionRecord], resolutions: dict[int, float | None],
+            key: Callable[[CaptionRecord], str], any_unknown: bool) -> dict[str, list[float | None]]:
+    """``[min, max]`` of the records' known seen resolutions per ``key``; ``[None, None]`` where none is known,
+    or (``any_unknown``) where any is not (a scene class learnt also on images of unknown resolution)."""
+    by_key: dict[str, list[float | None]] = defaultdict(list)
+    for r in records:
+        by_key[key(r)].append(resolutions.get(r.image_id))
+    ranges: dict[str, list[float | None]] = {}
+    for name, values in sorted(by_key.items()):
+        known = [v for v in values if v is not None]
+        unknown = not known or (any_unknown and len(known) < len(values))
+        ranges[name] = [None, None] if unknown else [round(min(known), 3), round(max(known), 3)]
+    return ranges
+
+
+def record_resolutions_of(model_dir: Path, config: TrainConfig) -> Path:
+    """Write the recipe's trained resolution ranges (per set, per scene class) into a trained model's config,
+    nothing else changed (``rsmoe train --config C --record-resolutions-of DIR``)."""
+    from engine.model.config import RSMoEConfig as Config
+
+    model_dir = Path(model_dir)
+    model_config = Config.load(model_dir)
+    records = load_records(config, model_config.image.image_size)
+    record_trained_resolutions(model_config, records.train, records.resolutions)
+    model_config.save(model_dir)
+    log.info("%s: resolution ranges of %d sets and %d scene classes recorded", model_dir,
+             len(model_config.resolution.trained_m), len(model_config.resolution.scene_m))
+    return model_dir
 
 
 @torch.no_grad()
@@ -422,7 +450,7 @@ def train(config: TrainConfig, until: str = "stage2") -> Path:
         if until == "vision":
             return out / "vision"
     data = load_data(model, config)
-    record_trained_resolutions(model.config, data)
+    record_trained_resolutions(model.config, data.train, data.resolutions)
     caption_records = repeated(data.train, config.data.caption_repeats)
     experts = model.config.expert_names
     dense = experts[0]

@@ -152,6 +152,11 @@ RESOLUTION_STEPS_M: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1,
                                          70, 100, 150, 200, 300, 500, 1000)
 
 
+#: How far (as a factor) from the resolutions a scene class was trained at an image may be seen for the scene head
+#: to name that class: objects keep their look over a few times their scale, not over tens of times.
+SCENE_RESOLUTION_SLACK = 4.0
+
+
 @dataclass
 class ResolutionConfig:
     """Ground resolution (metres per pixel of what the model sees, after resampling to the input size).
@@ -160,13 +165,16 @@ class ResolutionConfig:
     a request's resolution is known; empty: the model is not conditioned on it (models trained before it).
     ``trained_m``: the seen resolution range of each training set, ``[min, max]`` (null where unknown);
     ``min_m`` / ``max_m``: the range the model was trained on; ``tile_m``: the ground size of a read
-    footprint the model knows, which tiling uses for imagery finer than ``min_m``."""
+    footprint the model knows, which tiling uses for imagery finer than ``min_m``; ``scene_m``: the seen
+    resolution range of each scene class's training images (null where a set's is unknown), which
+    :meth:`scene_plausible` reads."""
 
     prompt: str = ""
     trained_m: dict[str, list[float | None]] = field(default_factory=dict)
     min_m: float | None = None
     max_m: float | None = None
     tile_m: float | None = None
+    scene_m: dict[str, list[float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("min_m", "max_m", "tile_m"):
@@ -182,6 +190,15 @@ class ResolutionConfig:
             return ""
         step = min(RESOLUTION_STEPS_M, key=lambda s: abs(math.log(s / resolution_m)))
         return self.prompt.format(resolution=f"about {step:g} m") + " "
+
+    def scene_plausible(self, scene: str, resolution_m: float | None) -> bool:
+        """False when the model learnt ``scene`` only on images seen more than :data:`SCENE_RESOLUTION_SLACK`
+        times finer or coarser than ``resolution_m`` (a golf course, known from 0.3 m aerials, in a 2.5 km
+        Sentinel-2 tile); True where the resolution or the class's range is unknown."""
+        low, high = (self.scene_m.get(scene) or [None, None])[:2]
+        if resolution_m is None or low is None or high is None:
+            return True
+        return low / SCENE_RESOLUTION_SLACK <= resolution_m <= high * SCENE_RESOLUTION_SLACK
 
     def outside(self, resolution_m: float | None) -> str | None:
         """``finer`` / ``coarser`` when ``resolution_m`` lies more than 1.5x outside the trained range, else None."""

@@ -290,14 +290,23 @@ class MoEInference:
             rows[i] = averaged[j:j + 1]
         return concat_rows(rows)
 
-    def scene_guesses(self, visual: Any, scene_logits: Any | None = None) -> list[SceneGuess] | None:
+    def scene_guesses(self, visual: Any, scene_logits: Any | None = None,
+                      resolutions: Sequence[float | None] | None = None) -> list[SceneGuess] | None:
         """The scene head's best scene for each image and its probability, from ``scene_logits``
-        (:meth:`view_scene_logits`), or from the head on ``visual`` when not given; ``None`` without a head."""
+        (:meth:`view_scene_logits`), or from the head on ``visual`` when not given; ``None`` without a head.
+        With ``resolutions`` (each image's seen ground resolution), classes the model learnt only at far other
+        resolutions (:meth:`ResolutionConfig.scene_plausible`) are left out and the rest renormalised."""
         logits = scene_logits if scene_logits is not None else self.scene_logits(visual)
         if logits is None:
             return None
         probabilities = softmax_rows(logits)
         scenes = self.config.vision.scene_classes
+        if resolutions is not None and self.config.resolution.scene_m:
+            plausible = np.array([[self.config.resolution.scene_plausible(s, r) for s in scenes]
+                                  for r in resolutions])
+            kept = probabilities * plausible
+            total = kept.sum(-1, keepdims=True)
+            probabilities = np.where(total > 0, kept / np.where(total > 0, total, 1.0), probabilities)
         best = probabilities.argmax(-1)
         return [SceneGuess(scenes[int(i)], float(row[i])) for i, row in zip(best, probabilities)]
 
@@ -348,7 +357,7 @@ class MoEInference:
                      for q, r in zip(instructions, resolutions)]
         if self.router_kind != "generative":
             return fallbacks, "template"
-        guesses = self.scene_guesses(visual, scene_logits)
+        guesses = self.scene_guesses(visual, scene_logits, resolutions)
         if task == "caption" and guesses is not None:
             # a caption's plan is fixed but for its scene: the router learns "every expert" for any caption
             # instruction (a concise caption then takes the first), and the scene head names the scene, so the
@@ -427,7 +436,8 @@ class MoEInference:
         if closed:
             answers = self.head_answers(visual[closed], [questions[i] for i in closed], [kinds[i] for i in closed],
                                         None if region_probabilities is None else region_probabilities[closed])
-            guesses = self.scene_guesses(visual[closed], None if scene_logits is None else scene_logits[closed])
+            guesses = self.scene_guesses(visual[closed], None if scene_logits is None else scene_logits[closed],
+                                         None if resolutions is None else [resolutions[i] for i in closed])
             for j, (i, answer) in enumerate(zip(closed, answers)):
                 results[i] = self.head_result(answer, guesses[j] if guesses is not None else None,
                                               resolutions[i] if resolutions is not None else None)
