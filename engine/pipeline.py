@@ -493,9 +493,9 @@ class Pipeline:
     def _caption_over_tiles(self, inp: ImageInput, part: RegionRead, grid: int, whole: ModelResult) -> ModelResult:
         """``whole`` (the region's caption as one image) with its theme sentence written from ``grid`` x ``grid``
         tiles the model knows, when at least half of the tiles' concise captions are land-cover sentences
-        (:func:`compose_cover_sentences`; the others add the covers they mention); else ``whole`` as it is. A concise result then reports the tiles'
-        resolution and how many tiles were unsure and why; a detailed one keeps the whole image's resolution
-        and reasons too (its other experts read the whole image)."""
+        (:func:`compose_cover_sentences`; the others add the covers they mention); else ``whole`` as it is. A
+        concise result then reports the tiles' resolution and how many tiles were unsure and why; a detailed one
+        keeps the whole image's resolution and reasons too (its other experts read the whole image)."""
         tiles = self._grid_tiles(inp, part, grid)
         results = self.caption_images([t.image for t in tiles], "concise", [t.key for t in tiles],
                                       [t.seen_resolution(self.image_size) for t in tiles])

@@ -570,10 +570,11 @@ def test_a_scene_learnt_only_at_far_other_resolutions_is_not_named(tiny_dir: Pat
     model.config.resolution.scene_m = {"golf course": [0.33, 0.35], "sea or lake": [None, None]}
     model.config.vision.scene_min_confidence = 0.0
     pipe = Pipeline(model, ModelInfo.of(model, "torch", tiny_dir), batch_size=2)
-    for res in (pipe.caption(S2, window=Window(0, 0, 128, 128)), pipe.ask(S2, "what is this?", window=Window(0, 0, 128, 128))):
+    tile = Window(0, 0, 128, 128)
+    for res in (pipe.caption(S2, window=tile), pipe.ask(S2, "what is this?", window=tile)):
         assert res.result.plan.scene == "sea or lake" and res.result.plan.scene_confidence == pytest.approx(1.0)
     model.config.resolution.scene_m = {}
-    assert pipe.caption(S2, window=Window(0, 0, 128, 128)).result.plan.scene == "golf course"
+    assert pipe.caption(S2, window=tile).result.plan.scene == "golf course"
 
 
 def test_resolution_survives_a_plan_written_by_the_router(conditioned: Pipeline,
