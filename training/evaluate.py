@@ -104,19 +104,19 @@ class EvalSet:
     name: str = ""
     captions: bool = False
     classes: list[str] | None = None
-    cells: dict[str, list[str]] | None = None  # a EuroSAT mosaic folder's: each image's cell classes
+    mosaic: bool = False  # a EuroSAT mosaic folder (each image's ``cells``: the records' ``parts``)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.format == "rsvqa":
             return "RSVQA"
         kinds = (["captions"] if self.captions else []) + (["classes"] if self.classes else [])
-        return " + ".join(kinds + (["land covers (derived)"] if self.cells else []))
+        return " + ".join(kinds + (["land covers (derived)"] if self.mosaic else []))
 
     @property
     def captioned(self) -> bool:
         """Whether the images are captioned: they have reference sentences, or covers to name (a mosaic set)."""
-        return self.captions or bool(self.cells)
+        return self.captions or self.mosaic
 
 
 _KNOWN_LAYOUTS = ("a folder with dataset.json (Karpathy captions and/or 'classes') + images/, or an RSVQA folder "
@@ -154,17 +154,17 @@ def detect_set(data: Path) -> EvalSet:
         raise UserInputError(f"{dataset_json} has neither reference sentences nor classes: nothing to evaluate "
                              f"(expected {_KNOWN_LAYOUTS})")
     name = str(content.get("dataset") or dataset_json.parent.name)
-    cells = {str(i["filename"]): [str(c) for c in i["cells"]] for i in items
-             if isinstance(i.get("cells"), list) and "filename" in i} or None
-    if cells is not None:
+    mosaic = any(isinstance(i.get("cells"), list) for i in items)
+    if mosaic:
         from training.data.mosaics import COVER_OF_CLASS
 
-        unknown = sorted({c for row in cells.values() for c in row} - set(COVER_OF_CLASS))
+        cells = {str(c) for i in items if isinstance(i.get("cells"), list) for c in i["cells"]}
+        unknown = sorted(cells - set(COVER_OF_CLASS))
         if unknown:
             raise UserInputError(f"{dataset_json}: mosaic cells of classes without a land cover: {unknown} "
                                  f"(expected EuroSAT's: {', '.join(COVER_OF_CLASS)})")
     return EvalSet("karpathy", dataset_json.parent, dataset_json, dataset_json.parent / "images", name=name,
-                   captions=captions, classes=classes, cells=cells)
+                   captions=captions, classes=classes, mosaic=mosaic)
 
 
 # --------------------------------------------------------------------------- ground resolution
@@ -355,8 +355,8 @@ def _evaluate_karpathy(args: EvaluateArgs, data: EvalSet, model: MoEInference, m
         captioned = [r for r in records if r.captions]
         metrics["captions"] = caption_metrics({r.image_id: captions[r.image_id] for r in captioned},
                                               {r.image_id: r.captions for r in captioned}, meteor=args.meteor)
-    if data.cells:
-        metrics["covers"] = mosaic_cover_scores(records, captions, data.cells)
+    if data.mosaic:
+        metrics["covers"] = mosaic_cover_scores(records, captions)
     if data.captioned:
         metrics.update({
             "style": args.style, "caption_seconds": metrics["seconds"],
@@ -381,17 +381,17 @@ def _evaluate_karpathy(args: EvaluateArgs, data: EvalSet, model: MoEInference, m
     return files
 
 
-def mosaic_cover_scores(records: Sequence[CaptionRecord], captions: dict[int, str],
-                        cells: dict[str, list[str]]) -> dict[str, Any]:
-    """How well the captions of EuroSAT mosaics name the land covers their cells show (derived references)."""
+def mosaic_cover_scores(records: Sequence[CaptionRecord], captions: dict[int, str]) -> dict[str, Any]:
+    """How well the captions of EuroSAT mosaics name the land covers their cells (``parts``) show (derived
+    references)."""
     from training.data.mosaics import covers_named, mosaic_covers
     from training.metrics import naming_scores
 
-    missing = [r.filename for r in records if r.filename not in cells]
+    missing = [r.filename for r in records if not r.parts]
     if missing:
         raise UserInputError(f"mosaic images without cells in dataset.json: {missing[:3]}")
     scores = naming_scores([covers_named(captions[r.image_id]) for r in records],
-                           [mosaic_covers(cells[r.filename]) for r in records])
+                           [mosaic_covers(r.parts) for r in records])
     return {"references": "derived: the EuroSAT classes of each mosaic's cells, as land covers "
                           "(training.data.mosaics.COVER_OF_CLASS; named: COVER_NAMES)", **scores}
 

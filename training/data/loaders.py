@@ -102,7 +102,7 @@ def load_karpathy(
     A class-labelled file (a ``classes`` list) keeps its images without sentences (their ``captions`` are
     empty); otherwise such images are skipped. The native ground resolution is the file's
     ``ground_resolution_m``, else ``ground_resolution_m``; the width the image's ``width``, else the file's
-    ``image_size``."""
+    ``image_size``; an image's ``cells`` (a mosaic's: each cell's class) are its record's ``parts``."""
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -140,6 +140,9 @@ def load_karpathy(
             continue
         rel = Path(item["filepath"]) / item["filename"] if item.get("filepath") else Path(item["filename"])
         width = _positive_number(item.get("width"), path, "width") or set_width
+        cells = item.get("cells", [])
+        if not isinstance(cells, list):
+            raise UserInputError(f"{path}: image entry {index}: 'cells' must be a list of class names")
         records.append(
             CaptionRecord(
                 image_id=int(item.get("imgid", index)),
@@ -151,6 +154,7 @@ def load_karpathy(
                 filename=str(rel),
                 ground_resolution_m=set_gsd,
                 width=int(width) if width else None,
+                parts=[str(c) for c in cells],
             )
         )
     if skipped:

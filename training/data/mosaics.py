@@ -204,8 +204,5 @@ def _cell(path: Path, size: int, rng: random.Random) -> np.ndarray:
 
 def load_mosaics(root: str | Path, split: str) -> list[CaptionRecord]:
     """A mosaic folder's records of ``split`` with their derived captions."""
-    root = Path(root)
-    cells = {item["filename"]: item["cells"] for item in json.loads((root / "dataset.json").read_text())["images"]}
-    return [replace(r, dataset=MOSAIC_SET, parts=list(cells[r.filename]),
-                    captions=mosaic_captions(cells[r.filename]))
+    return [replace(r, dataset=MOSAIC_SET, captions=mosaic_captions(r.parts))
             for r in load_class_folder(root, split=split)]
