@@ -719,3 +719,32 @@ def test_answer_head_of_a_trained_model_is_learnt_again_with_region_inputs(tiny_
     assert all(torch.equal(weights[k], v) for k, v in load_file(str(first / "model.safetensors")).items())
     assert RSMoEConfig.load(first).answer_head.enabled and not (tmp_path / "unused").exists()
     assert main(["-q", "train", "--config", str(recipe), "--answer-head-of", str(tmp_path / "nowhere")]) == 2
+
+
+def test_record_resolutions_of_writes_the_recipes_ranges_into_a_trained_models_config(tiny_init: Path,
+                                                                                      tmp_path: Path) -> None:
+    """``rsmoe train --record-resolutions-of DIR`` writes the seen resolution range of each set and scene class
+    of the recipe's data into DIR's config and changes no other file."""
+    import shutil
+
+    import yaml
+
+    from engine.cli import main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_init, model_dir)
+    before = {p.relative_to(model_dir): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_config(tiny_init, tmp_path / "unused").to_dict()))
+    assert main(["-q", "train", "--config", str(recipe), "--record-resolutions-of", str(model_dir)]) == 0
+    config = RSMoEConfig.load(model_dir)
+    resolution = config.resolution
+    low, high = resolution.trained_m["ucm"]
+    assert low <= high == pytest.approx(0.3048 * 256 / config.image.image_size, rel=0.01)  # UCM's 256 px at 0.3 m
+    assert resolution.scene_m and resolution.min_m == low
+    assert all(low <= r[0] <= r[1] <= high for r in resolution.scene_m.values())
+    assert not resolution.scene_plausible(next(iter(resolution.scene_m)), high * 10)
+    after = {p.relative_to(model_dir): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    assert {k for k in after if after[k] != before.get(k)} == {Path("config.json")}
+    assert not (tmp_path / "unused").exists()
+    assert main(["-q", "train", "--config", str(recipe), "--record-resolutions-of", str(tmp_path / "nowhere")]) == 3

@@ -383,10 +383,8 @@ def _ranges(records: Sequence[CaptionRecord], resolutions: dict[int, float | Non
 def record_resolutions_of(model_dir: Path, config: TrainConfig) -> Path:
     """Write the recipe's trained resolution ranges (per set, per scene class) into a trained model's config,
     nothing else changed (``rsmoe train --config C --record-resolutions-of DIR``)."""
-    from engine.model.config import RSMoEConfig as Config
-
     model_dir = Path(model_dir)
-    model_config = Config.load(model_dir)
+    model_config = RSMoEConfig.load(model_dir)
     records = load_records(config, model_config.image.image_size)
     record_trained_resolutions(model_config, records.train, records.resolutions)
     model_config.save(model_dir)
