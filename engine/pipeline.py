@@ -480,15 +480,21 @@ class Pipeline:
         return [RegionResult(res, r.read.window, r.source, hit, seconds, r.ground_resolution_m)
                 for res, r, hit in zip(results, regions, hits)]
 
-    def _caption_grid(self, part: RegionRead) -> int:
-        """Tiles per side whose land covers make the caption of ``part`` when it is seen coarser than the
-        trained range (1: none): tiles seen at about the coarsest trained resolution, at most
-        :data:`MAX_CAPTION_GRID` a side."""
+    def _coarse_grid(self, part: RegionRead, fraction: float, max_grid: int) -> int:
+        """Tiles per side (2 to ``max_grid``) that are each seen at about ``fraction`` of the coarsest trained
+        resolution, for ``part`` seen coarser than the trained range; 1 otherwise (or where unknown)."""
         seen = part.seen_resolution(self.image_size)
         resolution = self.model.config.resolution
         if seen is None or resolution.max_m is None or resolution.outside(seen) != "coarser":
             return 1
-        return max(2, min(MAX_CAPTION_GRID, math.ceil(seen / resolution.max_m - 0.05)))
+        target = resolution.max_m * fraction
+        return max(2, min(max_grid, math.ceil(seen / target - 0.05)))  # slack: 4x the target is 4 x 4
+
+    def _caption_grid(self, part: RegionRead) -> int:
+        """Tiles per side whose land covers make the caption of ``part`` when it is seen coarser than the
+        trained range (1: none): tiles seen at about the coarsest trained resolution, at most
+        :data:`MAX_CAPTION_GRID` a side."""
+        return self._coarse_grid(part, 1.0, MAX_CAPTION_GRID)
 
     def _caption_over_tiles(self, inp: ImageInput, part: RegionRead, grid: int, whole: ModelResult) -> ModelResult:
         """``whole`` (the region's caption as one image) with its theme sentence written from ``grid`` x ``grid``
@@ -562,12 +568,11 @@ class Pipeline:
         model knows (1: as one image). Where the answer head has region tiles and they are finer, their grid:
         each tile is then about one region tile (seen alone, as the head learnt EuroSAT's patches), and rural /
         urban (:meth:`_rural_urban_over_tiles`) and other questions about the region share the tiles' features."""
-        seen = part.seen_resolution(self.image_size)
-        resolution = self.model.config.resolution
-        if kind is None or seen is None or resolution.max_m is None or resolution.outside(seen) != "coarser":
+        if kind is None:
             return 1
-        target = resolution.max_m * ANSWER_TILE_SEEN_FRACTION
-        grid = max(2, min(MAX_ANSWER_GRID, math.ceil(seen / target - 0.05)))  # slack: 4x the target is 4 x 4
+        grid = self._coarse_grid(part, ANSWER_TILE_SEEN_FRACTION, MAX_ANSWER_GRID)
+        if grid == 1:
+            return 1
         head = self.model.answer_head
         if head is not None and head.region_tile_m is not None:
             grid = max(grid, self._region_grid(part, head.region_tile_m))

@@ -66,7 +66,7 @@ def parse_cover_sentence(text: str) -> CoverSentence | None:
     if match is None:
         return None
     others = match.group("others")
-    parts = [p for p in re.split(r",\s*|\s+and\s+", others)] if others else []
+    parts = re.split(r",\s*|\s+and\s+", others) if others else []
     if any(not p.strip() for p in parts):
         return None
     return CoverSentence(match.group("setting").lower(), _cover(match.group("main")),

@@ -47,26 +47,22 @@ FINE_GRID = 8  # cells a side of a fine patchwork: 8 x 32 px crops
 FINE_SHARE = 0.5  # of the patchworks (not of the pure mosaics)
 PURE_SHARE = 0.25
 FORMAT = 3  # bumped when the layout changes (a folder of another format is rewritten; captions are not stored)
-#: How each EuroSAT class reads in a mosaic caption: its land cover's :data:`engine.model.covers.COVER_FORMS`
-#: (as the main cover, as a further one; the linear classes, river and highway, are never the main one).
+#: The land cover (a :data:`engine.model.covers.COVER_FORMS` key) of each EuroSAT class, and how it reads in a
+#: mosaic caption (``COVER_WORDS``: as the main cover, as a further one; the linear classes, river and highway, are never the main one).
 #: Crops, pasture and orchards all read as farmland: in a mixed 10 m tile they look alike (the model named them
 #: at random), and farmland is what a user expects there (and what the RSVQA-LR-derived captions of real
 #: Sentinel-2 tiles say); classes that read alike count as one cover.
-COVER_WORDS: dict[str, tuple[str | None, str]] = {
-    "AnnualCrop": COVER_FORMS["farmland"], "Pasture": COVER_FORMS["farmland"],
-    "PermanentCrop": COVER_FORMS["farmland"], "Forest": COVER_FORMS["forest"],
-    "HerbaceousVegetation": COVER_FORMS["grassland"], "Residential": COVER_FORMS["houses"],
-    "Industrial": COVER_FORMS["industrial buildings"], "SeaLake": COVER_FORMS["water"],
-    "River": COVER_FORMS["river"], "Highway": COVER_FORMS["highway"],
+COVER_OF_EUROSAT: dict[str, str] = {
+    "AnnualCrop": "farmland", "Pasture": "farmland", "PermanentCrop": "farmland", "Forest": "forest",
+    "HerbaceousVegetation": "grassland", "Residential": "houses", "Industrial": "industrial buildings",
+    "SeaLake": "water", "River": "river", "Highway": "highway",
 }
+COVER_WORDS: dict[str, tuple[str | None, str]] = {c: COVER_FORMS[cover] for c, cover in COVER_OF_EUROSAT.items()}
 LINEAR = ("River", "Highway")
 #: The cover each EuroSAT class counts as when a caption is checked against a mosaic's cells (``rsmoe evaluate``
 #: on a mosaic folder): classes a caption of a 10 m tile may fairly name either way are one cover.
-COVER_OF_CLASS: dict[str, str] = {
-    "AnnualCrop": "farmland", "Pasture": "farmland", "PermanentCrop": "farmland", "Forest": "forest",
-    "HerbaceousVegetation": "grassland", "Residential": "built-up", "Industrial": "built-up", "SeaLake": "water",
-    "River": "water", "Highway": "road",
-}
+_SCORED_AS = {"houses": "built-up", "industrial buildings": "built-up", "river": "water", "highway": "road"}
+COVER_OF_CLASS: dict[str, str] = {c: _SCORED_AS.get(cover, cover) for c, cover in COVER_OF_EUROSAT.items()}
 #: Caption words naming each cover, in any set's wording the captioner learnt (EuroSAT's, UCM's, AID's, RSVQA's).
 COVER_NAMES: dict[str, re.Pattern[str]] = {cover: re.compile(rf"\b(?:{words})", re.IGNORECASE) for cover, words in {
     "farmland": r"farmland|cropland|crop|pasture|orchard|vineyard|agricultur|field",
