@@ -471,11 +471,18 @@ class Pipeline:
             if grid == 1:
                 self._log_outside(region, inp.label)
         hits = [self._key(r.key) in self.cache for r in regions]
-        results = self.caption_images([r.image for r in regions], style, [r.key for r in regions],
-                                      [r.seen_resolution(self.image_size) for r in regions])
+        # a concise caption made from tiles needs nothing decoded of the whole image (only its plan)
+        as_one_image = [i for i, grid in enumerate(grids) if grid == 1 or style != "concise"]
+        results: list[ModelResult | None] = [None] * len(regions)
+        if as_one_image:
+            decoded = self.caption_images([regions[i].image for i in as_one_image], style,
+                                          [regions[i].key for i in as_one_image],
+                                          [regions[i].seen_resolution(self.image_size) for i in as_one_image])
+            for i, result in zip(as_one_image, decoded):
+                results[i] = result
         for i, (inp, region, grid) in enumerate(zip(inputs, regions, grids)):
             if grid > 1:
-                results[i] = self._caption_over_tiles(inp, region, grid, results[i])
+                results[i] = self._caption_over_tiles(inp, region, grid, style, results[i])
         seconds = (time.perf_counter() - start) / max(1, len(inputs))
         return [RegionResult(res, r.read.window, r.source, hit, seconds, r.ground_resolution_m)
                 for res, r, hit in zip(results, regions, hits)]
@@ -496,12 +503,15 @@ class Pipeline:
         :data:`MAX_CAPTION_GRID` a side."""
         return self._coarse_grid(part, 1.0, MAX_CAPTION_GRID)
 
-    def _caption_over_tiles(self, inp: ImageInput, part: RegionRead, grid: int, whole: ModelResult) -> ModelResult:
-        """``whole`` (the region's caption as one image) with its theme sentence written from ``grid`` x ``grid``
-        tiles the model knows, when at least half of the tiles' concise captions are land-cover sentences
-        (:func:`compose_cover_sentences`; the others add the covers they mention); else ``whole`` as it is. A
-        concise result then reports the tiles' resolution and how many tiles were unsure and why; a detailed one
-        keeps the whole image's resolution and reasons too (its other experts read the whole image)."""
+    def _caption_over_tiles(self, inp: ImageInput, part: RegionRead, grid: int, style: str,
+                            whole: ModelResult | None) -> ModelResult:
+        """The caption of ``part`` with its theme sentence written from ``grid`` x ``grid`` tiles the model knows,
+        when at least half of the tiles' concise captions are land-cover sentences
+        (:func:`compose_cover_sentences`; the others add the covers they mention); else the region's caption as one
+        image. ``whole``: that caption where already decoded (a detailed one, whose other experts read the whole
+        image); a concise caption is decoded as one image only where the tiles do not make it (only the region's
+        plan is kept of it). A concise result reports the tiles' resolution and how many tiles were unsure and
+        why; a detailed one keeps the whole image's resolution and reasons too."""
         tiles = self._grid_tiles(inp, part, grid)
         results = self.caption_images([t.image for t in tiles], "concise", [t.key for t in tiles],
                                       [t.seen_resolution(self.image_size) for t in tiles])
@@ -511,24 +521,30 @@ class Pipeline:
             log.info("%s: %d of %d tiles' captions name land covers: captioned as one image", inp.label,
                      len(sentences), len(results))
             self._log_outside(part, inp.label)
+            if whole is None:
+                whole = self.caption_images([part.image], style, [part.key],
+                                            [part.seen_resolution(self.image_size)])[0]
             return whole
         text = compose_cover_sentences([s or covers_mentioned(r.text) for r, s in zip(results, parsed)])
         log.info("%s: land covers from %d x %d tiles (%s): %s", inp.label, grid, grid,
                  " | ".join(r.text for r in results), text)
         tile_theme = results[0].segments[0]
         theme = ExpertOutput(tile_theme.expert, f"[{grid} x {grid} tiles] {tile_theme.prompt}", text)
-        segments = [theme] + [s for s in whole.segments if s.expert != theme.expert]
         unsure = [r for r in results if r.uncertain]
         why = sorted({re.sub(r"\s*\([0-9.]+\)", "", reason) for r in unsure for reason in r.uncertainty})
         uncertainty = [f"{len(unsure)} of {len(results)} tiles unsure: {', '.join(why)}"] if unsure else []
-        plan = whole.plan
-        if whole.style == "concise":
+        names = self.model.config.expert_names
+        if whole is None:  # concise: the region's plan (its scene as one image) at the tiles' resolution
+            visual, scene_logits = self.encode([part.image], [part.key])
+            with self.lock:
+                plans, router = self.model.caption_plans(visual, style, scene_logits,
+                                                         [part.seen_resolution(self.image_size)])
             seen = max(t.seen_resolution(self.image_size) or 0.0 for t in tiles) or None
-            plan = replace(plan, resolution_m=seen)
-        else:
-            uncertainty += whole.uncertainty
-        return replace(whole, text=fuse(segments, "caption", whole.style, self.model.config.expert_names),
-                       plan=plan, segments=segments, uncertainty=uncertainty)
+            return ModelResult(fuse([theme], "caption", style, names), "caption", style,
+                               replace(plans[0], resolution_m=seen), router, [theme], uncertainty)
+        segments = [theme] + [s for s in whole.segments if s.expert != theme.expert]
+        return replace(whole, text=fuse(segments, "caption", whole.style, names), segments=segments,
+                       uncertainty=uncertainty + whole.uncertainty)
 
     def ask(self, item: ImageInput | str | Path | bytes, question: str, **region: Any) -> RegionResult:
         """Answer a question about a raster, an image, or a window / extent of it.

@@ -450,8 +450,8 @@ def test_a_coarse_region_is_captioned_from_tiles_the_model_knows(conditioned: Pi
     monkeypatch.setattr(fresh, "caption_images", captions)
     size = fresh.image_size
     res = fresh.caption(S2)  # 512 px at 10 m as one image: far coarser than 12 m/px
-    assert len(calls) == 2 and len(calls[1]) == 16  # the whole image, then 4 x 4 tiles (the most a side)
-    assert calls[1] == pytest.approx([10.0 * 128 / size] * 16, rel=0.01)
+    assert len(calls) == 1 and len(calls[0]) == 16  # 4 x 4 tiles (the most a side), nothing of the whole image
+    assert calls[0] == pytest.approx([10.0 * 128 / size] * 16, rel=0.01)
     assert res.text == "This is a rural area of farmland with a forest, houses, a river and grassland."
     d = res.to_dict()
     assert d["model_resolution_m"] == pytest.approx(10.0 * 128 / size, rel=0.01)
@@ -460,15 +460,20 @@ def test_a_coarse_region_is_captioned_from_tiles_the_model_knows(conditioned: Pi
         "0.3-12 m/px"]
     assert [s["expert"] for s in d["segments"]] == ["theme"] and d["segments"][0]["text"] == res.text
     assert d["segments"][0]["prompt"].startswith("[4 x 4 tiles] ")
+    visual, logits = fresh.encode([fresh.read_region(ImageInput.of(S2)).image])  # the whole image's plan is kept
+    plans, router = fresh.model.caption_plans(visual, "concise", logits, [10.0 * 512 / size])
+    confidence = plans[0].scene_confidence
+    assert (d["scene"], d["scene_confidence"], d["router"]) == (
+        plans[0].scene, None if confidence is None else round(confidence, 4), router)
     detailed = fresh.caption(S2, style="detailed").to_dict()  # the theme from the tiles, the rest from the image
-    assert len(calls) == 4 and detailed["text"].startswith(res.text + " ")
+    assert len(calls) == 3 and detailed["text"].startswith(res.text + " ")  # the whole image, then the tiles
     assert [s["expert"] for s in detailed["segments"]] == fresh.model.config.expert_names
     assert detailed["segments"][0]["text"] == res.text and detailed["model_resolution_m"] > d["model_resolution_m"]
     assert detailed["uncertainty"][0] == d["uncertainty"][0] and len(detailed["uncertainty"]) == 2
 
     calls.clear()  # tiles whose captions are not land-cover sentences: the whole image's caption stands
     monkeypatch.setattr(fresh, "caption_images", lambda *a, **k: captions(*a, **k, texts=["Many green trees."]))
-    assert fresh.caption(S2).text == "Many green trees." and len(calls) == 2
+    assert fresh.caption(S2).text == "Many green trees." and len(calls) == 2  # the tiles, then the whole image
     inside = fresh.caption(S2, window=Window(0, 0, size, size))  # seen at 10 m: one image, no tiles
     assert len(calls) == 3 and inside.text == "Many green trees." and not inside.uncertain
 

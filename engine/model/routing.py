@@ -411,10 +411,22 @@ class MoEInference:
         """Captions for already-encoded images (B, N, D); ``scene_logits`` from :meth:`view_scene_logits`
         (default: the scene head on ``visual`` alone); ``resolutions``: each image's ground resolution in
         metres per pixel of the model input (None where unknown)."""
+        instructions = self._caption_instructions(style, visual.shape[0])
+        return self.run_experts(visual, "caption", style, instructions, scene_logits, resolutions)
+
+    def caption_plans(self, visual: Any, style: str = "concise", scene_logits: Any | None = None,
+                      resolutions: Sequence[float | None] | None = None) -> tuple[list[RouterPlan], str]:
+        """The routing plans (and router kind) :meth:`caption_features` would decode for these images, without
+        decoding any caption: what a region captioned from its tiles keeps of itself (scene, resolution)."""
+        return self.route(visual, "caption", style, self._caption_instructions(style, visual.shape[0]),
+                          scene_logits, resolutions)
+
+    def _caption_instructions(self, style: str, count: int) -> list[str]:
+        """The caption instruction of ``style`` for ``count`` images."""
         if style not in CAPTION_STYLES:
             raise UserInputError(f"unknown caption style {style!r}; use one of {', '.join(CAPTION_STYLES)}")
-        instruction = self.config.router.concise_instruction if style == "concise" else self.config.router.caption_instruction
-        return self.run_experts(visual, "caption", style, [instruction] * visual.shape[0], scene_logits, resolutions)
+        router = self.config.router
+        return [router.concise_instruction if style == "concise" else router.caption_instruction] * count
 
     def ask_features(self, visual: Any, questions: Sequence[str], scene_logits: Any | None = None,
                      resolutions: Sequence[float | None] | None = None,
