@@ -154,8 +154,9 @@ class JobRequest(_Strict):
     tile_size: (Annotated[str, Field(min_length=1, max_length=32),
                           AfterValidator(_plain_text)]
                 | Annotated[int, Field(ge=1, le=MAX_PIXELS)] | None) = Field(
-        None, description='pixels (512, "512px") or ground size ("500m", "2km"); default: the model\'s ground '
-                          "footprint where it has one and the raster is georeferenced, else 512 pixels")
+        None, description='pixels (512, "512px") or ground size ("500m", "2km"); default: a ground footprint the '
+                          "model knows where the raster is georeferenced and its pixels allow (resolution.tile_m, "
+                          "or the coarsest trained footprint for Sentinel-2-like pixels), else 512 pixels")
     overlap: int = Field(0, ge=0, le=MAX_PIXELS, description="pixels shared by neighbouring tiles (less than a tile)")
     window: PixelWindow | None = Field(None, description="pixel window [col_off, row_off, width, height]")
     extent: Extent | None = Field(None, description="[minx, miny, maxx, maxy] in the raster CRS or extent_crs")

@@ -71,7 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="folder for one GeoJSON per raster (named after it) and index.json, what became of each")
     p.add_argument("--tile-size", default=None,
                    help="tile size in pixels (512) or ground metres (500m, 2km); default: the model's ground "
-                        "footprint (resolution.tile_m) for georeferenced rasters fine enough for it, else 512")
+                        "footprint (resolution.tile_m) for georeferenced rasters fine enough for it, the coarsest "
+                        "trained footprint (2560m for Sentinel-2) where 512 px would be seen coarser than the "
+                        "trained range, else 512")
     p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
     add_region_options(p, window_help="annotate only this pixel window col_off,row_off,width,height")
     p.add_argument("--style", default="concise", choices=["concise", "detailed"])

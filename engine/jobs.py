@@ -2,9 +2,10 @@
 
 One run (:func:`run_annotation`; :func:`annotate` takes the raster, tiling and options as arguments)
     The raster (or a window / extent of it) is cut into tiles (:func:`engine.tiling.plan_tiles`) of the
-    given size, or of :func:`default_tile_size` (a ground footprint the model knows where its config sets one,
-    else :data:`DEFAULT_TILE_PX` pixels); a tiling whose tiles the model sees outside its trained ground
-    resolution range is logged as a warning that names a tile size in metres that would be in range.
+    given size, or of :func:`default_tile_size` (a ground footprint the model knows where its config sets one
+    and the raster's pixels allow, else :data:`DEFAULT_TILE_PX` pixels); a tiling whose tiles the model sees
+    outside its trained ground resolution range is logged as a warning that names a tile size in metres that
+    would be in range.
     Tiles go through the model in fixed groups of ``batch_size`` consecutive tile indices (the
     same groups on every run, so a resumed run feeds the model exactly the batches an
     uninterrupted run does). Tiles with too little valid data are not captioned: their
@@ -221,15 +222,25 @@ def _check_params(params: AnnotateParams) -> None:
 
 
 def default_tile_size(source: RasterSource, region: Window, config: RSMoEConfig | None) -> TileSize:
-    """The tile size of a job that gives none: ``resolution.tile_m`` metres (a ground footprint the model was
-    trained on) when the model config sets it, the raster is georeferenced and its pixels are fine enough for
-    such a tile to fill the model input without upsampling (so imagery finer than the trained range is read
-    in footprints the model knows instead of fixed pixel tiles that it would see far too sharp);
-    else :data:`DEFAULT_TILE_PX` pixels."""
-    tile_m = config.resolution.tile_m if config is not None else None
-    native = source.ground_resolution_of(region) if tile_m else None
-    if tile_m and native is not None and native <= tile_m / config.image.image_size:  # type: ignore[union-attr]
-        return TileSize(float(tile_m), "m")
+    """The tile size of a job that gives none, so that the model sees its tiles at a resolution it knows.
+
+    ``resolution.tile_m`` metres (a ground footprint the model was trained on) when the model config sets it,
+    the raster is georeferenced and its pixels are fine enough for such a tile to fill the model input without
+    upsampling (so very fine imagery is read in footprints the model knows instead of fixed pixel tiles that it
+    would see far too sharp); else, where :data:`DEFAULT_TILE_PX` pixel tiles would be seen coarser than the
+    coarsest trained resolution ``resolution.max_m`` but the pixels themselves are not (Sentinel-2's 10 m),
+    tiles of the coarsest trained footprint (``max_m`` x the input size: 2.56 km, 256 px of Sentinel-2);
+    else :data:`DEFAULT_TILE_PX` pixels (no model config or georeferencing, pixels coarser than the range)."""
+    if config is None:
+        return TileSize(DEFAULT_TILE_PX)
+    res, image_size = config.resolution, config.image.image_size
+    native = source.ground_resolution_of(region) if res.tile_m or res.max_m else None
+    if native is None:
+        return TileSize(DEFAULT_TILE_PX)
+    if res.tile_m and native <= res.tile_m / image_size:
+        return TileSize(float(res.tile_m), "m")
+    if res.max_m and native <= res.max_m < native * DEFAULT_TILE_PX / image_size:
+        return TileSize(float(round(res.max_m * image_size)), "m")
     return TileSize(DEFAULT_TILE_PX)
 
 

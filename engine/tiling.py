@@ -6,10 +6,13 @@ Tile grid (:func:`plan_tiles`, :func:`tile_grid`)
     non-square in pixels) step by ``size - overlap`` over the layer or an extent window, row by
     row from the top-left; ``tile_index`` counts in that order from 0. Edge tiles are CLIPPED
     to the extent, not shifted back inside it: every footprint covers exactly the pixels that
-    were read, and no pixel is captioned twice except in the requested overlap. A tile larger
-    than the extent gives one tile, the extent itself. Callers that need square model input
-    get it from :meth:`engine.raster.RasterSource.read_tile` (which resamples the clipped
-    window to the model size).
+    were read, and no pixel is captioned twice except in the requested overlap. An edge strip
+    narrower than half a tile (:data:`MIN_EDGE_FRACTION`) is no tile of its own: the last tile of
+    its row / column reaches to the extent's edge instead (at most 1.5x the size that way), since a
+    sliver stretched to the model's square input reads as something else (a 27 px strip of an
+    orthophoto was captioned as a runway). A tile larger than the extent gives one tile, the
+    extent itself. Callers that need square model input get it from
+    :meth:`engine.raster.RasterSource.read_tile` (which resamples the clipped window to the model size).
 
 Extents (:func:`extent_to_window`)
     ``(minx, miny, maxx, maxy)`` in the raster CRS or in ``extent_crs`` (reprojected with
@@ -97,15 +100,27 @@ class Tile:
     window: Window
 
 
-def _starts(offset: int, length: int, size: int, stride: int) -> list[int]:
+#: an edge strip narrower than this fraction of a tile joins the tile before it (no sliver tiles)
+MIN_EDGE_FRACTION = 0.5
+
+
+def _spans(offset: int, length: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """(start, length) of the tiles along one axis of an extent: ``size`` long, ``stride`` apart, the last
+    one clipped to the extent, or, where it would be shorter than :data:`MIN_EDGE_FRACTION` of a tile,
+    dropped and the one before it reaching to the extent's end."""
+    end = offset + length
     if length <= size:
-        return [offset]
+        return [(offset, length)]
     count = math.ceil((length - size) / stride) + 1
-    return [offset + i * stride for i in range(count)]
+    starts = [offset + i * stride for i in range(count)]
+    if end - starts[-1] < size * MIN_EDGE_FRACTION:
+        starts.pop()
+    return [(start, size if i < len(starts) - 1 else end - start) for i, start in enumerate(starts)]
 
 
 def tile_grid(extent: Window, tile_width: int, tile_height: int | None = None, overlap: int = 0) -> list[Tile]:
-    """Cut ``extent`` into tiles; edge tiles are clipped to it (see the module docstring).
+    """Cut ``extent`` into tiles; edge tiles are clipped to it, edge slivers join their neighbour (see the
+    module docstring).
 
     Parameters
     ----------
@@ -126,13 +141,11 @@ def tile_grid(extent: Window, tile_width: int, tile_height: int | None = None, o
             f"({tile_width} x {tile_height}), got {overlap}"
         )
     tile_width, tile_height, overlap = int(tile_width), int(tile_height), int(overlap)
-    cols = _starts(extent.col_off, extent.width, tile_width, tile_width - overlap)
-    rows = _starts(extent.row_off, extent.height, tile_height, tile_height - overlap)
+    cols = _spans(extent.col_off, extent.width, tile_width, tile_width - overlap)
+    rows = _spans(extent.row_off, extent.height, tile_height, tile_height - overlap)
     tiles = []
-    for r, row_off in enumerate(rows):
-        for c, col_off in enumerate(cols):
-            width = min(tile_width, extent.col_end - col_off)
-            height = min(tile_height, extent.row_end - row_off)
+    for r, (row_off, height) in enumerate(rows):
+        for c, (col_off, width) in enumerate(cols):
             tiles.append(Tile(len(tiles), r, c, Window(col_off, row_off, width, height)))
     return tiles
 

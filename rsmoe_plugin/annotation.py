@@ -14,7 +14,8 @@ Both report through a :class:`QgsFeedback` (a Processing feedback or a task's) a
 :class:`~rsmoe_plugin.errors.CancelledByUser` when cancelled.
 
 A tile size of 0 means the engine's default: for an engine job the engine chooses (the model's ground
-footprint, ``resolution.tile_m`` metres, on georeferenced rasters fine enough for it, else 512 px); for
+footprint, ``resolution.tile_m`` metres, on georeferenced rasters fine enough for it; the coarsest trained
+footprint where 512 px tiles would be seen coarser than the trained range but the pixels are not; else 512 px); for
 rendered tiles :func:`default_rendered_tile` applies the same rule with the facts of ``GET /health``.
 """
 from __future__ import annotations
@@ -303,13 +304,21 @@ def _range(health: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 
 def default_rendered_tile(health: dict[str, Any], pixel_m: float | None) -> tuple[int, str]:
-    """(pixels, label) of a rendered tile when the user gave no tile size: the model's ground footprint
-    (``tile_m`` metres) when the engine reports one and the rendering's pixels (``pixel_m`` metres) are fine
-    enough for it to fill the model input, else :data:`DEFAULT_TILE_PX` pixels (the engine's rule)."""
+    """(pixels, label) of a rendered tile when the user gave no tile size (the engine's rule,
+    ``engine.jobs.default_tile_size``): the model's ground footprint (``tile_m`` metres) when the engine reports
+    one and the rendering's pixels (``pixel_m`` metres) are fine enough for it to fill the model input; else,
+    where :data:`DEFAULT_TILE_PX` pixel tiles would be seen coarser than the coarsest trained resolution
+    (``max_m``) but the pixels are not, the coarsest trained footprint (``max_m`` x the input size); else
+    :data:`DEFAULT_TILE_PX` pixels."""
     resolution, image_size = _range(health)
-    tile_m = resolution.get("tile_m")
-    if isinstance(tile_m, (int, float)) and tile_m > 0 and pixel_m and pixel_m <= tile_m / image_size:
+    tile_m, max_m = resolution.get("tile_m"), resolution.get("max_m")
+    if not pixel_m:
+        return DEFAULT_TILE_PX, f"{DEFAULT_TILE_PX}px"
+    if isinstance(tile_m, (int, float)) and tile_m > 0 and pixel_m <= tile_m / image_size:
         return max(1, round(tile_m / pixel_m)), f"{tile_m:g}m"
+    if isinstance(max_m, (int, float)) and pixel_m <= max_m < pixel_m * DEFAULT_TILE_PX / image_size:
+        metres = round(max_m * image_size)
+        return max(1, round(metres / pixel_m)), f"{metres:g}m"
     return DEFAULT_TILE_PX, f"{DEFAULT_TILE_PX}px"
 
 

@@ -2,8 +2,9 @@
 
 The grid rules are the engine's (``engine.tiling.tile_grid``): tiles of ``tile_size`` pixels with
 ``overlap`` pixels shared by neighbours, starting at the top-left corner of the extent, edge
-tiles clipped to it. Pixels here are those of the extent rendered at a resolution in layer-CRS
-units per pixel (the layer's own resolution, its finest tile level, or a chosen one).
+tiles clipped to it, an edge strip narrower than half a tile joined to the tile before it. Pixels
+here are those of the extent rendered at a resolution in layer-CRS units per pixel (the layer's own
+resolution, its finest tile level, or a chosen one).
 """
 from __future__ import annotations
 
@@ -37,15 +38,23 @@ class Tile:
     window: PixelWindow
 
 
-def _starts(length: int, size: int, stride: int) -> list[int]:
+#: an edge strip narrower than this fraction of a tile joins the tile before it (the engine's rule)
+MIN_EDGE_FRACTION = 0.5
+
+
+def _spans(length: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """(start, length) of the tiles along one axis (the engine's ``engine.tiling._spans``)."""
     if length <= size:
-        return [0]
+        return [(0, length)]
     count = math.ceil((length - size) / stride) + 1
-    return [i * stride for i in range(count)]
+    starts = [i * stride for i in range(count)]
+    if length - starts[-1] < size * MIN_EDGE_FRACTION:
+        starts.pop()
+    return [(start, size if i < len(starts) - 1 else length - start) for i, start in enumerate(starts)]
 
 
 def tile_grid(width: int, height: int, tile_size: int, overlap: int = 0) -> list[Tile]:
-    """Cut a ``width`` x ``height`` pixel area into tiles (row by row, edge tiles clipped)."""
+    """Cut a ``width`` x ``height`` pixel area into tiles (row by row, edge tiles clipped, edge slivers joined)."""
     if int(tile_size) != tile_size or tile_size < 1:
         raise BadLayerError(f"the tile size must be a whole number of pixels >= 1, got {tile_size}")
     if int(overlap) != overlap or overlap < 0 or overlap >= tile_size:
@@ -53,10 +62,9 @@ def tile_grid(width: int, height: int, tile_size: int, overlap: int = 0) -> list
                             f"({tile_size}), got {overlap}")
     step = int(tile_size) - int(overlap)
     tiles = []
-    for r, row_off in enumerate(_starts(height, tile_size, step)):
-        for c, col_off in enumerate(_starts(width, tile_size, step)):
-            window = PixelWindow(col_off, row_off, min(tile_size, width - col_off), min(tile_size, height - row_off))
-            tiles.append(Tile(len(tiles), r, c, window))
+    for r, (row_off, tile_height) in enumerate(_spans(height, tile_size, step)):
+        for c, (col_off, tile_width) in enumerate(_spans(width, tile_size, step)):
+            tiles.append(Tile(len(tiles), r, c, PixelWindow(col_off, row_off, tile_width, tile_height)))
     return tiles
 
 

@@ -141,9 +141,9 @@ def test_tile_larger_than_raster_metre_tiles_window_and_extent(pipeline: Pipelin
     run_annotation(pipeline, AnnotateParams(raster=str(S2), out=str(out), tile_size="2560m"))  # 256 px at 10 m
     assert [f["properties"]["window"][2:] for f in _load(out)["features"]] == [[256, 256]] * 4
     run_annotation(pipeline, AnnotateParams(raster=str(S2), out=str(out), tile_size=100,
-                                            window=Window(0, 0, 150, 120), overlap=20))
+                                            window=Window(0, 0, 150, 140), overlap=20))
     assert [f["properties"]["window"] for f in _load(out)["features"]] == [
-        [0, 0, 100, 100], [80, 0, 70, 100], [0, 80, 100, 40], [80, 80, 70, 40]]
+        [0, 0, 100, 100], [80, 0, 70, 100], [0, 80, 100, 60], [80, 80, 70, 60]]
     with _open(S2) as ds:
         to_ll = Transformer.from_crs(ds.crs, "EPSG:4326", always_xy=True)
         x0, y1 = xy(ds.transform, 0, 0, offset="ul")
@@ -196,7 +196,7 @@ def test_cancel_then_resume_is_byte_identical(pipeline: Pipeline, tmp_path: Path
     assert len(journal_lines) == 1 + 6  # header + two batches of three tiles
     seen: list[JobProgress] = []
     result = run_annotation(pipeline, params, seen.append)
-    assert result.resumed == 6 and seen[0].done == 6 and result.total == 36
+    assert result.resumed == 6 and seen[0].done == 6 and result.total == 25  # 5 x 5: the 32 px strips join
     assert out.read_bytes() == reference.read_bytes()
 
 
@@ -317,7 +317,7 @@ def test_job_manager_cancel_and_failure(pipeline: Pipeline, tmp_path: Path, monk
 
 def test_check_annotation_needs_no_model(tmp_path: Path) -> None:
     plan = check_annotation(AnnotateParams(raster=str(S2), out=str(tmp_path / "o.geojson"), tile_size=100))
-    assert len(plan.tiles) == 36 and plan.region == Window(0, 0, 512, 512)
+    assert len(plan.tiles) == 25 and plan.region == Window(0, 0, 512, 512)  # the 12 px strips join their tiles
     plan = check_annotation(AnnotateParams(raster=str(S2), out=str(tmp_path / "o.geojson")))  # no size, no model
     assert str(plan.tile_size) == f"{DEFAULT_TILE_PX}px" and len(plan.tiles) == 1 and plan.warnings == []
 
@@ -345,8 +345,14 @@ def test_default_tile_size_is_the_models_footprint_for_fine_imagery(conditioned:
     with RasterSource(USGS) as fine, RasterSource(S2) as s2, RasterSource(DATA / "s2_plain.png") as plain:
         assert str(default_tile_size(fine, fine.full_window, config)) == "20m"
         assert str(default_tile_size(fine, fine.full_window, None)) == "512px"  # no model config: as before
-        assert str(default_tile_size(s2, s2.full_window, config)) == "512px"  # 10 m pixels: too coarse for 20 m
+        # 10 m pixels: too coarse for 20 m; 512 px would be seen at 10 m x 512 / size, coarser than 12 m: tiles of
+        # the coarsest trained footprint (12 m x the input size), seen at 12 m
+        size = config.image.image_size
+        assert str(default_tile_size(s2, s2.full_window, config)) == f"{round(12.0 * size)}m"
         assert str(default_tile_size(plain, plain.full_window, config)) == "512px"  # no georeferencing
+        config.resolution.max_m = 5.0  # pixels coarser than the whole trained range: no tile is seen in it
+        assert str(default_tile_size(s2, s2.full_window, config)) == "512px"
+        config.resolution.max_m = 12.0
     out = tmp_path / "fine.geojson"
     region = Window(0, 0, 262, 264)  # 2 x 2 tiles of 20 m (about 131 px at 0.1524 m)
     run_annotation(conditioned, AnnotateParams(raster=str(USGS), out=str(out), window=region))

@@ -28,13 +28,30 @@ def test_parse_tile_size() -> None:
 
 
 def test_grid_covers_extent_with_clipped_edges() -> None:
-    tiles = tile_grid(Window(0, 0, 1000, 700), 512)
+    tiles = tile_grid(Window(0, 0, 1000, 900), 512)
     assert [t.window.to_list() for t in tiles] == [
-        [0, 0, 512, 512], [512, 0, 488, 512], [0, 512, 512, 188], [512, 512, 488, 188]]
+        [0, 0, 512, 512], [512, 0, 488, 512], [0, 512, 512, 388], [512, 512, 488, 388]]
     assert [(t.index, t.row, t.col) for t in tiles] == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
-    over = tile_grid(Window(0, 0, 1024, 1024), 512, overlap=64)  # stride 448: 0, 448, 896
-    assert [t.window.col_off for t in over[:3]] == [0, 448, 896] and over[2].window.width == 128
+    over = tile_grid(Window(0, 0, 1300, 1300), 512, overlap=64)  # stride 448: 0, 448, 896
+    assert [t.window.col_off for t in over[:3]] == [0, 448, 896] and over[2].window.width == 404
     assert len(over) == 9
+
+
+def test_edge_slivers_join_the_tile_before_them() -> None:
+    # a strip narrower than half a tile would be stretched to the model's square input: the last tile takes it
+    tiles = tile_grid(Window(0, 0, 1000, 700), 512)  # rows: 512 + a 188 px strip -> one row of 700
+    assert [t.window.to_list() for t in tiles] == [[0, 0, 512, 700], [512, 0, 488, 700]]
+    assert [t.window.to_list() for t in tile_grid(Window(10, 20, 512, 512), 485)] == [[10, 20, 512, 512]]
+    over = tile_grid(Window(0, 0, 1024, 1024), 512, overlap=64)  # starts 0, 448, 896: the 128 px strip joins
+    assert [(t.window.col_off, t.window.width) for t in over[:2]] == [(0, 512), (448, 576)] and len(over) == 4
+    for extent, size, overlap in ((Window(3, 5, 997, 611), 200, 0), (Window(0, 0, 1000, 1000), 300, 40)):
+        cover = np.zeros((extent.row_end, extent.col_end), dtype=int)
+        for t in tile_grid(extent, size, overlap=overlap):
+            w = t.window
+            assert size * 0.5 <= min(w.width, w.height) and max(w.width, w.height) < size * 1.5
+            cover[w.row_off:w.row_end, w.col_off:w.col_end] += 1
+        assert (cover[extent.row_off:, extent.col_off:] >= 1).all()
+        assert cover[:extent.row_off].sum() == 0 and cover[:, :extent.col_off].sum() == 0
     # every pixel of an offset extent is covered, nothing outside it
     extent = Window(37, 11, 300, 123)
     cover = np.zeros((200, 400), dtype=int)

@@ -227,20 +227,23 @@ def test_rendered_xyz_layer_is_tiled_by_the_plugin(plugin, qtbot, xyz_layer, tmp
 
 
 def test_default_tile_size_is_the_engines(plugin, s2_layer, tmp_path) -> None:  # noqa: ANN001
-    """TILE_SIZE left at 0: the engine chooses (the lite model names no ground footprint: 512 px); the rendered
-    path follows the engine's rule from /health."""
+    """TILE_SIZE left at 0: the engine chooses (10 m pixels: the lite model's coarsest trained footprint, 2.56 km
+    = 256 px, as 512 px tiles would be seen at 22.9 m); the rendered path follows the engine's rule from /health."""
     import processing
 
     from rsmoe_plugin.annotation import default_rendered_tile, rendered_tile_warning
 
     out = tmp_path / "default.geojson"
     results = processing.run(ALG, {"INPUT": s2_layer, "OUTPUT": str(out)})
-    assert results["TILES"] == 1
-    fc = _check_geojson(out, 1)
-    assert fc["rsmoe"]["tiling"]["tile_size"] == "512px"
+    assert results["TILES"] == 4
+    fc = _check_geojson(out, 4)
+    assert fc["rsmoe"]["tiling"]["tile_size"] == "2560m"
+    assert [f["properties"]["window"][2:] for f in fc["features"]] == [[256, 256]] * 4
     health = {"image_size": 224, "resolution": {"conditioned": True, "min_m": 0.3, "max_m": 12.0, "tile_m": 150.0}}
     assert default_rendered_tile(health, 0.05) == (3000, "150m")  # 5 cm pixels: 150 m tiles, seen at 0.67 m/px
-    assert default_rendered_tile(health, 10.0) == (512, "512px")  # too coarse for 150 m tiles
+    assert default_rendered_tile(health, 10.0) == (269, "2688m")  # too coarse for 150 m: 12 m x 224 px
+    assert default_rendered_tile(health, 2.0) == (512, "512px")  # 512 px seen at 4.6 m: in range
+    assert default_rendered_tile(health, 30.0) == (512, "512px")  # pixels coarser than the range
     assert default_rendered_tile({}, 0.05) == (512, "512px")  # an older engine
     warning = rendered_tile_warning(health, 0.05, 512, "512px")  # seen at 0.114 m/px
     assert "finer than its trained range 0.3-12 m/px" in warning and "tiles of 67.2m to 2.69km (1344 to 53760 px here)" in warning

@@ -108,6 +108,8 @@ def test_tile_grid_follows_the_engine_rules() -> None:
         (0, 0, [0, 0, 128, 128]), (0, 1, [100, 0, 128, 128]), (0, 2, [200, 0, 100, 128]),
         (1, 0, [0, 100, 128, 100]), (1, 1, [100, 100, 128, 100]), (1, 2, [200, 100, 100, 100])]
     assert [t.window.to_list() for t in tile_grid(100, 50, 512)] == [[0, 0, 100, 50]]
+    # an edge strip narrower than half a tile joins the tile before it, as in the engine
+    assert [t.window.to_list() for t in tile_grid(1000, 700, 512)] == [[0, 0, 512, 700], [512, 0, 488, 700]]
     with pytest.raises(BadLayerError, match="overlap"):
         tile_grid(100, 100, 64, 64)
     grid = RenderGrid.of(QgsRectangle(0, 0, 1000, 500), 10.0)
